@@ -1,0 +1,46 @@
+# Two commands matter: `make demo` and `make test`. Both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.tbn-setup-stamp
+APT_PACKAGES := gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
+
+.PHONY: setup toolchain demo test lint bench clean
+
+setup: $(STAMP) toolchain
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e '.[tvm,dev]'
+	touch $(STAMP)
+
+# Cortex-M toolchain and emulator (Debian packages); installed only as root, skipped otherwise.
+toolchain:
+	@if command -v arm-none-eabi-gcc >/dev/null && command -v qemu-system-arm >/dev/null; then \
+		true; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null) \
+		|| echo "warning: could not install $(APT_PACKAGES); Cortex-M parts will be skipped"; \
+	else \
+		echo "note: $(APT_PACKAGES) missing and not root; Cortex-M parts will be skipped"; \
+	fi
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) benchmarks/bench_kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

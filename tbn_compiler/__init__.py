@@ -1,0 +1,1 @@
+"""tbn_compiler."""
