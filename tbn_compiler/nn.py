@@ -1,0 +1,267 @@
+"""Trainable tiled layers (quantization-aware training) and :func:`prepare`.
+
+``TiledLinear`` / ``TiledConv1d`` / ``TiledConv2d`` follow the paper exactly:
+
+* ``scores`` and ``weight`` are float tensors of the full weight shape, both initialized
+  from the float weight;
+* the tile is ``sign(sum of the p flat chunks of scores)`` (0 -> -1), with a
+  straight-through estimator: each score receives the gradient of its own weight
+  position, unchanged;
+* ``alphas`` (``p``, or one in "single" mode) are mean ``|chunk|`` of ``weight``, and
+  gradients reach ``weight`` through them by ordinary autograd;
+* the bias stays full precision.
+
+They subclass the torch layers they replace, so every attribute (stride, padding,
+groups, ...) and ``state_dict`` key of those layers is still there, plus ``scores``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import tiling
+from .config import LayerPlan, TBNConfig
+
+__all__ = [
+    "TiledLinear",
+    "TiledConv1d",
+    "TiledConv2d",
+    "TILED_TYPES",
+    "prepare",
+    "plan_module",
+    "conv_padding_ints",
+]
+
+
+class _TileSTE(torch.autograd.Function):
+    """Forward: the ``{-1,+1}`` tile repeated p times, in the weight's shape.
+    Backward: the weight gradient passed to ``scores`` unchanged (straight through)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, p: int) -> torch.Tensor:  # noqa: D102
+        tile = tiling.binarize(tiling.fold(scores, p))
+        return tile.repeat(p).reshape(scores.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad, None
+
+
+class _TiledMixin:
+    """Shared tile logic. The host class provides ``weight`` and ``out_features``-like
+    geometry; this adds ``scores``, ``p`` and ``alpha_mode``."""
+
+    p: int
+    alpha_mode: str
+    scores: nn.Parameter
+    weight: nn.Parameter
+
+    def _init_tiling(self, p: int, alpha_mode: str) -> None:
+        tiling.check_divisible(self.weight.numel(), p, what=f"{type(self).__name__} weight")
+        if alpha_mode not in tiling.ALPHA_MODES:
+            raise ValueError(f"unknown alpha mode {alpha_mode!r}; expected {tiling.ALPHA_MODES}")
+        self.p = p
+        self.alpha_mode = alpha_mode
+        self.scores = nn.Parameter(self.weight.detach().clone())
+
+    def binary_weight(self) -> torch.Tensor:
+        """The ``{-1,+1}`` weight (tile repeated p times), with the STE for ``scores``."""
+        return _TileSTE.apply(self.scores, self.p)
+
+    def alphas(self) -> torch.Tensor:
+        """``float[p]`` scales from ``weight`` (differentiable)."""
+        return tiling.compute_alphas(self.weight, self.p, self.alpha_mode)
+
+    def tiled_weight(self) -> torch.Tensor:
+        """``W_hat[e] = alpha[e // L] * tile[e % L]`` in the weight's shape."""
+        binary = self.binary_weight()
+        scale = self.alphas().repeat_interleave(binary.numel() // self.p)
+        return (scale * binary.reshape(-1)).reshape(binary.shape)
+
+    def packed(self) -> tiling.PackedTile:
+        """The inference representation of the learned tile (exactly what forward uses)."""
+        with torch.no_grad():
+            signs = tiling.binarize(tiling.fold(self.scores.float(), self.p))
+            alphas = self.alphas().float().contiguous().clone()
+        return tiling.PackedTile(tiling.pack_bits(signs), alphas, signs.numel())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}, alpha={self.alpha_mode!r}"  # type: ignore[misc]
+
+
+class TiledLinear(_TiledMixin, nn.Linear):
+    """``nn.Linear`` whose weight is a learned binary tile reused ``p`` times."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, p: int = 4,
+                 alpha_mode: str = "per_tile", device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_tiling(p, alpha_mode)
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, p: int, alpha_mode: str = "per_tile") -> TiledLinear:
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, p, alpha_mode,
+                  device=layer.weight.device, dtype=layer.weight.dtype)
+        _copy_float_params(layer, new)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.tiled_weight(), self.bias)
+
+
+class _TiledConvMixin(_TiledMixin):
+    @classmethod
+    def from_float(cls, layer: nn.Module, p: int, alpha_mode: str = "per_tile"):
+        new = cls(
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+            bias=layer.bias is not None, padding_mode=layer.padding_mode,
+            device=layer.weight.device, dtype=layer.weight.dtype, p=p, alpha_mode=alpha_mode,
+        )
+        _copy_float_params(layer, new)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.tiled_weight(), self.bias)  # type: ignore[attr-defined]
+
+
+class TiledConv1d(_TiledConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` with a tiled weight (stride, padding, dilation, groups preserved)."""
+
+    def __init__(self, *args, p: int = 4, alpha_mode: str = "per_tile", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_tiling(p, alpha_mode)
+
+
+class TiledConv2d(_TiledConvMixin, nn.Conv2d):
+    """``nn.Conv2d`` with a tiled weight (stride, padding, dilation, groups preserved)."""
+
+    def __init__(self, *args, p: int = 4, alpha_mode: str = "per_tile", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_tiling(p, alpha_mode)
+
+
+TILED_TYPES: dict[type, type] = {
+    nn.Linear: TiledLinear,
+    nn.Conv1d: TiledConv1d,
+    nn.Conv2d: TiledConv2d,
+}
+"""Float layer type -> trainable tiled type."""
+
+
+def _copy_float_params(src: nn.Module, dst: _TiledMixin) -> None:
+    with torch.no_grad():
+        dst.weight.copy_(src.weight)
+        dst.scores.copy_(src.weight)
+        if src.bias is not None:
+            dst.bias.copy_(src.bias)  # type: ignore[union-attr]
+
+
+def conv_padding_ints(layer_padding, kernel_size, dilation, stride) -> list[int] | None:
+    """Integer (symmetric) padding of a conv, or None when it cannot be expressed so
+    (``padding="same"`` with an even effective kernel needs asymmetric padding)."""
+    if isinstance(layer_padding, str):
+        if layer_padding == "valid":
+            return [0] * len(kernel_size)
+        pads = []
+        for k, d in zip(kernel_size, dilation, strict=True):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            pads.append(total // 2)
+        return pads
+    return [int(v) for v in layer_padding]
+
+
+def _float_type(module: nn.Module) -> type | None:
+    """The float layer type a module is (or subclasses), unless it is already tiled."""
+    if isinstance(module, _TiledMixin):
+        return None
+    for base in TILED_TYPES:
+        if isinstance(module, base):
+            return base
+    return None
+
+
+def plan_module(cfg: TBNConfig, name: str, module: nn.Module, is_first: bool,
+                is_last: bool) -> LayerPlan:
+    """Decide p for one float Linear/Conv module, including the checks the tile ops need
+    (divisible by p, integer symmetric padding, zero padding mode)."""
+    plan = cfg.plan_layer(name, module.weight.numel(), type(module), is_first, is_last)
+    if plan.p is None:
+        return plan
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.padding_mode != "zeros":
+            return LayerPlan(None, f"padding_mode={module.padding_mode!r} is not supported by the "
+                                   "tile ops; kept dense (use padding_mode='zeros')")
+        if conv_padding_ints(module.padding, module.kernel_size, module.dilation,
+                             module.stride) is None:
+            return LayerPlan(None, "padding='same' with an even kernel needs asymmetric padding; "
+                                   "kept dense")
+    numel = module.weight.numel()
+    if numel % plan.p:
+        msg = (f"layer {name!r}: {numel} weights not divisible by p={plan.p}; "
+               f"choose a p that divides {numel} (TBNConfig.layers) or exclude the layer")
+        if cfg.strict:
+            raise ValueError(msg)
+        return LayerPlan(None, f"{numel} weights not divisible by p={plan.p}")
+    return plan
+
+
+def prepare(model: nn.Module, cfg: TBNConfig | None = None) -> nn.Module:
+    """Return a copy of ``model`` with eligible ``nn.Linear`` / ``nn.Conv1d`` /
+    ``nn.Conv2d`` replaced by trainable tiled layers; ``model`` is not modified.
+
+    "First"/"last" (``keep_first``/``keep_last``) follow module registration order.
+    Layers that share a weight ``Parameter`` share their ``scores``/``weight`` after
+    preparation too. The decisions are kept in ``model.tbn_plan`` (name -> LayerPlan).
+    """
+    cfg = cfg or TBNConfig()
+    model = copy.deepcopy(model)
+    candidates = [(n, m) for n, m in model.named_modules() if _float_type(m) is not None]
+    direct = _weights_read_by_parent(model)
+    cfg.check_patterns_used(n for n, _ in candidates)
+    plans: dict[str, LayerPlan] = {}
+    shared: dict[int, _TiledMixin] = {}
+    for i, (name, module) in enumerate(candidates):
+        plan = plan_module(cfg, name, module, i == 0, i == len(candidates) - 1)
+        if name in direct:
+            plan = LayerPlan(None, f"its weight is read directly by {direct[name]}, not through "
+                                   "its forward(); kept float")
+        source = shared.get(id(module.weight))
+        if plan.p is not None and source is not None and source.p != plan.p:
+            plan = LayerPlan(source.p, f"shares its weight with a layer tiled at p={source.p}")
+        plans[name] = plan
+        if plan.p is None:
+            continue
+        tiled = TILED_TYPES[_float_type(module)].from_float(module, plan.p, cfg.alpha)
+        if source is not None:
+            tiled.scores, tiled.weight = source.scores, source.weight
+        else:
+            shared[id(module.weight)] = tiled
+        if name:
+            _set_submodule(model, name, tiled)
+        else:  # the model is itself a single layer
+            model = tiled
+    model.tbn_plan = plans
+    return model
+
+
+def _weights_read_by_parent(model: nn.Module) -> dict[str, str]:
+    """Layers whose parent uses their ``.weight`` without calling them (for example
+    ``nn.MultiheadAttention.out_proj``): replacing them would change nothing."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            prefix = f"{name}." if name else ""
+            out[f"{prefix}out_proj"] = "nn.MultiheadAttention"
+    return out
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, new)

@@ -1,0 +1,288 @@
+"""The tile-rewrite pass and :func:`rewrite`, the front half of the data path.
+
+``tile_layers(gm, cfg)`` is a plain composable fx pass: it finds tileable layers
+(:mod:`.patterns`), plans ``p`` per layer (:class:`~tbn_compiler.config.TBNConfig`),
+replaces each by a ``torch.ops.tbn.tiled_*`` call on packed buffers, and deletes the
+float weights it made unused. Decisions are kept for :mod:`tbn_compiler.inspect`:
+``node.meta["tbn"]`` on every tile op and ``gm.meta["tbn_skipped"]`` for layers kept
+dense, each with a reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .. import tiling
+from ..capture import capture
+from ..config import LayerPlan, TBNConfig
+from ..ops import tile_op_name
+from .convert import PackedConv, PackedLinear, convert
+from .patterns import LayerMatch, get_attr_tensor, match_node
+
+__all__ = ["SkippedLayer", "tile_layers", "rewrite"]
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """An eligible-looking layer kept dense, and why."""
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    reason: str
+
+
+@dataclass
+class _Tiled:
+    """Buffers created for one weight tensor (shared by every use of it)."""
+
+    tile: str
+    alphas: str
+    p: int
+    name: str
+
+
+def _owner_and_leaf(path: str) -> tuple[str, str]:
+    owner, _, leaf = path.rpartition(".")
+    return owner, leaf
+
+
+def _free_attr(module: nn.Module, base: str) -> str:
+    name, i = base, 1
+    while hasattr(module, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _register_tile_buffers(gm: fx.GraphModule, match: LayerMatch, packed: tiling.PackedTile) -> tuple[str, str]:
+    """Store tile and alphas next to the weight; return their attribute paths."""
+    owner_path, leaf = _owner_and_leaf(match.weight)
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    stem = "" if leaf == "weight" else f"{leaf}_"
+    tile_attr = _free_attr(owner, f"{stem}tile")
+    owner.register_buffer(tile_attr, packed.words)
+    alphas_attr = _free_attr(owner, f"{stem}alphas")
+    owner.register_buffer(alphas_attr, packed.alphas)
+    prefix = f"{owner_path}." if owner_path else ""
+    return prefix + tile_attr, prefix + alphas_attr
+
+
+def _ineligible_uses(gm: fx.GraphModule, matches: list[LayerMatch]) -> dict[int, str]:
+    """Weight tensors (by id) that something other than a matched layer also reads,
+    mapped to a description of that use."""
+    matched_nodes = {m.node for m in matches}
+    weight_nodes = {n for m in matches for n in m.weight_nodes}
+    other: dict[int, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        tensor = get_attr_tensor(gm, node.target)
+        if tensor is None:
+            continue
+        for user in node.users:
+            if user in matched_nodes or user in weight_nodes:
+                continue
+            other.setdefault(id(tensor), f"{user.name} ({user.target})")
+    return other
+
+
+def _layer_shape(gm: fx.GraphModule, match: LayerMatch) -> tuple[int, ...]:
+    return tuple(get_attr_tensor(gm, match.weight).shape)
+
+
+def _plan(cfg: TBNConfig, gm: fx.GraphModule, match: LayerMatch, shared_use: str | None,
+          is_first: bool, is_last: bool) -> LayerPlan:
+    weight = get_attr_tensor(gm, match.weight)
+    if match.unsupported:
+        return LayerPlan(None, match.unsupported)
+    if shared_use:
+        return LayerPlan(None, f"weight also used by {shared_use}, which is not a linear/conv "
+                               "layer; kept dense")
+    plan = cfg.plan_layer(match.name, weight.numel(), match.module_type, is_first, is_last)
+    if plan.p is None or weight.numel() % plan.p == 0:
+        return plan
+    if cfg.strict:
+        raise ValueError(
+            f"layer {match.name!r} ({match.op}, weight {tuple(weight.shape)}): {weight.numel()} "
+            f"weights not divisible by p={plan.p}; set a p that divides it in TBNConfig.layers "
+            "or exclude the layer"
+        )
+    return LayerPlan(None, f"{weight.numel()} weights not divisible by p={plan.p}")
+
+
+def _emit_tile_op(gm: fx.GraphModule, match: LayerMatch, tiled: _Tiled) -> fx.Node:
+    graph, node = gm.graph, match.node
+    weight_shape = _layer_shape(gm, match)
+    with graph.inserting_before(node):
+        tile = graph.get_attr(tiled.tile)
+        alphas = graph.get_attr(tiled.alphas)
+        bias = graph.get_attr(match.bias) if isinstance(match.bias, str) else match.bias
+        if match.op == "linear":
+            in_f, out_f = (weight_shape if match.weight_in_out else weight_shape[::-1])
+            new = graph.call_function(
+                torch.ops.tbn.tiled_linear.default,
+                (match.input, tile, alphas, bias, int(out_f), int(in_f), match.weight_in_out),
+            )
+        else:
+            op = torch.ops.tbn.tiled_conv1d if match.op == "conv1d" else torch.ops.tbn.tiled_conv2d
+            geo = match.conv
+            new = graph.call_function(
+                op.default,
+                (match.input, tile, alphas, bias, list(weight_shape), geo["stride"],
+                 geo["padding"], geo["dilation"], geo["groups"]),
+            )
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+    return new
+
+
+def _drop_unused_weights(gm: fx.GraphModule, tensor_ids: set[int]) -> None:
+    """Delete tiled float weights no node refers to any more, under every name they
+    have (tied parameters are aliases), and replace layer modules no longer called."""
+    gm.graph.eliminate_dead_code()
+    used_attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    for path in [path for path, t in named if id(t) in tensor_ids and path not in used_attrs]:
+        owner_path, leaf = _owner_and_leaf(path)
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if (isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d)) and leaf == "weight"
+                and owner_path not in used_modules):
+            _replace_layer_module(gm, owner_path, owner)
+        elif hasattr(owner, leaf):
+            delattr(owner, leaf)
+
+
+def _replace_layer_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+    """Swap a replaced nn.Linear/Conv for a plain holder of its tile buffers and bias."""
+    holder = nn.Module()
+    for name, buf in module.named_buffers(recurse=False):
+        holder.register_buffer(name, buf)
+    if module.bias is not None:
+        holder.register_buffer("bias", module.bias.detach())
+    owner_path, leaf = _owner_and_leaf(path)
+    setattr(gm.get_submodule(owner_path) if owner_path else gm, leaf, holder)
+
+
+def tile_layers(
+    gm: fx.GraphModule,
+    cfg: TBNConfig,
+    keep_dense: Mapping[str, str] | None = None,
+    tile_float: bool = True,
+) -> fx.GraphModule:
+    """Rewrite every eligible float layer of ``gm`` into a tile op, in place; return ``gm``.
+
+    ``keep_dense`` maps layer names to a reason for keeping them dense whatever ``cfg``
+    says. With ``tile_float=False`` no float layer is tiled (each is reported with
+    why): used for prepared models, whose float layers are float on purpose. Existing
+    tile ops (from a converted QAT model) are kept and counted as layers for
+    ``keep_first`` / ``keep_last``."""
+    keep_dense = dict(keep_dense or {})
+    if not tile_float:
+        for m in matches_in(gm):
+            keep_dense.setdefault(m.name, "left float by prepare()")
+    nodes = list(gm.graph.nodes)
+    matches = matches_in(gm)
+    layer_nodes = [n for n in nodes if tile_op_name(n.target)] + [m.node for m in matches]
+    order = {n: i for i, n in enumerate(nodes)}
+    layer_nodes.sort(key=order.__getitem__)
+    first = layer_nodes[0] if layer_nodes else None
+    last = layer_nodes[-1] if layer_nodes else None
+    cfg.check_patterns_used(
+        [m.name for m in matches] + [_tile_op_layer_name(n) for n in layer_nodes if tile_op_name(n.target)]
+    )
+    other_uses = _ineligible_uses(gm, matches)
+    tiled_by_tensor: dict[int, _Tiled] = {}
+    skipped: list[SkippedLayer] = list(gm.meta.get("tbn_skipped", []))
+    done_weights: set[int] = set()
+    for match in matches:
+        weight = get_attr_tensor(gm, match.weight)
+        key = id(weight)
+        tiled = tiled_by_tensor.get(key)
+        if tiled is None and match.name in keep_dense:
+            skipped.append(SkippedLayer(match.name, match.op, tuple(weight.shape),
+                                        keep_dense[match.name]))
+            continue
+        if tiled is None:
+            plan = _plan(cfg, gm, match, other_uses.get(key), match.node is first, match.node is last)
+            if plan.p is None:
+                skipped.append(SkippedLayer(match.name, match.op, tuple(weight.shape), plan.reason))
+                continue
+            packed = tiling.tile_weight(weight, weight, plan.p, cfg.alpha)
+            tile_path, alphas_path = _register_tile_buffers(gm, match, packed)
+            tiled = tiled_by_tensor[key] = _Tiled(tile_path, alphas_path, plan.p, match.name)
+            reason = plan.reason
+        else:
+            reason = f"shares the tile of {tiled.name!r}"
+        new = _emit_tile_op(gm, match, tiled)
+        new.meta["tbn"] = {"name": tiled.name, "source": "post-training", "reason": reason,
+                           "weight_in_out": match.weight_in_out}
+        match.node.replace_all_uses_with(new)
+        gm.graph.erase_node(match.node)
+        done_weights.add(key)
+    _drop_unused_weights(gm, done_weights)
+    gm.meta["tbn_skipped"] = skipped
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def matches_in(gm: fx.GraphModule) -> list[LayerMatch]:
+    """Every tileable layer use in ``gm``, in graph order."""
+    return [m for m in (match_node(gm, n) for n in gm.graph.nodes) if m is not None]
+
+
+def _tile_op_layer_name(node: fx.Node) -> str:
+    tile = node.args[1]
+    path = tile.target if isinstance(tile, fx.Node) and tile.op == "get_attr" else node.name
+    owner, leaf = _owner_and_leaf(path)
+    return owner if leaf == "tile" and owner else path
+
+
+def _mark_converted_ops(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if tile_op_name(node.target) and "tbn" not in node.meta:
+            node.meta["tbn"] = {"name": _tile_op_layer_name(node), "source": "QAT", "reason": "prepared"}
+
+
+def rewrite(
+    model: nn.Module,
+    example_inputs: Any,
+    cfg: TBNConfig | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Capture ``model`` (in eval mode) and rewrite its eligible layers into tile ops.
+
+    ``model`` may be a float model (post-training tiling) or the result of
+    :func:`tbn_compiler.prepare`: then its learned tiles are used exactly and every
+    other layer stays float, so the graph computes what the prepared model does. The model is
+    not modified. Returns a GraphModule that runs in PyTorch; its ``state_dict`` holds
+    packed tiles, alphas and biases in place of the float weights of tiled layers.
+    """
+    cfg = cfg or TBNConfig()
+    prepared_plan: Mapping[str, LayerPlan] | None = getattr(model, "tbn_plan", None)
+    keep_dense = {n: f"{plan.reason} (prepare)" for n, plan in (prepared_plan or {}).items()
+                  if plan.p is None}
+    model = convert(copy.deepcopy(model).eval(), inplace=True)
+    gm = capture(model, example_inputs, example_kwargs)
+    _mark_converted_ops(gm)
+    return tile_layers(gm, cfg, keep_dense, tile_float=prepared_plan is None)
+
+
+def tiled_layer_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """Number of tile op calls per layer name (a layer used twice counts twice)."""
+    counts: dict[str, int] = defaultdict(int)
+    for node in gm.graph.nodes:
+        if tile_op_name(node.target):
+            counts[node.meta.get("tbn", {}).get("name", _tile_op_layer_name(node))] += 1
+    return dict(counts)
+
+
+__all__ += ["tiled_layer_counts", "PackedLinear", "PackedConv"]
