@@ -216,3 +216,23 @@ def test_huggingface_gpt2_from_config():
     out, expected = gm(ids), ref(ids)
     torch.testing.assert_close(out["last_hidden_state"], expected.last_hidden_state, rtol=1e-4, atol=1e-4)
     assert len(_tile_ops(gm)) == 8
+
+
+def test_huggingface_bert_from_config_float_and_prepared():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, vocab_size=60, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 60, (2, 8))
+    cfg = tbn.TBNConfig(p=2, min_numel=0)
+    gm = tbn.rewrite(model, (ids,), cfg)
+    linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    ref = reference_model(model, {n: 2 for n in linears})
+    torch.testing.assert_close(gm(ids)["last_hidden_state"], ref(ids).last_hidden_state,
+                               rtol=1e-4, atol=1e-4)
+    assert len(_tile_ops(gm)) == len(linears) == 13
+    qat = tbn.prepare(model, cfg).eval()
+    gq = tbn.rewrite(qat, (ids,), cfg)
+    torch.testing.assert_close(gq(ids)["last_hidden_state"], qat(ids).last_hidden_state,
+                               rtol=1e-5, atol=1e-5)
