@@ -219,6 +219,10 @@ def prepare(model: nn.Module, cfg: TBNConfig | None = None) -> nn.Module:
     Layers that share a weight ``Parameter`` share their ``scores``/``weight`` after
     preparation too. The decisions are kept in ``model.tbn_plan`` (name -> LayerPlan).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare expects a torch.nn.Module, got {type(model).__name__}")
+    if cfg is not None and not isinstance(cfg, TBNConfig):
+        raise TypeError(f"cfg must be a TBNConfig, got {type(cfg).__name__}")
     cfg = cfg or TBNConfig()
     model = copy.deepcopy(model)
     candidates = [(n, m) for n, m in model.named_modules() if _float_type(m) is not None]

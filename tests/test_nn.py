@@ -118,3 +118,10 @@ def test_convert_matches_prepared_and_stores_only_packed():
     keys = set(frozen.state_dict())
     assert "layers.0.tile" in keys and "layers.0.weight" not in keys and "layers.0.scores" not in keys
     torch.testing.assert_close(frozen.layers[0].weight, _reference_weight(qat.layers[0]))
+
+
+def test_prepare_rejects_bad_input():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        tbn.prepare("model")
+    with pytest.raises(TypeError, match="TBNConfig"):
+        tbn.prepare(MLP(), {"p": 4})
