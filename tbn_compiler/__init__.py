@@ -6,7 +6,14 @@ Public API (see DESIGN.md)::
     qat = tbn.prepare(model, cfg)                  # trainable tiled layers
     gm  = tbn.rewrite(model, example_inputs, cfg)  # fx graph with tile ops; runs in torch
     print(tbn.inspect(gm))                         # per-layer report
+    cm  = tbn.compile(model, example_inputs, target="llvm")   # TVM build; "cuda", ...
+    y   = cm(*example_inputs)
+    cm.save(path); cm2 = tbn.load(path)
+
+TVM is imported only when a backend name (``compile``, ``load``, ...) is first used.
 """
+
+from typing import Any
 
 from . import ops  # noqa: F401  (registers torch.ops.tbn.*)
 from .capture import CaptureError, capture
@@ -14,10 +21,34 @@ from .config import TBNConfig
 from .inspect import Report, inspect
 from .nn import TiledConv1d, TiledConv2d, TiledLinear, prepare
 from .passes import convert, rewrite
+from .targets import known_targets, register_target, resolve_target
 
 __version__ = "0.1.0"
 
+# Public names served by the TVM backends, imported on first use.
+_LAZY = {
+    "compile": "tbn_compiler.backends.build",
+    "compile_graph": "tbn_compiler.backends.build",
+    "load": "tbn_compiler.backends.artifact",
+    "CompiledModule": "tbn_compiler.backends.artifact",
+    "ArtifactError": "tbn_compiler.backends.artifact",
+    "InputError": "tbn_compiler.backends.artifact",
+    "Tuning": "tbn_compiler.backends.tuning",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tbn_compiler' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "CaptureError",
     "Report",
     "TBNConfig",
@@ -27,6 +58,9 @@ __all__ = [
     "capture",
     "convert",
     "inspect",
+    "known_targets",
     "prepare",
+    "register_target",
+    "resolve_target",
     "rewrite",
 ]

@@ -1,0 +1,519 @@
+"""TVM lowering: parity with the rewritten graph, save/load, errors, CUDA source."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("tvm")
+
+from tbn_compiler import ops, tiling  # noqa: E402
+from tbn_compiler.backends.artifact import ArtifactError, InputError, load  # noqa: E402
+from tbn_compiler.backends.build import compile as tbn_compile  # noqa: E402
+from tbn_compiler.backends.relax_import import UnsupportedOpError  # noqa: E402
+from tbn_compiler.config import TBNConfig  # noqa: E402
+from tbn_compiler.passes import rewrite  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_GPU = torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------- models
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)  # p=4: aligned (L = 512 = 16 rows of 32)
+        self.fc2 = nn.Linear(64, 10)  # p=4: L = 160, rows of 64: unaligned
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class ResCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 6, 3, stride=2)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)) + h)
+        h = self.conv3(h)
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class GroupedCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=2)
+        self.pw = nn.Conv2d(16, 12, 1)
+
+    def forward(self, x):
+        return self.pw(F.relu(self.grouped(F.relu(self.dw(x)))))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 5, padding=2)
+        self.c2 = nn.Conv1d(8, 6, 3, stride=2)
+
+    def forward(self, x):
+        return self.c2(torch.tanh(self.c1(x)))
+
+
+class FunctionalLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(24, 16) * 0.2)
+        self.b = nn.Parameter(torch.randn(24) * 0.1)
+
+    def forward(self, x):
+        return F.linear(x, self.w, self.b).sigmoid()
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class GPT2Conv1D(nn.Module):
+    """GPT-2's Conv1D: weight stored (in, out), applied with addmm."""
+
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+        self.nf = nf
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc = GPT2Conv1D(16, 48)  # p=4: in % p == 0, aligned
+        self.c_proj = GPT2Conv1D(48, 20)  # p=5: L = 192, rows of 20: unaligned
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+def _transformer() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(
+        d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True
+    )
+    return nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+
+
+CASES = {
+    "mlp": (MLP, lambda: (torch.randn(4, 32),), TBNConfig(p=4, min_numel=0)),
+    "res_cnn": (
+        ResCNN,
+        lambda: (torch.randn(2, 3, 8, 8),),
+        TBNConfig(p=4, min_numel=0, layers={"conv3": 8}),
+    ),
+    "grouped_cnn": (GroupedCNN, lambda: (torch.randn(1, 8, 6, 6),), TBNConfig(p=2, min_numel=0)),
+    "conv1d": (
+        Conv1dNet,
+        lambda: (torch.randn(2, 4, 16),),
+        TBNConfig(p=2, min_numel=0, layers={"c2": 4}),
+    ),
+    "transformer": (_transformer, lambda: (torch.randn(2, 5, 16),), TBNConfig(p=4, min_numel=0)),
+    "functional": (FunctionalLinear, lambda: (torch.randn(3, 16),), TBNConfig(p=4, min_numel=0)),
+    "tied": (Tied, lambda: (torch.randn(2, 3, 16),), TBNConfig(p=4, min_numel=0)),
+    "gpt2_mlp": (
+        GPT2MLP,
+        lambda: (torch.randn(2, 3, 16),),
+        TBNConfig(p=4, min_numel=0, layers={"c_proj": 5}),
+    ),
+}
+
+
+def _build(name: str):
+    factory, make_inputs, cfg = CASES[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    for mod in model.modules():  # non-trivial BN statistics
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 1.5)
+    return model, make_inputs(), cfg
+
+
+def _fetch(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    return node.meta["val"]
+
+
+def _alignment(gm: torch.fx.GraphModule) -> list[bool]:
+    """Aligned-ness of each tile op call in ``gm`` (computed from its arguments)."""
+    out = []
+    for node in gm.graph.nodes:
+        name = ops.tile_op_name(node.target)
+        if name is None:
+            continue
+        p = _fetch(gm, node.args[2]).numel()
+        if name == "tiled_linear":
+            out_f, in_f = node.args[4], node.args[5]
+            w_in_out = (
+                node.args[6] if len(node.args) > 6 else node.kwargs.get("weight_in_out", False)
+            )
+            row = out_f if w_in_out else in_f
+            out.append(tiling.is_aligned(out_f * in_f, p, row))
+        else:
+            shape, groups = node.args[4], node.args[8]
+            numel = 1
+            for d in shape:
+                numel *= d
+            out.append(groups == 1 and tiling.is_aligned(numel, p, numel // shape[0]))
+    return out
+
+
+def _assert_close(got, ref) -> None:
+    if isinstance(ref, torch.Tensor):
+        assert isinstance(got, torch.Tensor)
+        torch.testing.assert_close(got, ref.detach(), rtol=1e-4, atol=1e-5)
+    else:
+        assert len(got) == len(ref)
+        for g, r in zip(got, ref, strict=True):
+            _assert_close(g, r)
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_llvm_parity(name: str) -> None:
+    model, inputs, cfg = _build(name)
+    gm = rewrite(model, inputs, cfg)
+    assert _alignment(gm), f"{name}: no layer was tiled"
+    cm = tbn_compile(model, inputs, target="llvm", config=cfg)
+    with torch.no_grad():
+        ref = gm(*inputs)
+    _assert_close(cm(*inputs), ref)
+    assert cm.target.kind == "llvm"
+    assert [s.shape for s in cm.input_specs] == [tuple(t.shape) for t in inputs]
+
+
+@pytest.mark.parametrize("name", ["mlp", "res_cnn", "conv1d", "gpt2_mlp"])
+def test_cases_mix_aligned_and_unaligned(name: str) -> None:
+    model, inputs, cfg = _build(name)
+    kinds = set(_alignment(rewrite(model, inputs, cfg)))
+    assert kinds == {True, False}
+
+
+def test_multiple_outputs_and_batched_leading_dims() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 12)
+
+        def forward(self, x, y):
+            h = self.fc(x)
+            return h, h.sum(-1) + y
+
+    torch.manual_seed(0)
+    model, x, y = Two().eval(), torch.randn(2, 3, 8), torch.randn(2, 3)
+    cfg = TBNConfig(p=2, min_numel=0)
+    cm = tbn_compile(model, (x, y), config=cfg)
+    out = cm(x, y)
+    assert isinstance(out, tuple) and len(out) == 2
+    with torch.no_grad():
+        _assert_close(out, rewrite(model, (x, y), cfg)(x, y))
+    assert [s.name for s in cm.input_specs] == ["x", "y"]
+
+
+def test_input_errors() -> None:
+    model, inputs, cfg = _build("mlp")
+    cm = tbn_compile(model, inputs, config=cfg)
+    (x,) = inputs
+    with pytest.raises(InputError, match=r"expected 1 inputs"):
+        cm(x, x)
+    with pytest.raises(InputError, match=r"input 'x'.*shape \(4, 32\).*\(5, 32\)"):
+        cm(torch.randn(5, 32))
+    with pytest.raises(InputError, match=r"input 'x'.*dtype float32.*float64"):
+        cm(x.double())
+    with pytest.raises(InputError, match=r"expected a torch.Tensor"):
+        cm(x.numpy())
+    # non-contiguous and requires-grad inputs are accepted
+    xt = torch.randn(32, 4).t().requires_grad_()
+    with torch.no_grad():
+        ref = rewrite(model, inputs, cfg)(xt)
+    _assert_close(cm(xt), ref)
+
+
+def test_unsupported_op_names_node() -> None:
+    class Bessel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.special.bessel_j0(self.fc(x))
+
+    with pytest.raises(UnsupportedOpError, match=r"special_bessel_j0") as info:
+        tbn_compile(Bessel().eval(), torch.randn(2, 8), config=TBNConfig(p=2, min_numel=0))
+    assert "node " in str(info.value)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A compiled CNN saved to disk, with its input and expected output."""
+    model, inputs, cfg = _build("res_cnn")
+    cm = tbn_compile(model, inputs, config=cfg)
+    root = tmp_path_factory.mktemp("artifact")
+    path = cm.save(root / "model.tbn")
+    torch.save({"x": inputs[0], "y": cm(*inputs)}, root / "io.pt")
+    return path, root / "io.pt", cm
+
+
+def test_save_load_fresh_process(saved) -> None:
+    path, io_path, _ = saved
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from tbn_compiler.backends.artifact import load
+        cm = load({str(path)!r})
+        io = torch.load({str(io_path)!r})
+        y = cm(io["x"])
+        assert torch.equal(y, io["y"]), (y - io["y"]).abs().max()
+        assert "tvm" in sys.modules
+        print("OK", cm.target.name, cm.input_specs[0].shape)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK llvm (2, 3, 8, 8)" in proc.stdout
+
+
+def test_load_same_process_and_resave(saved, tmp_path) -> None:
+    path, io_path, cm = saved
+    cm2 = load(path)
+    io = torch.load(io_path)
+    assert torch.equal(cm2(io["x"]), io["y"])
+    assert cm2.report == (None if cm.report is None else str(cm.report))
+    again = cm2.save(tmp_path / "again.tbn")
+    assert torch.equal(load(again)(io["x"]), io["y"])
+
+
+def _rewrite_zip(src: Path, dst: Path, edit) -> Path:
+    with zipfile.ZipFile(src) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members = edit(members)
+    with zipfile.ZipFile(dst, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return dst
+
+
+def _edit_meta(fn):
+    def edit(members):
+        meta = json.loads(members["metadata.json"])
+        fn(meta)
+        members["metadata.json"] = json.dumps(meta)
+        return members
+
+    return edit
+
+
+def test_corrupt_artifacts_refused(saved, tmp_path) -> None:
+    path, _, _ = saved
+    data = path.read_bytes()
+
+    truncated = tmp_path / "truncated.tbn"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="truncated|corrupt"):
+        load(truncated)
+
+    junk = tmp_path / "junk.tbn"
+    junk.write_bytes(b"not a zip at all")
+    with pytest.raises(ArtifactError, match="not a tbn_compiler compiled module"):
+        load(junk)
+
+    def flip(members):
+        lib = bytearray(members["library.so"])
+        lib[len(lib) // 2] ^= 0xFF
+        members["library.so"] = bytes(lib)
+        return members
+
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        load(_rewrite_zip(path, tmp_path / "flipped.tbn", flip))
+
+    def drop(members):
+        del members["library.so"]
+        return members
+
+    with pytest.raises(ArtifactError, match="missing 'library.so'"):
+        load(_rewrite_zip(path, tmp_path / "missing.tbn", drop))
+
+    def version(meta):
+        meta["format_version"] = 999
+
+    with pytest.raises(ArtifactError, match="format version 999"):
+        load(_rewrite_zip(path, tmp_path / "version.tbn", _edit_meta(version)))
+
+    def foreign(meta):
+        meta["target"]["tvm_target"]["mtriple"] = "powerpc64le-linux-gnu"
+
+    with pytest.raises(ArtifactError, match="cannot run here"):
+        load(_rewrite_zip(path, tmp_path / "foreign.tbn", _edit_meta(foreign)))
+
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "nope.tbn")
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@pytest.fixture(scope="module")
+def cuda_module():
+    model, inputs, cfg = _build("res_cnn")
+    return tbn_compile(model, inputs, target="cuda", config=cfg), model, inputs, cfg
+
+
+def test_cuda_compile_yields_source(cuda_module) -> None:
+    cm, *_ = cuda_module
+    assert cm.target.kind == "cuda"
+    src = cm.cuda_source()
+    assert "__global__" in src
+    if not HAS_GPU:
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            cm(torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_source_compiles_with_nvcc(cuda_module, arch: str, tmp_path) -> None:
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found")
+    import tvm
+    from tvm.support import nvcc
+
+    cm, model, inputs, cfg = cuda_module
+    if cm.target.arch != arch:
+        cm = tbn_compile(model, inputs, target=f"cuda:{arch}", config=cfg)
+    with tvm.target.Target({"kind": "cuda", "arch": arch}, host="llvm"):
+        cubin = nvcc.compile_cuda(
+            cm.cuda_source(), target_format="cubin", arch=arch, compiler="nvcc"
+        )
+    assert len(cubin) > 0
+
+
+def test_cuda_save_load_keeps_source(cuda_module, tmp_path) -> None:
+    cm, *_ = cuda_module
+    path = cm.save(tmp_path / "cuda.tbn")
+    if not HAS_GPU:
+        with pytest.raises(ArtifactError, match="cannot run here"):
+            load(path)
+    loaded = load(path, check_target=False)
+    assert "__global__" in loaded.cuda_source()
+    assert loaded.target.arch == cm.target.arch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_parity(name: str) -> None:
+    model, inputs, cfg = _build(name)
+    with torch.no_grad():
+        ref = rewrite(model, inputs, cfg)(*inputs)
+    cm = tbn_compile(model, inputs, target="cuda", config=cfg)
+    gpu_inputs = [t.cuda() for t in inputs]
+    out = cm(*gpu_inputs)
+    if isinstance(out, torch.Tensor):
+        assert out.is_cuda
+        out = out.cpu()
+    else:
+        out = tuple(o.cpu() for o in out)
+    _assert_close(out, ref)
+    with pytest.raises(InputError, match="expected a tensor on cuda"):
+        cm(*inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_cuda_save_load_run(cuda_module, tmp_path) -> None:
+    cm, _, inputs, _ = cuda_module
+    x = inputs[0].cuda()
+    y = cm(x)
+    loaded = load(cm.save(tmp_path / "gpu.tbn"))
+    torch.testing.assert_close(loaded(x), y)
+
+
+# --------------------------------------------------------------------------- tuning
+
+
+def test_tuning_options_validated() -> None:
+    from tbn_compiler.backends.tuning import Tuning
+
+    with pytest.raises(ValueError, match="trials"):
+        Tuning(trials=-1)
+    with pytest.raises(ValueError, match="cost_model"):
+        Tuning(cost_model="magic")
+
+
+def test_tuning_with_empty_database_applies_hand_schedules(tmp_path) -> None:
+    from tbn_compiler.backends.tuning import Tuning
+
+    model, inputs, cfg = _build("mlp")
+    db = tmp_path / "db"
+    cm = tbn_compile(model, inputs, config=cfg, tune=Tuning(trials=0, database=db))
+    assert db.is_dir()
+    with torch.no_grad():
+        _assert_close(cm(*inputs), rewrite(model, inputs, cfg)(*inputs))
+
+
+@pytest.mark.slow
+def test_tuning_parity_and_database_reuse(tmp_path) -> None:
+    from tbn_compiler.backends.tuning import Tuning
+
+    model, inputs, cfg = _build("mlp")
+    db = tmp_path / "db"
+    tune = Tuning(trials=4, database=db, num_trials_per_iter=2, max_workers=1, progress=False)
+    cm = tbn_compile(model, inputs, config=cfg, tune=tune)
+    with torch.no_grad():
+        ref = rewrite(model, inputs, cfg)(*inputs)
+    _assert_close(cm(*inputs), ref)
+    records = (db / "database_tuning_record.json").read_text().splitlines()
+    assert records, "tuning wrote no records"
+    again = tbn_compile(model, inputs, config=cfg, tune=Tuning(trials=0, database=db))
+    _assert_close(again(*inputs), ref)
