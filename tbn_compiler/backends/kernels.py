@@ -1,0 +1,669 @@
+"""TE/TIR kernel builders for the tile ops (no scheduling here; see :mod:`.schedules`).
+
+Every builder returns an unscheduled, schedulable ``tvm.tirx.PrimFunc`` (made with
+``te.create_prim_func``, int64 shapes, no ``global_symbol`` so it can be added to a
+Relax module). Buffers, in order: ``x``, ``tile``, ``alphas``, ``[bias]``, ``out``:
+
+* ``tile``: packed ``uint32[ceil(L / 32)]`` words; tile element ``j`` is bit ``j % 32``
+  of word ``j // 32``; bit 1 means ``+1`` (see :mod:`tbn_compiler.tiling`).
+* ``alphas``: ``float32[p]``; weight element ``e`` (flat, row-major, stored layout) is
+  ``alphas[e // L] * (+1 if bit(e % L) else -1)`` with ``L = numel / p``.
+
+Bits are read from the packed words at run time; no float weight is ever built.
+The binary part never multiplies: ``+-x`` is ``x`` with its sign bit flipped
+(``reinterpret(x) ^ mask``), where ``mask`` is ``0`` for a ``+1`` bit and
+``0x80000000`` for a ``-1`` bit.
+
+Kernel kinds (``func.attrs["tbn_kernel"]``, used by :func:`.schedules.schedule_for`):
+
+``linear_aligned``
+    ``(out, in)`` weight, ``L % in == 0``: ``small (m, N/p) = x T^T`` for the tile rows
+    once (block ``small``), then ``out = alpha * small + bias`` (block ``out``).
+    With ``in % 8 == 0`` the reduction is split ``(word, byte, bit)`` (``(byte, bit)``
+    when rows are not whole words) and the sign masks come from a 256 x 8 lookup table
+    (block ``sign_lut``): one table load gives the masks of 8 consecutive weights.
+``linear_in_out_aligned``
+    ``(in, out)`` weight, ``in % p == 0``: ``xs = sum_i alpha_i x[:, chunk_i]``
+    (block ``xs``), then one binary product with the ``(in/p, out)`` tile (block
+    ``small``; with ``out % 32 == 0`` shaped ``(m, out/32, 4, 8)`` for table masks),
+    then ``out = small + bias``.
+``conv_aligned``
+    ``groups == 1`` and whole filters per chunk: ``Cout/p`` binary filters applied once,
+    then ``alpha`` scaling and bias (block ``out``). With ``Cin*prod(k) % 8 == 0`` it is
+    the ``linear_aligned`` product over im2col rows (blocks ``patches``, ``small
+    (positions, Cout/p)``); otherwise a direct conv (block ``small (n, Cout/p, ...)``).
+``linear_general`` / ``conv_general``
+    Unaligned layers and grouped convs: weight ``e`` is ``alpha[e // L] * bit(e % L)``.
+    When a stored row is whole words and a chunk holds a row and a word, each 32
+    weights of a row come from one *realigned word* (funnel shift of two tile words,
+    wrap to the tile start) with table masks, and the divisions by ``L`` only touch
+    the row start (blocks ``small``/``acc``/``out``; convs over ``patches``).
+    Otherwise a plain modulo-indexed reduction (block ``acc``, or ``out`` without bias).
+
+Every reduction block is named ``small`` or ``acc`` (or ``out`` when it is the last
+stage); ``xpad`` is the zero-padded conv input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tvm import te, tirx
+
+from tbn_compiler.tiling import WORD_BITS, is_aligned, row_length
+
+__all__ = [
+    "tiled_linear_primfunc",
+    "tiled_conv_primfunc",
+    "kernel_kind",
+    "n_words",
+    "KERNEL_ATTR",
+]
+
+KERNEL_ATTR = "tbn_kernel"
+"""PrimFunc attribute naming the kernel kind (see the module docstring)."""
+
+_SIGN_BIT = 0x80000000
+_UINT = {"float32": "uint32", "float16": "uint16", "float64": "uint64"}
+_SIGN_BITS = {"float32": 31, "float16": 15, "float64": 63}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _i64(v: int) -> tirx.IntImm:
+    return tirx.IntImm("int64", int(v))
+
+
+def _shape(dims: Sequence[int]) -> list[tirx.IntImm]:
+    return [_i64(d) for d in dims]
+
+
+def _u32(v: int) -> tirx.IntImm:
+    return tirx.const(v, "uint32")
+
+
+def n_words(length: int) -> int:
+    """Packed words of a tile of ``length`` elements."""
+    return (length + WORD_BITS - 1) // WORD_BITS
+
+
+def _bit_mask(tile: te.Tensor, flat) -> tirx.PrimExpr:
+    """uint32 sign mask of tile element ``flat``: 0 for a ``+1`` bit, 0x80000000 for ``-1``."""
+    word = tile[tirx.floordiv(flat, WORD_BITS)]
+    bit = tirx.floormod(flat, WORD_BITS).astype("uint32")
+    return (((word >> bit) & _u32(1)) ^ _u32(1)) << _u32(31)
+
+
+def _flip(x: tirx.PrimExpr, mask: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    """``x`` with its sign flipped where ``mask`` (uint32, 0 or 0x80000000) is set."""
+    if dtype == "float32":
+        return tirx.reinterpret(dtype, tirx.reinterpret("uint32", x) ^ mask)
+    if dtype in _UINT:
+        utype = _UINT[dtype]
+        m = (mask >> _u32(31)).astype(utype) << tirx.const(_SIGN_BITS[dtype], utype)
+        return tirx.reinterpret(dtype, tirx.reinterpret(utype, x) ^ m)
+    return tirx.Select(mask == _u32(0), x, -x)
+
+
+def _sign_lut() -> te.Tensor:
+    """``uint32[256, 8]``: ``lut[b, j]`` is the sign mask of bit ``j`` of byte ``b``."""
+    return te.compute(
+        _shape((256, 8)),
+        lambda b, j: tirx.Select(
+            ((b >> j) & _i64(1)) == _i64(1), _u32(0), _u32(_SIGN_BIT)
+        ),
+        name="sign_lut",
+    )
+
+
+def _lut_mask(lut: te.Tensor, word: tirx.PrimExpr, byte, bit) -> tirx.PrimExpr:
+    """Sign mask of bit ``8 * byte + bit`` of ``word`` via the lookup table."""
+    b = (word >> (byte * 8).astype("uint32")) & _u32(255)
+    return lut[b.astype("int64"), bit]
+
+
+def _finish(
+    args: list[te.Tensor], kind: str, meta: dict[str, int]
+) -> tirx.PrimFunc:
+    func = te.create_prim_func(args).without_attr("global_symbol")
+    func = func.with_attr(KERNEL_ATTR, kind)
+    for key, value in meta.items():
+        func = func.with_attr(f"tbn_{key}", _i64(value))
+    return func
+
+
+def _check(numel: int, p: int) -> int:
+    if p < 1 or numel % p != 0:
+        raise ValueError(f"weight of {numel} elements is not divisible by p={p}")
+    return numel // p
+
+
+def _inputs(x_shape: Sequence[int], length: int, p: int, out_ch: int, has_bias: bool,
+            dtype: str) -> tuple[te.Tensor, te.Tensor, te.Tensor, te.Tensor | None]:
+    x = te.placeholder(_shape(x_shape), dtype, name="x")
+    tile = te.placeholder(_shape((n_words(length),)), "uint32", name="tile")
+    alphas = te.placeholder(_shape((p,)), dtype, name="alphas")
+    bias = te.placeholder(_shape((out_ch,)), dtype, name="bias") if has_bias else None
+    return x, tile, alphas, bias
+
+
+def _add_bias(value: tirx.PrimExpr, bias: te.Tensor | None, ch) -> tirx.PrimExpr:
+    return value if bias is None else value + bias[ch]
+
+
+def kernel_kind(func: tirx.PrimFunc) -> str:
+    """The ``tbn_kernel`` attribute of a PrimFunc built here (``""`` if absent)."""
+    attrs = func.attrs
+    if attrs is None or KERNEL_ATTR not in attrs:
+        return ""
+    return str(attrs[KERNEL_ATTR])
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def tiled_linear_primfunc(
+    m: int,
+    in_features: int,
+    out_features: int,
+    p: int,
+    weight_in_out: bool,
+    has_bias: bool,
+    dtype: str = "float32",
+) -> tirx.PrimFunc:
+    """Tiled linear ``out (m, out_features) = x (m, in_features) @ W^T + bias``.
+
+    Buffers: ``x (m, in) dtype``, ``tile (ceil(L/32),) uint32``, ``alphas (p,) dtype``,
+    ``[bias (out,) dtype]``, ``out (m, out) dtype``. ``weight_in_out=False``: ``W`` is
+    stored ``(out, in)`` (``nn.Linear``); ``True``: stored ``(in, out)`` (GPT-2
+    ``Conv1D``) and ``y = x @ W + b``; the tile covers the stored layout flat.
+    """
+    k, n = int(in_features), int(out_features)
+    numel = k * n
+    length = _check(numel, p)
+    x, tile, alphas, bias = _inputs((m, k), length, p, n, has_bias, dtype)
+    shape = (k, n) if weight_in_out else (n, k)
+    aligned = is_aligned(numel, p, row_length(shape, weight_in_out))
+    meta = {"m": m, "k": k, "n": n, "p": p, "weight_in_out": int(weight_in_out)}
+    if aligned and weight_in_out:
+        out = _linear_in_out_aligned(x, tile, alphas, bias, m, k, n, p)
+        kind = "linear_in_out_aligned"
+    elif aligned:
+        out = _linear_aligned(x, tile, alphas, bias, m, k, n, p)
+        kind = "linear_aligned"
+    else:
+        out = _linear_general(x, tile, alphas, bias, m, k, n, length, weight_in_out)
+        kind = "linear_general"
+    args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
+    return _finish(args, kind, meta)
+
+
+class _RowTable:
+    """Table-driven reduction over whole stored tile rows of ``row_len`` bits
+    (``row_len % 8 == 0``, so every row starts on a byte). Reduction axes
+    ``(kw, kb, kl)`` cover row position ``q = 32 kw + 8 kb + kl`` when rows are whole
+    words, else ``q = 8 kw + kl`` (``kb`` has extent 1); ``kl`` indexes the table."""
+
+    def __init__(self, row_len: int) -> None:
+        self.row_len = row_len
+        self.words = row_len % WORD_BITS == 0
+        self.lut = _sign_lut()
+        groups = row_len // WORD_BITS if self.words else row_len // 8
+        self.kw = te.reduce_axis((_i64(0), _i64(groups)), name="kw")
+        self.kb = te.reduce_axis((_i64(0), _i64(4 if self.words else 1)), name="kb")
+        self.kl = te.reduce_axis((_i64(0), _i64(8)), name="kl")
+        self.axes = [self.kw, self.kb, self.kl]
+
+    @property
+    def q(self) -> tirx.PrimExpr:
+        if self.words:
+            return self.kw * WORD_BITS + self.kb * 8 + self.kl
+        return self.kw * 8 + self.kl
+
+    def mask(self, tile: te.Tensor, row) -> tirx.PrimExpr:
+        """Sign mask of tile row ``row`` at position :attr:`q`."""
+        if self.words:
+            word = tile[row * (self.row_len // WORD_BITS) + self.kw]
+            return _lut_mask(self.lut, word, self.kb, self.kl)
+        byte = row * (self.row_len // 8) + self.kw
+        return _lut_mask(self.lut, tile[tirx.floordiv(byte, 4)], tirx.floormod(byte, 4), self.kl)
+
+
+def _linear_aligned(x, tile, alphas, bias, m: int, k: int, n: int, p: int) -> te.Tensor:
+    """``small (m, n/p) = x T^T`` once, then ``out[:, i*R + r] = alpha_i small[:, r] + b``."""
+    rows = n // p
+    dtype = x.dtype
+    if k % 8 == 0:
+        table = _RowTable(k)
+
+        def body(i, r):
+            return te.sum(_flip(x[i, table.q], table.mask(tile, r), dtype), axis=table.axes)
+    else:
+        kk = te.reduce_axis((_i64(0), _i64(k)), name="k")
+
+        def body(i, r):
+            return te.sum(_flip(x[i, kk], _bit_mask(tile, r * k + kk), dtype), axis=kk)
+
+    small = te.compute(_shape((m, rows)), body, name="small")
+    return te.compute(
+        _shape((m, n)),
+        lambda i, j: _add_bias(
+            alphas[tirx.floordiv(j, rows)] * small[i, tirx.floormod(j, rows)], bias, j
+        ),
+        name="out",
+    )
+
+
+def _linear_in_out_aligned(x, tile, alphas, bias, m: int, k: int, n: int, p: int) -> te.Tensor:
+    """``xs (m, in/p) = sum_i alpha_i x[:, chunk_i]``; ``out = xs @ T + b``, ``T (in/p, out)``."""
+    rows = k // p
+    dtype = x.dtype
+    ip = te.reduce_axis((_i64(0), _i64(p)), name="ip")
+    xs = te.compute(
+        _shape((m, rows)),
+        lambda i, j: te.sum(alphas[ip] * x[i, ip * rows + j], axis=ip),
+        name="xs",
+    )
+    jr = te.reduce_axis((_i64(0), _i64(rows)), name="j")
+    if n % WORD_BITS == 0:
+        # small[i, ow, ob, ol] is output column 32*ow + 8*ob + ol: masks from the table.
+        lut = _sign_lut()
+        words_per_row = n // WORD_BITS
+        small = te.compute(
+            _shape((m, words_per_row, 4, 8)),
+            lambda i, ow, ob, ol: te.sum(
+                _flip(xs[i, jr], _lut_mask(lut, tile[jr * words_per_row + ow], ob, ol), dtype),
+                axis=jr,
+            ),
+            name="small",
+        )
+
+        def value(i, o):
+            q = tirx.floormod(o, WORD_BITS)
+            return small[i, tirx.floordiv(o, WORD_BITS), tirx.floordiv(q, 8), tirx.floormod(q, 8)]
+    else:
+        small = te.compute(
+            _shape((m, n)),
+            lambda i, o: te.sum(_flip(xs[i, jr], _bit_mask(tile, jr * n + o), dtype), axis=jr),
+            name="small",
+        )
+
+        def value(i, o):
+            return small[i, o]
+
+    return te.compute(_shape((m, n)), lambda i, o: _add_bias(value(i, o), bias, o), name="out")
+
+
+def _general_weight(tile, alphas, row_start, within, length: int, row_len: int,
+                    p: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """``(alpha, sign mask)`` of flat weight ``row_start + within`` (``within < row_len``).
+
+    When a chunk holds at least a row (``L >= row_len``) a row meets at most two chunks:
+    the divisions by ``L`` only involve ``row_start`` (hoisted out of the inner loop)
+    and the wrap into the next chunk is a compare and select."""
+    if length < row_len:
+        flat = row_start + within
+        return alphas[tirx.floordiv(flat, length)], _bit_mask(tile, tirx.floormod(flat, length))
+    j = tirx.floormod(row_start, length) + within
+    chunk = tirx.floordiv(row_start, length)
+    wrap = j >= length
+    nxt = alphas[tirx.min(chunk + 1, p - 1)]
+    alpha = tirx.Select(wrap, nxt, alphas[chunk])
+    return alpha, _bit_mask(tile, tirx.Select(wrap, j - length, j))
+
+
+def _linear_general(x, tile, alphas, bias, m: int, k: int, n: int, length: int,
+                    weight_in_out: bool) -> te.Tensor:
+    """Modulo-indexed: weight element ``e`` is ``alpha[e // L] * sign(bit e % L)``.
+
+    When stored rows are whole words and a chunk holds at least a row (and a word),
+    each 32 weights of a row come from one realigned word (two tile words, funnel
+    shift, wrap into the next chunk) and table masks, as in the aligned kernels."""
+    p = k * n // length
+    row_len = n if weight_in_out else k
+    if row_len % WORD_BITS == 0 and length >= max(row_len, WORD_BITS):
+        if weight_in_out:
+            return _linear_general_in_out_words(x, tile, alphas, bias, m, k, n, length, p)
+        return _linear_general_words(x, tile, alphas, bias, m, k, n, length, p)
+    dtype = x.dtype
+    kk = te.reduce_axis((_i64(0), _i64(k)), name="k")
+
+    def body(i, j):
+        if weight_in_out:  # stored row kk, column j
+            alpha, mask = _general_weight(tile, alphas, kk * n, j, length, n, p)
+        else:  # stored row j, column kk
+            alpha, mask = _general_weight(tile, alphas, j * k, kk, length, k, p)
+        return te.sum(alpha * _flip(x[i, kk], mask, dtype), axis=kk)
+
+    return _with_bias(te.compute(_shape((m, n)), body, name="acc" if bias is not None else "out"),
+                      bias)
+
+
+def _with_bias(acc: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
+    if bias is None:
+        return acc
+    return te.compute(acc.shape, lambda i, j: acc[i, j] + bias[j], name="out")
+
+
+def _realigned_word(tile: te.Tensor, row_start, q0, length: int) -> tirx.PrimExpr:
+    """uint32 whose bit ``b`` is the tile bit of flat weight ``row_start + q0 + b``.
+
+    Needs ``L >= 32`` (at most one wrap to the tile start inside a word)."""
+    u32 = "uint32"
+    j = tirx.floormod(row_start, length) + q0
+    j0 = tirx.Select(j >= length, j - length, j)
+    wi = tirx.floordiv(j0, WORD_BITS)
+    sh = tirx.floormod(j0, WORD_BITS).astype(u32)
+    last = n_words(length) - 1
+    lo = tile[wi] >> sh
+    hi = (tile[tirx.min(wi + 1, last)] << _u32(1)) << (_u32(31) - sh)
+    word = lo | hi
+    rem = length - j0  # bits of this word before the wrap
+    safe = tirx.max(tirx.min(rem, WORD_BITS - 1), 0).astype(u32)  # bounds stay >= 0
+    wrapped = (word & ((_u32(1) << safe) - _u32(1))) | (tile[0] << safe)
+    return tirx.Select(rem < WORD_BITS, wrapped, word)
+
+
+def _row_alpha(alphas, row_start, q, length: int, p: int) -> tirx.PrimExpr:
+    """Alpha of flat weight ``row_start + q`` when a row meets at most two chunks."""
+    chunk = tirx.floordiv(row_start, length)
+    nxt = alphas[tirx.min(chunk + 1, p - 1)]
+    return tirx.Select(tirx.floormod(row_start, length) + q >= length, nxt, alphas[chunk])
+
+
+def _linear_general_words(x, tile, alphas, bias, m: int, k: int, n: int, length: int,
+                          p: int) -> te.Tensor:
+    """``(out, in)`` weight, ``in % 32 == 0``: reduction split ``(word, byte, bit)``."""
+    dtype = x.dtype
+    lut = _sign_lut()
+    kw = te.reduce_axis((_i64(0), _i64(k // WORD_BITS)), name="kw")
+    kb = te.reduce_axis((_i64(0), _i64(4)), name="kb")
+    kl = te.reduce_axis((_i64(0), _i64(8)), name="kl")
+
+    def body(i, j):
+        q = kw * WORD_BITS + kb * 8 + kl
+        word = _realigned_word(tile, j * k, kw * WORD_BITS, length)
+        term = _flip(x[i, q], _lut_mask(lut, word, kb, kl), dtype)
+        return te.sum(_row_alpha(alphas, j * k, q, length, p) * term, axis=[kw, kb, kl])
+
+    name = "acc" if bias is not None else "out"
+    return _with_bias(te.compute(_shape((m, n)), body, name=name), bias)
+
+
+def _linear_general_in_out_words(x, tile, alphas, bias, m: int, k: int, n: int, length: int,
+                                 p: int) -> te.Tensor:
+    """``(in, out)`` weight, ``out % 32 == 0``: ``small[i, ow, ob, ol]`` is column
+    ``32 ow + 8 ob + ol``, one realigned word per (stored row, ``ow``)."""
+    dtype = x.dtype
+    lut = _sign_lut()
+    words_per_row = n // WORD_BITS
+    kk = te.reduce_axis((_i64(0), _i64(k)), name="k")
+
+    def body(i, ow, ob, ol):
+        q = ow * WORD_BITS + ob * 8 + ol
+        word = _realigned_word(tile, kk * n, ow * WORD_BITS, length)
+        term = _flip(x[i, kk], _lut_mask(lut, word, ob, ol), dtype)
+        return te.sum(_row_alpha(alphas, kk * n, q, length, p) * term, axis=kk)
+
+    small = te.compute(_shape((m, words_per_row, 4, 8)), body, name="small")
+
+    def out(i, o):
+        r = tirx.floormod(o, WORD_BITS)
+        v = small[i, tirx.floordiv(o, WORD_BITS), tirx.floordiv(r, 8), tirx.floormod(r, 8)]
+        return _add_bias(v, bias, o)
+
+    return te.compute(_shape((m, n)), out, name="out")
+
+
+# --------------------------------------------------------------------------- conv
+
+
+def _as_tuple(v: int | Sequence[int], nd: int) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * nd
+    v = tuple(int(t) for t in v)
+    return v * nd if len(v) == 1 else v
+
+
+def _pad(x: te.Tensor, padding: tuple[int, ...]) -> te.Tensor:
+    """Zero padding of the spatial dims of ``x (n, c, *spatial)`` (identity if no padding)."""
+    if not any(padding):
+        return x
+    dims = [int(d) for d in x.shape]
+    nd = len(padding)
+    out_shape = dims[:2] + [d + 2 * q for d, q in zip(dims[2:], padding, strict=True)]
+    zero = tirx.const(0, x.dtype)
+
+    def body(*idx):
+        conds = []
+        src = list(idx[:2])
+        for a in range(nd):
+            v, q, d = idx[2 + a], padding[a], dims[2 + a]
+            if q:
+                conds += [v >= q, v < d + q]
+            src.append(v - q)
+        return tirx.if_then_else(tirx.all(*conds), x[tuple(src)], zero)
+
+    return te.compute(_shape(out_shape), body, name="xpad")
+
+
+def tiled_conv_primfunc(
+    x_shape: tuple[int, ...],
+    weight_shape: tuple[int, ...],
+    stride: int | Sequence[int],
+    padding: int | Sequence[int],
+    dilation: int | Sequence[int],
+    groups: int,
+    p: int,
+    has_bias: bool,
+    dtype: str = "float32",
+) -> tirx.PrimFunc:
+    """Tiled ``conv1d`` / ``conv2d`` (same semantics as ``F.conv{1,2}d``).
+
+    Buffers: ``x (n, c, [h,] w) dtype``, ``tile (ceil(L/32),) uint32``,
+    ``alphas (p,) dtype``, ``[bias (cout,) dtype]``, ``out (n, cout, [oh,] ow) dtype``,
+    with ``weight_shape = (cout, c / groups, [kh,] kw)`` and symmetric integer padding.
+    """
+    nd = len(weight_shape) - 2
+    if nd not in (1, 2) or len(x_shape) != nd + 2:
+        raise ValueError(f"conv needs x {nd + 2}-D and weight 3-D/4-D, got {x_shape}, {weight_shape}")
+    stride, padding, dilation = (_as_tuple(v, nd) for v in (stride, padding, dilation))
+    cout, cg, *ksize = (int(d) for d in weight_shape)
+    batch, cin, *in_sp = (int(d) for d in x_shape)
+    if cin != cg * groups or cout % groups:
+        raise ValueError(f"x channels {cin} do not match weight {weight_shape} with groups={groups}")
+    numel = cout * cg
+    for d in ksize:
+        numel *= d
+    length = _check(numel, p)
+    out_sp = [
+        (in_sp[a] + 2 * padding[a] - dilation[a] * (ksize[a] - 1) - 1) // stride[a] + 1
+        for a in range(nd)
+    ]
+    if any(d <= 0 for d in out_sp):
+        raise ValueError(f"conv output would be empty: {out_sp}")
+    x, tile, alphas, bias = _inputs(x_shape, length, p, cout, has_bias, dtype)
+    xp = _pad(x, padding)
+    geom = _ConvGeom(cg, tuple(ksize), stride, dilation)
+    aligned = groups == 1 and is_aligned(numel, p, numel // cout)
+    out_shape = [batch, cout, *out_sp]
+    if aligned:
+        out = _conv_aligned(xp, tile, alphas, bias, geom, out_shape, p)
+        kind = "conv_aligned"
+    else:
+        out = _conv_general(xp, tile, alphas, bias, geom, out_shape, groups, length)
+        kind = "conv_general"
+    meta = {"nd": nd, "p": p, "groups": groups}
+    args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
+    return _finish(args, kind, meta)
+
+
+class _ConvGeom:
+    """Filter geometry: channels per group, kernel size, stride, dilation."""
+
+    def __init__(self, cg: int, ksize: tuple[int, ...], stride: tuple[int, ...],
+                 dilation: tuple[int, ...]) -> None:
+        self.cg, self.ksize, self.stride, self.dilation = cg, ksize, stride, dilation
+
+    def reduce_axes(self) -> tuple[te.IterVar, list[te.IterVar]]:
+        rc = te.reduce_axis((_i64(0), _i64(self.cg)), name="rc")
+        taps = [te.reduce_axis((_i64(0), _i64(k)), name=f"r{a}") for a, k in enumerate(self.ksize)]
+        return rc, taps
+
+    def flat(self, filt, rc, taps) -> tirx.PrimExpr:
+        """Flat weight index of ``(filt, rc, *taps)`` in the ``(cout, cg, *k)`` layout."""
+        e = filt * self.cg + rc
+        for t, k in zip(taps, self.ksize, strict=True):
+            e = e * k + t
+        return e
+
+    def src(self, sp: Sequence, taps: Sequence) -> list:
+        return [o * s + t * d for o, t, s, d in zip(sp, taps, self.stride, self.dilation, strict=True)]
+
+
+def _conv_aligned(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int],
+                  p: int) -> te.Tensor:
+    """``small``: the ``cout/p`` binary filters once; ``out = alpha * small + b``.
+
+    When a filter has a multiple of 8 weights the product is a tiled linear over
+    im2col ``patches (n * prod(out_sp), cg * prod(k))`` (table-driven, like
+    ``linear_aligned``); otherwise a direct conv ``small (n, cout/p, *out_sp)``.
+    """
+    dtype = xp.dtype
+    filters = out_shape[1] // p
+    row = geom.cg
+    for k in geom.ksize:
+        row *= k
+    if row % 8 == 0:
+        return _conv_aligned_im2col(xp, tile, alphas, bias, geom, out_shape, filters, row)
+    rc, taps = geom.reduce_axes()
+
+    def body(b, f, *sp):
+        xv = xp[(b, rc, *geom.src(sp, taps))]
+        return te.sum(_flip(xv, _bit_mask(tile, geom.flat(f, rc, taps)), dtype), axis=[rc, *taps])
+
+    small = te.compute(_shape([out_shape[0], filters, *out_shape[2:]]), body, name="small")
+
+    def out(b, co, *sp):
+        v = alphas[tirx.floordiv(co, filters)] * small[(b, tirx.floormod(co, filters), *sp)]
+        return _add_bias(v, bias, co)
+
+    return te.compute(_shape(out_shape), out, name="out")
+
+
+def _unflatten(index, dims: Sequence[int]) -> list:
+    """Row-major multi-index of a flat ``index`` into ``dims``."""
+    idx = []
+    for d in reversed(dims[1:]):
+        idx.append(tirx.floormod(index, d))
+        index = tirx.floordiv(index, d)
+    return [index, *reversed(idx)]
+
+
+def _im2col(xp, geom: _ConvGeom, out_shape: list[int], groups: int) -> te.Tensor:
+    """``patches (n * prod(out_sp), groups * cg * prod(k))``: row ``i`` is output position
+    ``i`` (batch-major), column ``g * R + t`` is tap ``t`` of group ``g`` (``R = cg*prod(k)``)."""
+    out_sp = out_shape[2:]
+    positions = out_shape[0]
+    for d in out_sp:
+        positions *= d
+
+    def patch(i, t):
+        b, *sp = _unflatten(i, [out_shape[0], *out_sp])
+        c, *taps = _unflatten(t, [groups * geom.cg, *geom.ksize])
+        return xp[(b, c, *geom.src(sp, taps))]
+
+    cols = groups * geom.cg
+    for k in geom.ksize:
+        cols *= k
+    return te.compute(_shape((positions, cols)), patch, name="patches",
+                      attrs={"tbn_row_dims": [groups * geom.cg, *geom.ksize]})
+
+
+def _positions_to_nchw(small: te.Tensor, out_shape: list[int], value) -> te.Tensor:
+    """``out (n, cout, *sp)`` from ``small (positions, ...)`` via ``value(small, i, co)``."""
+    out_sp = out_shape[2:]
+
+    def out(b, co, *sp):
+        i = b
+        for v, d in zip(sp, out_sp, strict=True):
+            i = i * d + v
+        return value(small, i, co)
+
+    return te.compute(_shape(out_shape), out, name="out")
+
+
+def _lut_axes(words: int) -> tuple[te.IterVar, te.IterVar, te.IterVar]:
+    return (te.reduce_axis((_i64(0), _i64(words)), name="kw"),
+            te.reduce_axis((_i64(0), _i64(4)), name="kb"),
+            te.reduce_axis((_i64(0), _i64(8)), name="kl"))
+
+
+def _conv_aligned_im2col(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int],
+                         filters: int, row: int) -> te.Tensor:
+    dtype = xp.dtype
+    patches = _im2col(xp, geom, out_shape, 1)
+    table = _RowTable(row)
+
+    def body(i, f):
+        xv = patches[i, table.q]
+        return te.sum(_flip(xv, table.mask(tile, f), dtype), axis=table.axes)
+
+    small = te.compute(_shape((int(patches.shape[0]), filters)), body, name="small")
+
+    def value(sm, i, co):
+        v = alphas[tirx.floordiv(co, filters)] * sm[i, tirx.floormod(co, filters)]
+        return _add_bias(v, bias, co)
+
+    return _positions_to_nchw(small, out_shape, value)
+
+
+def _conv_general_im2col(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int],
+                         groups: int, row: int, length: int, p: int) -> te.Tensor:
+    """General conv with ``row % 32 == 0`` and ``L >= row``: realigned words over im2col."""
+    dtype = xp.dtype
+    patches = _im2col(xp, geom, out_shape, groups)
+    lut = _sign_lut()
+    per_group = out_shape[1] // groups
+    kw, kb, kl = _lut_axes(row // WORD_BITS)
+
+    def body(i, co):
+        q = kw * WORD_BITS + kb * 8 + kl
+        word = _realigned_word(tile, co * row, kw * WORD_BITS, length)
+        xv = patches[i, tirx.floordiv(co, per_group) * row + q]
+        term = _flip(xv, _lut_mask(lut, word, kb, kl), dtype)
+        return te.sum(_row_alpha(alphas, co * row, q, length, p) * term, axis=[kw, kb, kl])
+
+    small = te.compute(_shape((int(patches.shape[0]), out_shape[1])), body, name="small")
+    return _positions_to_nchw(small, out_shape, lambda sm, i, co: _add_bias(sm[i, co], bias, co))
+
+
+def _conv_general(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int], groups: int,
+                  length: int) -> te.Tensor:
+    """Modulo-indexed conv (grouped or unaligned)."""
+    dtype = xp.dtype
+    per_group = out_shape[1] // groups
+    row_len = geom.cg
+    for k in geom.ksize:
+        row_len *= k
+    p = out_shape[1] * row_len // length
+    if row_len % WORD_BITS == 0 and length >= max(row_len, WORD_BITS):
+        return _conv_general_im2col(xp, tile, alphas, bias, geom, out_shape, groups, row_len,
+                                    length, p)
+    rc, taps = geom.reduce_axes()
+
+    def body(b, co, *sp):
+        alpha, mask = _general_weight(tile, alphas, co * row_len, geom.flat(0, rc, taps),
+                                      length, row_len, p)
+        ch = tirx.floordiv(co, per_group) * geom.cg + rc
+        xv = xp[(b, ch, *geom.src(sp, taps))]
+        return te.sum(alpha * _flip(xv, mask, dtype), axis=[rc, *taps])
+
+    if bias is None:
+        return te.compute(_shape(out_shape), body, name="out")
+    acc = te.compute(_shape(out_shape), body, name="acc")
+    return te.compute(
+        _shape(out_shape), lambda b, co, *sp: acc[(b, co, *sp)] + bias[co], name="out"
+    )
+
