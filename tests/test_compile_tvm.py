@@ -13,16 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 pytest.importorskip("tvm")
 
-from tbn_compiler import ops, tiling  # noqa: E402
+from models import zoo  # noqa: E402
+
 from tbn_compiler.backends.artifact import ArtifactError, InputError, load  # noqa: E402
 from tbn_compiler.backends.build import compile as tbn_compile  # noqa: E402
 from tbn_compiler.backends.relax_import import UnsupportedOpError  # noqa: E402
 from tbn_compiler.config import TBNConfig  # noqa: E402
+from tbn_compiler.inspect import inspect  # noqa: E402
 from tbn_compiler.passes import rewrite  # noqa: E402
 
 pytestmark = pytest.mark.tvm
@@ -33,174 +34,30 @@ HAS_GPU = torch.cuda.is_available()
 
 # --------------------------------------------------------------------------- models
 
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(32, 64)  # p=4: aligned (L = 512 = 16 rows of 32)
-        self.fc2 = nn.Linear(64, 10)  # p=4: L = 160, rows of 64: unaligned
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-class ResCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.conv3 = nn.Conv2d(8, 6, 3, stride=2)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x):
-        h = torch.relu(self.bn1(self.conv1(x)))
-        h = torch.relu(self.bn2(self.conv2(h)) + h)
-        h = self.conv3(h)
-        return self.fc(h.mean(dim=(2, 3)))
-
-
-class GroupedCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.grouped = nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=2)
-        self.pw = nn.Conv2d(16, 12, 1)
-
-    def forward(self, x):
-        return self.pw(F.relu(self.grouped(F.relu(self.dw(x)))))
-
-
-class Conv1dNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv1d(4, 8, 5, padding=2)
-        self.c2 = nn.Conv1d(8, 6, 3, stride=2)
-
-    def forward(self, x):
-        return self.c2(torch.tanh(self.c1(x)))
-
-
-class FunctionalLinear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(24, 16) * 0.2)
-        self.b = nn.Parameter(torch.randn(24) * 0.1)
-
-    def forward(self, x):
-        return F.linear(x, self.w, self.b).sigmoid()
-
-
-class Tied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(16, 16)
-        self.b = nn.Linear(16, 16, bias=False)
-        self.b.weight = self.a.weight
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
-class GPT2Conv1D(nn.Module):
-    """GPT-2's Conv1D: weight stored (in, out), applied with addmm."""
-
-    def __init__(self, nx: int, nf: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-        self.nf = nf
-
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.nf,)
-        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-        return x.view(size_out)
-
-
-class GPT2MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c_fc = GPT2Conv1D(16, 48)  # p=4: in % p == 0, aligned
-        self.c_proj = GPT2Conv1D(48, 20)  # p=5: L = 192, rows of 20: unaligned
-
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x)))
-
-
-def _transformer() -> nn.Module:
-    layer = nn.TransformerEncoderLayer(
-        d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True
-    )
-    return nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
-
-
+# The foundation test models (tests/models.py), each with a config that leaves at
+# least one layer unaligned where the model allows it.
 CASES = {
-    "mlp": (MLP, lambda: (torch.randn(4, 32),), TBNConfig(p=4, min_numel=0)),
-    "res_cnn": (
-        ResCNN,
-        lambda: (torch.randn(2, 3, 8, 8),),
-        TBNConfig(p=4, min_numel=0, layers={"conv3": 8}),
-    ),
-    "grouped_cnn": (GroupedCNN, lambda: (torch.randn(1, 8, 6, 6),), TBNConfig(p=2, min_numel=0)),
-    "conv1d": (
-        Conv1dNet,
-        lambda: (torch.randn(2, 4, 16),),
-        TBNConfig(p=2, min_numel=0, layers={"c2": 4}),
-    ),
-    "transformer": (_transformer, lambda: (torch.randn(2, 5, 16),), TBNConfig(p=4, min_numel=0)),
-    "functional": (FunctionalLinear, lambda: (torch.randn(3, 16),), TBNConfig(p=4, min_numel=0)),
-    "tied": (Tied, lambda: (torch.randn(2, 3, 16),), TBNConfig(p=4, min_numel=0)),
-    "gpt2_mlp": (
-        GPT2MLP,
-        lambda: (torch.randn(2, 3, 16),),
-        TBNConfig(p=4, min_numel=0, layers={"c_proj": 5}),
-    ),
+    "mlp": TBNConfig(p=4, min_numel=0),  # layers.2 (10x32) unaligned
+    "res_cnn": TBNConfig(p=2, min_numel=0, layers={"fc": 4}),  # fc unaligned
+    "grouped_cnn": TBNConfig(p=2, min_numel=0),
+    "conv1d": TBNConfig(p=2, min_numel=0),  # fc (3x8) unaligned
+    "transformer": TBNConfig(p=4, min_numel=0),
+    "functional": TBNConfig(p=4, min_numel=0),
+    "tied": TBNConfig(p=4, min_numel=0),
+    "gpt2_mlp": TBNConfig(p=2, min_numel=0, layers={"c_attn": 3}),  # c_attn unaligned
 }
+_ZOO_NAMES = {"res_cnn": "cnn", "grouped_cnn": "grouped", "gpt2_mlp": "gpt2"}
 
 
 def _build(name: str):
-    factory, make_inputs, cfg = CASES[name]
-    torch.manual_seed(0)
-    model = factory().eval()
-    for mod in model.modules():  # non-trivial BN statistics
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 1.5)
-    return model, make_inputs(), cfg
-
-
-def _fetch(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
-    if node.op == "get_attr":
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
-        return obj
-    return node.meta["val"]
+    model, inputs = zoo()[_ZOO_NAMES.get(name, name)]
+    return model, inputs, CASES[name]
 
 
 def _alignment(gm: torch.fx.GraphModule) -> list[bool]:
-    """Aligned-ness of each tile op call in ``gm`` (computed from its arguments)."""
-    out = []
-    for node in gm.graph.nodes:
-        name = ops.tile_op_name(node.target)
-        if name is None:
-            continue
-        p = _fetch(gm, node.args[2]).numel()
-        if name == "tiled_linear":
-            out_f, in_f = node.args[4], node.args[5]
-            w_in_out = (
-                node.args[6] if len(node.args) > 6 else node.kwargs.get("weight_in_out", False)
-            )
-            row = out_f if w_in_out else in_f
-            out.append(tiling.is_aligned(out_f * in_f, p, row))
-        else:
-            shape, groups = node.args[4], node.args[8]
-            numel = 1
-            for d in shape:
-                numel *= d
-            out.append(groups == 1 and tiling.is_aligned(numel, p, numel // shape[0]))
-    return out
+    """Aligned-ness of each tiled layer in ``gm`` (grouped convs count as unaligned:
+    they have no shared product)."""
+    return [r["aligned"] for r in inspect(gm).to_dict()["layers"] if r["status"] == "tiled"]
 
 
 def _assert_close(got, ref) -> None:
@@ -263,14 +120,14 @@ def test_input_errors() -> None:
     (x,) = inputs
     with pytest.raises(InputError, match=r"expected 1 inputs"):
         cm(x, x)
-    with pytest.raises(InputError, match=r"input 'x'.*shape \(4, 32\).*\(5, 32\)"):
-        cm(torch.randn(5, 32))
+    with pytest.raises(InputError, match=r"input 'x'.*shape \(4, 64\).*\(5, 64\)"):
+        cm(torch.randn(5, 64))
     with pytest.raises(InputError, match=r"input 'x'.*dtype float32.*float64"):
         cm(x.double())
     with pytest.raises(InputError, match=r"expected a torch.Tensor"):
         cm(x.numpy())
     # non-contiguous and requires-grad inputs are accepted
-    xt = torch.randn(32, 4).t().requires_grad_()
+    xt = torch.randn(64, 4).t().requires_grad_()
     with torch.no_grad():
         ref = rewrite(model, inputs, cfg)(xt)
     _assert_close(cm(xt), ref)

@@ -261,10 +261,16 @@ def _check_supported(ep: torch.export.ExportedProgram, convert_map: dict) -> Non
 def export_graph(
     gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` with static shapes, decomposed to core ATen (tile ops kept)."""
+    """``torch.export`` with static shapes, decomposed to core ATen (tile ops kept).
+
+    ``scaled_dot_product_attention`` is kept whole: TVM imports it directly, and its
+    decomposition gives fake strides on which a following ``transpose/reshape/view``
+    chain (GPT-2 attention) fails to retrace."""
     try:
         ep = torch.export.export(gm, tuple(example_inputs))
-        return ep.run_decompositions()
+        table = torch.export.default_decompositions()
+        table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
+        return ep.run_decompositions(table)
     except Exception as exc:
         raise ImportError_(
             f"torch.export failed on the rewritten graph: {type(exc).__name__}: {exc}"
