@@ -24,6 +24,7 @@ import torch
 import tvm
 from tvm import relax, tirx
 
+from ..inspect import inspect
 from ..targets import TargetSpec, resolve_target
 from . import schedules
 from .artifact import CompiledModule
@@ -128,17 +129,6 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return inputs
 
 
-def _report(gm: torch.fx.GraphModule) -> Any:
-    try:
-        from ..inspect import inspect as inspect_graph
-    except ImportError:
-        return None
-    try:
-        return inspect_graph(gm)
-    except Exception as exc:  # a report must never break a build
-        return f"(no report: {type(exc).__name__}: {exc})"
-
-
 def compile_graph(
     gm: torch.nn.Module,
     example_inputs: Any,
@@ -146,13 +136,21 @@ def compile_graph(
     tune: Tuning | None = None,
     report: Any = None,
 ) -> CompiledModule:
-    """Compile an already rewritten graph (tile ops in place) for ``target``."""
+    """Compile an already rewritten graph (tile ops in place) for ``target``:
+    "llvm", "cuda[:sm_XX]", a ``tvm.target.Target``, or a Cortex-M board/CPU preset
+    (which gives a :class:`~.cortex_m.CortexMModule` instead)."""
     inputs = _as_inputs(example_inputs)
     spec = native_spec(resolve_target(target))
+    if spec.kind == "cortex-m":
+        if tune is not None:
+            raise ValueError(f"tuning is not available for Cortex-M targets ({spec.name!r})")
+        from .cortex_m import compile_graph_cortex_m
+
+        return compile_graph_cortex_m(gm, inputs, spec, report=report)
     if spec.kind not in ("llvm", "cuda"):
         raise ValueError(
             f"target {spec.name!r} (kind {spec.kind!r}) is not built by this backend; "
-            "use 'llvm' or 'cuda'"
+            "use 'llvm', 'cuda' or a Cortex-M preset"
         )
     imported: ImportResult = import_graph(gm, inputs)
     tvm_target = make_tvm_target(spec)
@@ -184,4 +182,4 @@ def compile(  # noqa: A001 - the public name is part of the API
 
     inputs = _as_inputs(example_inputs)
     gm = rewrite(model, inputs, config or TBNConfig())
-    return compile_graph(gm, inputs, target, tune, report=_report(gm))
+    return compile_graph(gm, inputs, target, tune, report=inspect(gm))

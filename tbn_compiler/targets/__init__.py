@@ -4,6 +4,7 @@
 returns a :class:`TargetSpec`; backends turn its dicts into ``tvm.target.Target`` objects.
 """
 
+from . import boards  # noqa: E402, F401  (registers the Cortex-M presets)
 from .registry import (
     DEFAULT_CUDA_ARCH,
     BoardInfo,

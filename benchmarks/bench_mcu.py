@@ -1,0 +1,194 @@
+"""Microcontroller benchmark: TBN vs binary vs float builds through the Cortex-M backend.
+
+Run ``python benchmarks/bench_mcu.py [--board mps2-an386] [--out PATH]``. For the MNIST MLP
+(784-128-10) and a digits CNN (1x8x8 input), each compiled three ways:
+
+* ``tbn``: p=4 on the large layers (MNIST: fc1 p=4, fc2 p=1 as in the paper's MCU model;
+  CNN: layers with >= 4000 weights p=4, the rest p=1),
+* ``binary``: p=1 everywhere (one alpha per layer),
+* ``float``: nothing tiled,
+
+it reports weight bytes (and the ideal: tile bits / 8 + 4 bytes per alpha + everything else
+at its own size), library flash and RAM, and instructions per inference in QEMU
+(``-icount`` + CMSDK timer). Prints a table and writes JSON (default
+``benchmarks/results/mcu.json``). Needs arm-none-eabi-gcc, newlib and qemu-system-arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tbn_compiler as tbn  # noqa: E402
+from tbn_compiler.ops import tile_op_name  # noqa: E402
+
+
+class MnistMLP(nn.Module):
+    """784-128-10 (the paper's microcontroller model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class DigitsCNN(nn.Module):
+    """8x8 digits: conv-BN-ReLU, conv-BN-ReLU-maxpool, linear-ReLU, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def _models() -> dict[str, tuple[nn.Module, torch.Tensor, dict[str, tbn.TBNConfig]]]:
+    torch.manual_seed(0)
+    mlp = MnistMLP().eval()
+    cnn = DigitsCNN().eval()
+    for m in cnn.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    float_cfg = tbn.TBNConfig(exclude=["*"])
+    return {
+        "mnist_mlp": (mlp, torch.randn(1, 784), {
+            "tbn": tbn.TBNConfig(layers={"fc1": 4, "fc2": 1}),
+            "binary": tbn.TBNConfig(p=1),
+            "float": float_cfg,
+        }),
+        "digits_cnn": (cnn, torch.randn(1, 1, 8, 8), {
+            "tbn": tbn.TBNConfig(p=4, min_numel=4000),
+            "binary": tbn.TBNConfig(p=1),
+            "float": float_cfg,
+        }),
+    }
+
+
+def _attr(gm: nn.Module, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _tile_info(node: torch.fx.Node) -> tuple[str, int, str]:
+    """(tile attribute, weight numel, alphas attribute) of a tbn tile-op node."""
+    args = node.args
+    if tile_op_name(node.target) == "tiled_linear":
+        numel = int(args[4]) * int(args[5])
+    else:
+        numel = math.prod(int(d) for d in args[4])
+    return args[1].target, numel, args[2].target
+
+
+def ideal_weight_bytes(gm: torch.fx.GraphModule) -> int:
+    """Tile bits / 8 + 4 bytes per alpha + every other graph constant at its size."""
+    tiles: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and tile_op_name(node.target):
+            tile, numel, alphas = _tile_info(node)
+            tiles[tile] = numel // _attr(gm, alphas).numel()
+    total = 0
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in seen:
+            seen.add(node.target)
+            t = _attr(gm, node.target)
+            if isinstance(t, torch.Tensor):
+                total += tiles[node.target] / 8 if node.target in tiles else t.numel() * t.element_size()
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            for name, t in [*mod.named_parameters(), *mod.named_buffers()]:
+                if name != "num_batches_tracked":
+                    total += t.numel() * t.element_size()
+    return int(math.ceil(total))
+
+
+def run_case(model: nn.Module, x: torch.Tensor, cfg: tbn.TBNConfig, board: str) -> dict[str, Any]:
+    gm = tbn.rewrite(model, (x,), cfg)
+    with torch.no_grad():
+        ref = gm(x)
+    cm = tbn.compile(model, (x,), target=board, config=cfg)
+    try:
+        y = cm(x)
+        mem = cm.memory
+        err = float((y - ref).abs().max())
+        return {
+            "weights_bytes": mem["weights_bytes"],
+            "ideal_weights_bytes": ideal_weight_bytes(gm),
+            "code_bytes": mem["code_bytes"],
+            "flash_bytes": mem["flash_bytes"],
+            "ram_bytes": mem["ram_bytes"],
+            "arena_bytes": mem["arena_bytes"],
+            "firmware_flash_bytes": mem.get("firmware_flash_bytes"),
+            "instructions": cm.last_run["instructions"],
+            "qemu_wall_s": round(cm.last_run["wall_s"], 4),
+            "max_abs_err_vs_graph": err,
+            "parity_rtol_1e-4": bool(torch.allclose(y, ref, rtol=1e-4, atol=1e-5)),
+        }
+    finally:
+        cm.close()
+
+
+def _gcc_version() -> str:
+    out = subprocess.run(["arm-none-eabi-gcc", "--version"], capture_output=True, text=True)
+    return out.stdout.splitlines()[0] if out.returncode == 0 else "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--board", default="mps2-an386")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mcu.json"))
+    args = ap.parse_args()
+    rows, results = [], {}
+    for model_name, (model, x, configs) in _models().items():
+        results[model_name] = {}
+        for variant, cfg in configs.items():
+            r = run_case(model, x, cfg, args.board)
+            results[model_name][variant] = r
+            rows.append([model_name, variant, r["weights_bytes"], r["ideal_weights_bytes"],
+                         r["flash_bytes"], r["ram_bytes"], r["instructions"],
+                         "ok" if r["parity_rtol_1e-4"] else "FAIL"])
+        base = results[model_name]["float"]["instructions"]
+        for r in results[model_name].values():
+            r["instructions_vs_float"] = round(r["instructions"] / base, 3)
+    headers = ["model", "build", "weights B", "ideal B", "flash B", "RAM B", "instructions",
+               "parity"]
+    print(f"board {args.board} (library sizes; instructions per inference under QEMU -icount)")
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"board": args.board, "compiler": _gcc_version(), "opt": "-O2",
+            "host": platform.platform(), "torch": torch.__version__}
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

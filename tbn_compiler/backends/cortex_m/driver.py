@@ -1,0 +1,101 @@
+"""``compile_cortex_m``: model -> rewritten graph -> Relax -> TIR -> static C program.
+
+Steps: :func:`tbn_compiler.passes.rewrite` (tile ops), :func:`..relax_import.import_graph`,
+:func:`.lower.legalize` (whole graph to ``call_tir``), :func:`.aot.plan_main` (call order,
+constants, arena), :func:`.lower.lower_kernels` + :func:`.lower.kernels_c_source` (one C
+file of kernels), :mod:`.emit` (weights + entry point + header). Tile kernels get the
+single-core MCU schedule of :mod:`.schedule` (no parallel loops, no vectors); the rest
+stay unscheduled. No TVM runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import tvm
+
+from ...targets import TargetSpec, resolve_target
+from ..relax_import import import_graph
+from . import aot, emit, lower
+from .module import CortexMModule, ModelInfo
+from .schedule import schedule_mcu
+
+__all__ = ["compile_cortex_m", "compile_graph_cortex_m", "generate_sources"]
+
+
+def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _per_layer(plan: aot.Plan) -> list[dict[str, Any]]:
+    """Weight bytes of each kernel call (a constant counts at its first use)."""
+    seen: set[int] = set()
+    rows = []
+    for i, step in enumerate(plan.steps):
+        consts = [r.index for r in step.args if r.kind == "const" and r.index not in seen]
+        seen.update(consts)
+        if consts:
+            nbytes = sum(plan.constants[c].nbytes for c in consts)
+            rows.append({"step": i, "kernel": step.func, "weights_bytes": nbytes})
+    return rows
+
+
+def generate_sources(mod: tvm.IRModule, name: str, fuse: bool = True) -> tuple[dict[str, str], aot.Plan]:
+    """The four C files (``include/tbn_model.h``, ``src/tbn_kernels.{h,c}``,
+    ``src/tbn_model.c``) for an imported Relax module, and the plan behind them."""
+    mod = lower.legalize(mod, fuse=fuse)
+    draft = aot.plan_main(mod, {})
+    funcs: dict[str, Any] = {}
+    for step in draft.steps:
+        funcs.setdefault(step.kernel, schedule_mcu(mod[step.func]))
+    kernels_c = lower.kernels_c_source(lower.lower_kernels(funcs))
+    plan = aot.plan_main(mod, lower.workspace_bytes(kernels_c))
+    weights = sum(c.nbytes for c in plan.constants)
+    sources = {
+        "include/tbn_model.h": emit.model_header(plan, name, weights),
+        "src/tbn_kernels.h": emit.kernels_header(kernels_c),
+        "src/tbn_kernels.c": kernels_c,
+        "src/tbn_model.c": emit.model_source(plan, emit.kernel_prototypes(kernels_c)),
+    }
+    return sources, plan
+
+
+def compile_graph_cortex_m(
+    gm: torch.nn.Module, example_inputs: Any, target: Any, report: Any = None, fuse: bool = True
+) -> CortexMModule:
+    """Compile an already rewritten graph for a Cortex-M preset."""
+    inputs = _as_inputs(example_inputs)
+    spec: TargetSpec = resolve_target(target)
+    if spec.kind != "cortex-m" or spec.board is None:
+        raise ValueError(f"target {spec.name!r} is not a Cortex-M board or CPU preset")
+    imported = import_graph(gm, inputs)
+    if len(imported.inputs) != 1 or len(imported.outputs) != 1:
+        raise aot.AotError(
+            f"the Cortex-M backend takes one input and one output tensor, the model has "
+            f"{len(imported.inputs)} and {len(imported.outputs)}"
+        )
+    name = type(gm).__name__
+    sources, plan = generate_sources(imported.mod, name, fuse=fuse)
+    info = ModelInfo(
+        imported.inputs,
+        imported.outputs,
+        sum(c.nbytes for c in plan.constants),
+        plan.arena_bytes,
+        _per_layer(plan),
+        report,
+    )
+    return CortexMModule(spec, sources, info)
+
+
+def compile_cortex_m(
+    model: torch.nn.Module, example_inputs: Any, spec: Any, config: Any = None
+) -> CortexMModule:
+    """Rewrite ``model`` with ``config`` (default ``TBNConfig()``) and compile it for the
+    Cortex-M preset ``spec`` (a name or a :class:`TargetSpec`); same as
+    ``tbn_compiler.compile(model, example_inputs, spec, config)``."""
+    from ..build import compile as compile_model
+
+    return compile_model(model, example_inputs, spec, config)

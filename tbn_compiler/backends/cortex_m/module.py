@@ -1,0 +1,212 @@
+"""CortexMModule: the compiled static C program for one board, callable under QEMU.
+
+* ``cm.export(directory)`` writes the C project (see :mod:`.project`).
+* ``cm.memory``: sizes from the real build (``arm-none-eabi-size`` of the library objects)
+  plus the plan: ``weights_bytes``, ``code_bytes``, ``arena_bytes``, ``flash_bytes``,
+  ``ram_bytes``, ``per_layer`` (weight bytes per kernel call), board limits, and for
+  emulated boards the whole firmware image (``firmware_*``, harness included).
+* ``cm(x)``: builds the firmware once, runs it in QEMU, returns a torch tensor;
+  ``cm.last_run`` holds ``instructions``, ``ticks``, ``wall_s`` and ``machine``.
+* ``cm.retarget(board)``: the same generated C for another board (no recompilation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...targets import TargetSpec, resolve_target
+from ..relax_import import TensorSpec
+from . import qemu
+from .project import project_files
+
+__all__ = ["CortexMModule", "ModelTooLargeError", "NotEmulatedError", "check_fit"]
+
+
+class ModelTooLargeError(ValueError):
+    """The model does not fit the board's flash or RAM."""
+
+
+class NotEmulatedError(RuntimeError):
+    """``cm(x)`` on a board QEMU does not emulate (build only)."""
+
+
+def check_fit(spec: TargetSpec, flash_bytes: int, ram_bytes: int, what: str) -> None:
+    """Raise :class:`ModelTooLargeError` when the model exceeds the board's memories."""
+    board = spec.board
+    if board is None:
+        return
+    for mem, need, kib in (("flash", flash_bytes, board.flash_kib), ("RAM", ram_bytes, board.ram_kib)):
+        if kib is not None and need > kib * 1024:
+            raise ModelTooLargeError(
+                f"model does not fit board {spec.name!r}: it needs {need} bytes of {mem} "
+                f"({what}), the board has {kib * 1024} bytes ({kib} KiB) of {mem}"
+            )
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    """What the generated program computes: I/O specs, per-layer and total weight bytes."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    weights_bytes: int
+    arena_bytes: int
+    per_layer: list[dict[str, Any]]
+    report: Any = None
+
+
+class CortexMModule:
+    """A model compiled to a static C program for ``spec`` (a Cortex-M board or CPU)."""
+
+    def __init__(self, spec: TargetSpec, sources: dict[str, str], info: ModelInfo) -> None:
+        if spec.board is None:
+            raise ValueError(f"target {spec.name!r} is not a Cortex-M board or CPU preset")
+        self.spec = spec
+        self.sources = dict(sources)
+        self.info = info
+        self.files = project_files(spec.board, self.sources)
+        self.last_run: dict[str, Any] | None = None
+        self._dir: Path | None = None
+        self._built: set[str] = set()
+        self._memory: dict[str, Any] | None = None
+        check_fit(spec, info.weights_bytes, info.arena_bytes, "weights + arena, before the build")
+
+    # ------------------------------------------------------------------ project
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.info.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.info.outputs
+
+    @property
+    def report(self) -> Any:
+        return self.info.report
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the C project into ``directory`` (created); returns its path."""
+        root = Path(directory)
+        for rel, text in self.files.items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        return root
+
+    def retarget(self, target: Any) -> CortexMModule:
+        """The same generated C sources packaged for another Cortex-M preset."""
+        return CortexMModule(resolve_target(target), self.sources, self.info)
+
+    def workdir(self) -> Path:
+        """Private build directory holding the exported project (created on first use)."""
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix=f"tbn_cm_{self.spec.name}_"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+            self.export(self._dir)
+        return self._dir
+
+    def build(self, firmware: bool = False) -> Path:
+        """Build the library (and the firmware) with the project's Makefile."""
+        target = "firmware" if firmware else "lib"
+        if target not in self._built:
+            if firmware and self.spec.board.qemu_machine is None:
+                raise NotEmulatedError(self._not_emulated())
+            qemu.build(self.workdir(), (target,))
+            self._built.add(target)
+            self._memory = None
+        return self.workdir() / "build"
+
+    def close(self) -> None:
+        """Remove the private build directory."""
+        if self._dir is not None:
+            self._cleanup()
+            self._dir, self._built, self._memory = None, set(), None
+
+    # ------------------------------------------------------------------ memory
+
+    @property
+    def memory(self) -> dict[str, Any]:
+        """Sizes in bytes from the real build (see module doc); raises
+        :class:`.qemu.ToolchainError` without the Arm toolchain."""
+        if self._memory is None:
+            self._memory = self._measure()
+        return self._memory
+
+    def _measure(self) -> dict[str, Any]:
+        build = self.build(firmware=self.spec.board.qemu_machine is not None)
+        lib = qemu.section_sizes([build / "tbn_kernels.o", build / "tbn_model.o"])
+        mem: dict[str, Any] = {
+            "weights_bytes": self.info.weights_bytes,
+            "code_bytes": lib["text"],
+            "rodata_bytes": lib["rodata"],
+            "arena_bytes": self.info.arena_bytes,
+            "flash_bytes": lib["text"] + lib["rodata"] + lib["data"],
+            "ram_bytes": lib["data"] + lib["bss"],
+            "per_layer": self.info.per_layer,
+            "board_flash_bytes": _kib(self.spec.board.flash_kib),
+            "board_ram_bytes": _kib(self.spec.board.ram_kib),
+        }
+        elf = build / "firmware.elf"
+        if elf.exists():
+            fw = qemu.firmware_sizes(elf)
+            mem["firmware_flash_bytes"] = fw["text"] + fw["data"]
+            mem["firmware_ram_bytes"] = fw["data"] + fw["bss"]
+        check_fit(self.spec, mem["flash_bytes"], mem["ram_bytes"], "code + weights; arena")
+        return mem
+
+    # ------------------------------------------------------------------ run
+
+    def _not_emulated(self) -> str:
+        return (
+            f"target {self.spec.name!r} is build only (QEMU does not emulate it): use "
+            "cm.export(directory) and flash the library, or retarget to 'mps2-an386', "
+            "'mps2-an500' or 'mps2-an385' to run it"
+        )
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        """Run one inference in QEMU; ``args`` must match the example inputs' shapes."""
+        if self.spec.board.qemu_machine is None:
+            raise NotEmulatedError(self._not_emulated())
+        x = self._check_input(args)
+        self.memory  # noqa: B018  (builds the firmware and checks that the model fits)
+        build = self.build(firmware=True)
+        spec = self.info.outputs[0]
+        res = qemu.run_firmware(
+            build.parent, self.spec.board.qemu_machine, self.spec.board.cpu, x,
+            math.prod(spec.shape),
+        )
+        self.last_run = res.to_dict()
+        return torch.from_numpy(res.output.copy()).reshape(spec.shape)
+
+    def _check_input(self, args: tuple[torch.Tensor, ...]) -> np.ndarray:
+        if len(args) != len(self.inputs):
+            raise TypeError(f"expected {len(self.inputs)} input(s), got {len(args)}")
+        x, spec = args[0], self.inputs[0]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape) != spec.shape or x.dtype != torch.float32:
+            raise ValueError(
+                f"input must be float32 of shape {spec.shape} (compiled shape), "
+                f"got {x.dtype} {tuple(x.shape)}"
+            )
+        return x.detach().cpu().contiguous().numpy()
+
+    def __repr__(self) -> str:
+        return (
+            f"CortexMModule(target={self.spec.name!r}, weights={self.info.weights_bytes} B, "
+            f"arena={self.info.arena_bytes} B)"
+        )
+
+
+def _kib(kib: int | None) -> int | None:
+    return None if kib is None else kib * 1024
