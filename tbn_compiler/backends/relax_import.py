@@ -292,6 +292,36 @@ def _output_specs(ep: torch.export.ExportedProgram) -> list[TensorSpec]:
     return specs
 
 
+_MASKED_SCORE = -3.0e38  # added to attention scores where a boolean mask says "masked"
+
+
+def float_attention_masks(ep: torch.export.ExportedProgram) -> None:
+    """Give every ``scaled_dot_product_attention`` a float mask, in place: TVM's
+    converter takes only additive float masks, while PyTorch models (Hugging Face
+    GPT-2, ...) often pass boolean ones (True = attend)."""
+    graph = ep.graph_module.graph
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target is not aten.scaled_dot_product_attention.default:
+            continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if not isinstance(mask, fx.Node) or mask.meta["val"].dtype != torch.bool:
+            continue
+        val = mask.meta["val"]
+        with graph.inserting_before(node), val.fake_mode:
+            masked = graph.call_function(aten.logical_not.default, (mask,))
+            masked.meta["val"] = aten.logical_not.default(val)
+            as_float = graph.call_function(aten._to_copy.default, (masked,), {"dtype": torch.float32})
+            as_float.meta["val"] = aten._to_copy.default(masked.meta["val"], dtype=torch.float32)
+            additive = graph.call_function(aten.mul.Tensor, (as_float, _MASKED_SCORE))
+            additive.meta["val"] = aten.mul.Tensor(as_float.meta["val"], _MASKED_SCORE)
+        if len(node.args) > 3:
+            node.args = (*node.args[:3], additive, *node.args[4:])
+        else:
+            node.kwargs = {**node.kwargs, "attn_mask": additive}
+    ep.graph_module.recompile()
+
+
 def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> ImportResult:
     """Relax module for ``gm`` at the shapes of ``example_inputs`` (see module docstring)."""
     inputs = list(example_inputs)
@@ -299,6 +329,7 @@ def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) ->
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"example input {i} must be a torch.Tensor, got {type(t).__name__}")
     ep = export_graph(gm, inputs)
+    float_attention_masks(ep)
     importer = _Importer()
     _check_supported(ep, {**importer.convert_map, **CONVERTERS})
     try:
