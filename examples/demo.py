@@ -125,7 +125,33 @@ def compiled_accuracies(qat: nn.Module, cfg: tbn.TBNConfig, x: torch.Tensor, y: 
     out = logits(cm, x, batch)
     print(f"compiled for llvm in {time.perf_counter() - t0:.1f} s; "
           f"max |llvm - graph| = {(out - reference).abs().max():.2e}")
-    return {"llvm": accuracy(out, y)}
+    results = {"llvm": accuracy(out, y)}
+    results.update(cortex_m_accuracy(qat, cfg, x, y, reference))
+    return results
+
+
+def cortex_m_accuracy(qat: nn.Module, cfg: tbn.TBNConfig, x: torch.Tensor, y: torch.Tensor,
+                      reference: torch.Tensor, board: str = "mps2-an386") -> dict:
+    """Accuracy of the model built as a static C program and run in QEMU (batches of 4),
+    when the Arm toolchain and QEMU are installed."""
+    from tbn_compiler.backends.cortex_m import ToolchainError, require_toolchain
+
+    try:
+        require_toolchain(qemu=True)
+    except ToolchainError as e:
+        print(f"(Cortex-M run skipped: {e})")
+        return {}
+    batch = 4
+    t0 = time.perf_counter()
+    cm = tbn.compile(qat, (x[:batch],), target=board, config=cfg)
+    out = logits(cm, x, batch)
+    mem = cm.memory
+    print(f"{board}: built and ran {len(x)} images in QEMU in {time.perf_counter() - t0:.1f} s; "
+          f"max |mcu - graph| = {(out - reference).abs().max():.2e}; "
+          f"{cm.last_run['instructions']:,} instructions per batch of {batch}; "
+          f"weights {mem['weights_bytes']:,} B, flash {mem['flash_bytes']:,} B, "
+          f"RAM {mem['ram_bytes']:,} B")
+    return {board: accuracy(out, y)}
 
 
 if __name__ == "__main__":
