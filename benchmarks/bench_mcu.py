@@ -27,44 +27,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tbn_compiler as tbn  # noqa: E402
-from tbn_compiler.ops import tile_op_name  # noqa: E402
 
-
-class MnistMLP(nn.Module):
-    """784-128-10 (the paper's microcontroller model)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(784, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x)))
-
-
-class DigitsCNN(nn.Module):
-    """8x8 digits: conv-BN-ReLU, conv-BN-ReLU-maxpool, linear-ReLU, linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(32)
-        self.fc1 = nn.Linear(32 * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "examples"))
+from demo import DigitsCNN  # noqa: E402  (the demo's model)
+from models import MnistMLP  # noqa: E402  (the test zoo's copy of the paper's model)
 
 
 def _models() -> dict[str, tuple[nn.Module, torch.Tensor, dict[str, tbn.TBNConfig]]]:
@@ -83,51 +56,19 @@ def _models() -> dict[str, tuple[nn.Module, torch.Tensor, dict[str, tbn.TBNConfi
             "float": float_cfg,
         }),
         "digits_cnn": (cnn, torch.randn(1, 1, 8, 8), {
-            "tbn": tbn.TBNConfig(p=4, min_numel=4000),
+            "tbn": tbn.TBNConfig(p=4, min_numel=10_000),  # as in the demo
             "binary": tbn.TBNConfig(p=1),
             "float": float_cfg,
         }),
     }
 
 
-def _attr(gm: nn.Module, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _tile_info(node: torch.fx.Node) -> tuple[str, int, str]:
-    """(tile attribute, weight numel, alphas attribute) of a tbn tile-op node."""
-    args = node.args
-    if tile_op_name(node.target) == "tiled_linear":
-        numel = int(args[4]) * int(args[5])
-    else:
-        numel = math.prod(int(d) for d in args[4])
-    return args[1].target, numel, args[2].target
-
-
 def ideal_weight_bytes(gm: torch.fx.GraphModule) -> int:
-    """Tile bits / 8 + 4 bytes per alpha + every other graph constant at its size."""
-    tiles: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and tile_op_name(node.target):
-            tile, numel, alphas = _tile_info(node)
-            tiles[tile] = numel // _attr(gm, alphas).numel()
-    total = 0
-    seen: set[str] = set()
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target not in seen:
-            seen.add(node.target)
-            t = _attr(gm, node.target)
-            if isinstance(t, torch.Tensor):
-                total += tiles[node.target] / 8 if node.target in tiles else t.numel() * t.element_size()
-        elif node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            for name, t in [*mod.named_parameters(), *mod.named_buffers()]:
-                if name != "num_batches_tracked":
-                    total += t.numel() * t.element_size()
-    return int(math.ceil(total))
+    """Tile bits / 8 + 4 bytes per alpha + every other constant of the graph at its size."""
+    tile_bits = sum(r.numel // r.p for r in tbn.inspect(gm).layers if r.status == "tiled")
+    other = sum(t.numel() * t.element_size() for k, t in gm.state_dict().items()
+                if t.dtype != torch.uint32 and not k.endswith("num_batches_tracked"))
+    return math.ceil(tile_bits / 8) + other
 
 
 def run_case(model: nn.Module, x: torch.Tensor, cfg: tbn.TBNConfig, board: str) -> dict[str, Any]:

@@ -149,6 +149,18 @@ class GPT2Block(nn.Module):
         return x + self.c_out(F.gelu(self.c_fc(self.ln2(x))))
 
 
+class MnistMLP(nn.Module):
+    """The paper's microcontroller model: 784-128-10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

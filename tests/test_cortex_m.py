@@ -23,7 +23,7 @@ from tbn_compiler.backends.cortex_m import (
 from tbn_compiler.targets import resolve_target
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import MLP, ResidualCNN, TimeSeriesNet  # noqa: E402
+from models import MLP, MnistMLP, ResidualCNN, TimeSeriesNet  # noqa: E402
 
 try:
     qemu.require_toolchain(qemu=True)
@@ -51,18 +51,6 @@ class SmallCNN(nn.Module):
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
         x = F.relu(self.bn2(self.conv2(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-class MnistMLP(nn.Module):
-    """The paper's MCU model: 784-128-10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(784, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x)))
 
 
 def _randomize_bn(model: nn.Module) -> nn.Module:
