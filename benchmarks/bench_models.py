@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_kernels import meta_load, time_torch  # noqa: E402
+from bench_kernels import meta_load, torch_sampler  # noqa: E402
 
 import tbn_compiler as tbn  # noqa: E402
 
@@ -74,17 +75,22 @@ MODELS = {
 }
 
 
-def bench(name: str, batch: int, p: int, repeat: int, min_ms: float) -> dict:
+def bench(name: str, batch: int, p: int, repeat: int, rounds: int = 3) -> dict:
     factory, make_input = MODELS[name]
     torch.manual_seed(0)
     model = factory().eval()
     x = make_input(batch)
     cfg = tbn.TBNConfig(p=p)
-    torch_ms, _ = time_torch(lambda: model(x), repeat, min_ms)
     start = time.perf_counter()
     cm = tbn.compile(model, (x,), target="llvm", config=cfg)
     compile_s = time.perf_counter() - start
-    ours_ms, _ = time_torch(lambda: cm(x), repeat, min_ms)
+    # alternate torch and ours so both see the same background load
+    ours_fn, torch_fn = torch_sampler(lambda: cm(x)), torch_sampler(lambda: model(x))
+    ours, ref = [], []
+    for _ in range(rounds):
+        ref += torch_fn(max(1, repeat // rounds))
+        ours += ours_fn(max(1, repeat // rounds))
+    ours_ms, torch_ms = statistics.median(ours) * 1e3, statistics.median(ref) * 1e3
     with torch.no_grad():
         err = (cm(x) - tbn.rewrite(model, (x,), cfg)(x)).abs().max().item()
     totals = cm.report.totals
@@ -103,13 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
     os.environ.setdefault("TVM_NUM_THREADS", str(cores))
-    repeat, min_ms = (3, 50.0) if args.quick else (7, 200.0)
+    repeat = 3 if args.quick else 9
     batches = [1] if args.quick else [1, 16]
     load_before = os.getloadavg()[0]
     rows = []
     for name in MODELS:
         for batch in batches:
-            rows.append(bench(name, batch, args.p, repeat, min_ms))
+            rows.append(bench(name, batch, args.p, repeat))
             print(f"  {rows[-1]}", flush=True)
     print(tabulate([[r["model"], r["batch"], r["p"], r["compile_s"], r["ours_ms"], r["torch_ms"],
                      f"{r['speedup']:.2f}x", f"{r['compression']}x"] for r in rows],

@@ -100,6 +100,21 @@ def test_unscheduled_linear_matches(io):
     _close(got, ops.tiled_linear(x, words, alphas, b, 32, 64, io))
 
 
+def test_generic_llvm_target_and_float64():
+    """Plain ``llvm`` (no CPU named: SSE2) still builds the same schedules; other dtypes work."""
+    words, alphas = _tile(64 * 13, 8)
+    x, b = torch.randn(3, 64, dtype=torch.float64), torch.randn(13, dtype=torch.float64)
+    target = tvm.target.Target("llvm")
+    for dtype in ("float32", "float64"):
+        xt, at, bt = x.to(getattr(torch, dtype)), alphas.to(getattr(torch, dtype)), b.to(getattr(torch, dtype))
+        func = schedules.schedule_for(kernels.tiled_linear_primfunc(3, 64, 13, 8, False, True, dtype), target)
+        fn = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        out = tvm.runtime.tensor(np.zeros((3, 13), dtype))
+        fn["main"](*[tvm.runtime.tensor(_np(t)) for t in (xt, words, at, bt)], out)
+        ref = ops.tiled_linear(x, words, alphas.double(), b, 13, 64, False)
+        _close(out.numpy().astype(np.float64), ref)
+
+
 def test_buffers_and_attrs():
     func = kernels.tiled_linear_primfunc(2, 64, 32, 4, False, True)
     names = [buf.name for buf in func.params]  # TIR params are buffers in TVM 0.27
@@ -129,6 +144,8 @@ CONV_CASES = [
     ((2, 64, 9), (8, 64, 1), 1, 0, 1, 1, 2, True, "conv_aligned"),  # im2col 1-D
     ((1, 3, 7, 7), (5, 3, 2, 2), 1, 0, 1, 1, 4, True, "conv_general"),
     ((1, 8, 9, 9), (6, 4, 3, 3), 2, 1, 2, 2, 4, False, "conv_general"),
+    ((1, 64, 5, 5), (4, 32, 3, 3), 1, 1, 1, 2, 2, True, "conv_general"),  # grouped, words
+    ((2, 32, 4, 3), (5, 32, 1, 1), 1, 0, 1, 1, 2, False, "conv_general"),  # words, wraps
     ((2, 6, 8, 8), (6, 1, 3, 3), 1, 1, 1, 6, 2, True, "conv_general"),  # depthwise
     ((2, 4, 17), (8, 4, 3), 2, 2, 1, 1, 4, True, "conv_aligned"),
     ((1, 4, 12), (4, 1, 5), 1, 2, 2, 4, 2, False, "conv_general"),  # depthwise 1-D
@@ -164,6 +181,7 @@ CUDA_FUNCS = {
     "conv2d_aligned": lambda: kernels.tiled_conv_primfunc((2, 8, 9, 9), (8, 8, 3, 3), 1, 1, 1, 1, 4, True),
     "conv2d_direct": lambda: kernels.tiled_conv_primfunc((1, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, 2, True),
     "conv2d_im2col": lambda: kernels.tiled_conv_primfunc((1, 32, 6, 6), (8, 32, 3, 3), 1, 1, 1, 1, 4, True),
+    "conv2d_grouped_words": lambda: kernels.tiled_conv_primfunc((1, 64, 5, 5), (4, 32, 3, 3), 1, 1, 1, 2, 2, True),
     "conv2d_depthwise": lambda: kernels.tiled_conv_primfunc((1, 6, 8, 8), (6, 1, 3, 3), 1, 1, 1, 6, 2, False),
     "conv1d": lambda: kernels.tiled_conv_primfunc((2, 4, 17), (8, 4, 3), 2, 2, 1, 1, 4, True),
 }

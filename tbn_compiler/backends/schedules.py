@@ -154,37 +154,52 @@ def _cpu_reduce_simple(sch: Schedule, block) -> None:
 
 def _cpu_linear_aligned(sch: Schedule) -> None:
     small = sch.get_sblock("small")
-    if len(sch.get_loops(small)) != 5:  # in_features % 32 != 0: bit-serial reduction
+    if len(sch.get_loops(small)) != 5:  # in_features % 8 != 0: bit-serial reduction
         _cpu_reduce_simple(sch, small)
     else:
         _cpu_lut_gemm(sch, small)
     _cpu_elementwise(sch, sch.get_sblock("out"))
 
 
-def _cpu_lut_gemm(sch: Schedule, block) -> None:
+def _cpu_lut_gemm(sch: Schedule, block, patches=None) -> None:
     """``block[i, r] = sum over (word, byte, bit)``: the 8 bits of a table entry become
     vector lanes (rfactor); ``mr x nr`` register blocks accumulate over the whole
-    reduction; parallel over blocks. ``block`` keeps the final 8-lane sum."""
+    reduction; parallel over blocks. ``block`` keeps the final 8-lane sum. With
+    ``patches`` (im2col rows), a task is ``mr * mb`` rows x all tile rows and builds
+    its patch rows first."""
     loops = sch.get_loops(block)
     m, rows = _extent(sch, loops[0]), _extent(sch, loops[1])
+    mr, mb = (_factor(m, (4, 2)), 1) if patches is None else _row_blocks(m, _cores())
+    nr = _tile_rows(rows, mr)
     rf = sch.rfactor(loops[4], factor_axis=2)  # block_rf[i, r, lane]
     i, r, kw, kb, kl = sch.get_loops(rf)
-    mr = _factor(m, (4, 2))
-    nr = _tile_rows(rows, mr)
-    io, ii = sch.split(i, [None, mr])
+    io, im, ii = sch.split(i, [None, mb, mr])
     ro, ri = sch.split(r, [None, nr])
-    sch.reorder(io, ro, kw, kb, ii, ri, kl)
-    outer = sch.fuse(io, ro)
-    sch.parallel(outer)
+    sch.reorder(io, ro, im, kw, kb, ii, ri, kl)
+    task = sch.fuse(io, ro) if patches is None else io
+    sch.parallel(task)
+    if patches is not None:
+        _cpu_patches_at(sch, patches, task)
     acc = sch.cache_write(rf, 0, "local")
-    sch.reverse_compute_at(acc, outer)
+    sch.reverse_compute_at(acc, im)
     for loop in (kb, ii, ri):
         sch.unroll(loop)
     sch.vectorize(kl)
     init = sch.decompose_reduction(rf, kw)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc)[-1])
-    sch.reverse_compute_at(block, outer)  # sum of the 8 lanes
+    sch.reverse_compute_at(block, task)  # sum of the 8 lanes
+
+
+def _cpu_patches_at(sch: Schedule, patches, task) -> None:
+    """Build a task's im2col rows inside it; unroll the (small) kernel taps."""
+    sch.compute_at(patches, task)
+    dims = [int(d) for d in sch.get(patches).annotations.get("tbn_row_dims", [])]
+    if len(dims) > 1:
+        taps = sch.split(sch.get_loops(patches)[-1], dims)[1:]
+        if len(dims) <= 3 and all(d <= 8 for d in dims[1:]):
+            for loop in taps:
+                sch.unroll(loop)
 
 
 def _cpu_linear_in_out_aligned(sch: Schedule) -> None:
@@ -248,43 +263,17 @@ def _row_blocks(m: int, cores: int) -> tuple[int, int]:
 
 
 def _cpu_conv_im2col(sch: Schedule) -> None:
-    """Tiled linear over im2col rows; the patch rows of a task are built inside it."""
+    """Table-driven product over im2col rows, then the NCHW epilogue."""
     xpad = _block(sch, "xpad")
     if xpad is not None:
         _cpu_elementwise(sch, xpad)
-    small = sch.get_sblock("small")
-    loops = sch.get_loops(small)
-    m, rows = _extent(sch, loops[0]), _extent(sch, loops[1])
-    mr, mb = _row_blocks(m, _cores())
-    nr = _tile_rows(rows, mr)
-    rf = sch.rfactor(loops[4], factor_axis=2)
-    i, r, kw, kb, kl = sch.get_loops(rf)
-    io, im, ii = sch.split(i, [None, mb, mr])
-    ro, ri = sch.split(r, [None, nr])
-    sch.reorder(io, ro, im, kw, kb, ii, ri, kl)
-    sch.parallel(io)
-    patches = sch.get_sblock("patches")
-    sch.compute_at(patches, io)
-    dims = [int(d) for d in sch.get(patches).annotations.get("tbn_row_dims", [])]
-    if len(dims) > 1:
-        taps = sch.split(sch.get_loops(patches)[-1], dims)[1:]
-        if len(dims) <= 3 and all(d <= 8 for d in dims[1:]):
-            for loop in taps:
-                sch.unroll(loop)
-    acc = sch.cache_write(rf, 0, "local")
-    sch.reverse_compute_at(acc, im)
-    for loop in (kb, ii, ri):
-        sch.unroll(loop)
-    sch.vectorize(kl)
-    init = sch.decompose_reduction(rf, kw)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(acc)[-1])
-    sch.reverse_compute_at(sch.get_sblock("small"), io)
+    _cpu_lut_gemm(sch, sch.get_sblock("small"), patches=sch.get_sblock("patches"))
     _cpu_elementwise(sch, sch.get_sblock("out"))
 
 
 def _cpu_conv(sch: Schedule) -> None:
-    """Direct conv: ``fr`` filters x output-width vector per register block."""
+    """im2col form (see :func:`_cpu_conv_im2col`); direct form: ``fr`` filters x
+    output-width vector per register block, one scalar sign per filter tap."""
     if _block(sch, "patches") is not None:
         _cpu_conv_im2col(sch)
         return
@@ -360,9 +349,11 @@ def _cuda_generic(sch: Schedule, threads: int) -> None:
     _cuda_all_flat(sch, threads)
 
 
-def _cuda_table_product(sch: Schedule, threads: int) -> None:
+def _cuda_table_product(sch: Schedule, threads: int, unroll: bool = True) -> None:
     """Reductions split (word, byte, bit): a warp per output, lanes over packed words
-    (warp-shuffle reduction), ``ry`` outputs of a row block on ``threadIdx.y``."""
+    (warp-shuffle reduction), ``ry`` outputs of a row block on ``threadIdx.y``. The
+    byte and bit loops are unrolled for aligned kernels (constant shifts); the general
+    kernels' realigned-word math is too large to unroll 32 times."""
     _cuda_inline_helpers(sch)
     block = _reduction_block(sch)
     loops = sch.get_loops(block)
@@ -379,15 +370,16 @@ def _cuda_table_product(sch: Schedule, threads: int) -> None:
     sch.bind(sch.fuse(i, ro), "blockIdx.x")
     sch.bind(ri, "threadIdx.y")
     sch.bind(kwi, "threadIdx.x")
-    sch.unroll(kb)
-    sch.unroll(kl)
+    if unroll:
+        sch.unroll(kb)
+        sch.unroll(kl)
     _cuda_all_flat(sch, threads, skip=sch.get(block).name_hint)
 
 
 def _cuda_conv(sch: Schedule, threads: int) -> None:
     """im2col form: the table-product mapping over patch rows; direct form: flat."""
     if _block(sch, "patches") is not None:
-        _cuda_table_product(sch, threads)
+        _cuda_table_product(sch, threads, unroll=kernel_kind(sch.mod["main"]) == "conv_aligned")
     else:
         _cuda_generic(sch, threads)
 
@@ -395,7 +387,7 @@ def _cuda_conv(sch: Schedule, threads: int) -> None:
 _CUDA: dict[str, Callable[[Schedule, int], None]] = {
     "linear_aligned": _cuda_table_product,
     "linear_in_out_aligned": _cuda_generic,
-    "linear_general": _cuda_table_product,
+    "linear_general": lambda sch, threads: _cuda_table_product(sch, threads, unroll=False),
     "conv_aligned": _cuda_conv,
     "conv_general": _cuda_conv,
 }
