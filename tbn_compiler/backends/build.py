@@ -115,8 +115,35 @@ def build_executable(
 
         return compile_tuned(mark_opaque(mod), target, tune)
     mod = schedule_kernels(mod, target)
-    pipeline = relax.get_default_pipeline(target)
-    return tvm.compile(mod, target, relax_pipeline=pipeline)
+    if target.kind.name == "llvm":
+        return tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))
+    return tvm.compile(mod, target, relax_pipeline=relax.get_default_pipeline(target))
+
+
+@tvm.transform.module_pass(opt_level=0, name="ParallelizeUnscheduled")
+def parallelize_unscheduled(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Give every PrimFunc not marked ``tirx.is_scheduled`` the generic parallel CPU
+    schedule (:func:`.schedules.parallelize_generic`)."""
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
+            mod[gv] = schedules.parallelize_generic(func)
+    return mod
+
+
+def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's CPU pipeline with :func:`parallelize_unscheduled` after legalization and
+    fusion: TVM's own CPU pipeline leaves every legalized kernel serial."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="TBNCPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        passes = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                  + [parallelize_unscheduled] + cpu.dataflow_lower_passes(target)
+                  + cpu.finalize_passes(target))
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
 
 
 def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:

@@ -39,7 +39,7 @@ from tvm.target import Target
 
 from .kernels import kernel_kind
 
-__all__ = ["schedule_for", "host_target", "KINDS"]
+__all__ = ["schedule_for", "host_target", "parallelize_generic", "KINDS"]
 
 KINDS = (
     "linear_aligned",
@@ -150,6 +150,46 @@ def _cpu_reduce_simple(sch: Schedule, block) -> None:
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     if _extent(sch, fused) > 1:
         sch.parallel(fused)
+
+
+def parallelize_generic(func: tirx.PrimFunc, min_work: int = 4096) -> tirx.PrimFunc:
+    """Default CPU schedule for kernels nobody scheduled (TVM-legalized ops such as
+    attention, softmax, LayerNorm): every top-level reduction block doing at least
+    ``min_work`` iterations runs its leading data-parallel loops in parallel (fused
+    until there are a few tasks per core). Blocks that refuse (a reduction loop
+    outermost) are left serial; the result is exact either way."""
+    sch = Schedule(func)
+    root = _block(sch, "root")
+    if root is None:
+        return func
+    for block in sch.get_child_blocks(root):
+        sch = _try_parallel_prefix(sch, block, min_work) or sch
+    return sch.mod["main"]
+
+
+def _try_parallel_prefix(sch: Schedule, block, min_work: int) -> Schedule | None:
+    """A copy of ``sch`` with the leading spatial loops of ``block`` fused and parallel,
+    or None when that is not allowed or not worth it."""
+    spatial, reduction = _split_loops(sch, block)
+    extents = [_extent(sch, loop) for loop in spatial]
+    work = 1
+    for e in extents + [_extent(sch, loop) for loop in reduction]:
+        work *= e
+    # Elementwise kernels are memory-bound: on a few cores their fork/join costs more
+    # than it saves (measured on ResNet-18). Reductions (matmuls, softmax) gain.
+    if not spatial or not reduction or work < min_work:
+        return None
+    n, tasks = 0, 1
+    while n < len(spatial) and tasks < 4 * _cores():
+        tasks *= extents[n]
+        n += 1
+    trial = sch.copy()
+    try:
+        loops = trial.get_loops(block)[:n]
+        trial.parallel(trial.fuse(*loops) if n > 1 else loops[0])
+    except (RuntimeError, tvm.TVMError):  # s_tir ScheduleError: not a data-parallel prefix
+        return None
+    return trial
 
 
 def _cpu_linear_aligned(sch: Schedule) -> None:
