@@ -374,3 +374,26 @@ def test_tuning_parity_and_database_reuse(tmp_path) -> None:
     assert records, "tuning wrote no records"
     again = tbn_compile(model, inputs, config=cfg, tune=Tuning(trials=0, database=db))
     _assert_close(again(*inputs), ref)
+
+
+def test_generic_cpu_schedule_parallelizes_reductions_only() -> None:
+    """TVM-legalized kernels get parallel reductions; elementwise ones stay serial."""
+    import numpy as np
+    import tvm
+    from tvm import te
+
+    from tbn_compiler.backends.schedules import parallelize_generic
+
+    a = te.placeholder((64, 32), name="a")
+    b = te.placeholder((32, 48), name="b")
+    k = te.reduce_axis((0, 32), name="k")
+    mm = te.compute((64, 48), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="mm")
+    relu = te.compute((64, 48), lambda i, j: tvm.tirx.max(mm[i, j], 0.0), name="relu")
+    func = parallelize_generic(te.create_prim_func([a, b, relu]), min_work=1)
+    script = func.script()
+    assert script.count("T.parallel") == 1  # the matmul block only
+    lib = tvm.compile(tvm.IRModule({"main": func}), "llvm")
+    x, y = np.random.rand(64, 32).astype("float32"), np.random.rand(32, 48).astype("float32")
+    out = tvm.runtime.tensor(np.zeros((64, 48), "float32"))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), out)
+    np.testing.assert_allclose(out.numpy(), np.maximum(x @ y, 0), rtol=1e-5)
