@@ -35,7 +35,7 @@ __all__ = [
     "CONVERTERS",
     "TensorSpec",
     "ImportResult",
-    "ImportError_",
+    "GraphImportError",
     "UnsupportedOpError",
     "import_graph",
     "export_graph",
@@ -45,11 +45,11 @@ KERNEL_ATTR = kernels.KERNEL_ATTR
 """PrimFunc attribute that marks (and names the kind of) our tile kernels."""
 
 
-class ImportError_(RuntimeError):  # noqa: N801 - avoid shadowing the builtin ImportError
+class GraphImportError(RuntimeError):
     """The rewritten graph could not be turned into Relax."""
 
 
-class UnsupportedOpError(ImportError_):
+class UnsupportedOpError(GraphImportError):
     """TVM's frontend cannot import an op of the graph."""
 
 
@@ -104,7 +104,7 @@ def _bound_args(node: fx.Node, importer: Any) -> dict[str, Any]:
         elif arg.has_default_value():
             bound[arg.name] = arg.default_value
         else:
-            raise ImportError_(
+            raise GraphImportError(
                 f"node {node.name!r}: missing argument {arg.name!r} of {schema.name}"
             )
     return bound
@@ -115,19 +115,19 @@ def _static_shape(expr: relax.Expr, what: str, node: fx.Node) -> tuple[int, ...]
     try:
         return tuple(int(d) for d in shape)
     except (TypeError, ValueError) as exc:
-        raise ImportError_(f"node {node.name!r}: {what} needs a static shape, got {shape}") from exc
+        raise GraphImportError(f"node {node.name!r}: {what} needs a static shape, got {shape}") from exc
 
 
 def _check_dtype(expr: relax.Expr, node: fx.Node) -> str:
     dtype = str(expr.ty.dtype)
     if dtype != "float32":
-        raise ImportError_(f"node {node.name!r}: tile kernels take float32 inputs, got {dtype}")
+        raise GraphImportError(f"node {node.name!r}: tile kernels take float32 inputs, got {dtype}")
     return dtype
 
 
 def _add_kernel(importer: Any, func: tvm.tirx.PrimFunc, op: str) -> relax.GlobalVar:
     if not (func.attrs and KERNEL_ATTR in func.attrs):
-        raise ImportError_(f"kernel builder for {op} returned a PrimFunc without {KERNEL_ATTR!r}")
+        raise GraphImportError(f"kernel builder for {op} returned a PrimFunc without {KERNEL_ATTR!r}")
     return importer.block_builder.add_func(func, f"tbn_{op}")
 
 
@@ -189,7 +189,7 @@ def _expected_out_shape(node: fx.Node, unbatched: bool) -> list[int]:
     """Output shape from torch's fake tensor on the node (batched form)."""
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
-        raise ImportError_(f"node {node.name!r}: no shape metadata from torch.export")
+        raise GraphImportError(f"node {node.name!r}: no shape metadata from torch.export")
     shape = [int(d) for d in val.shape]
     return [1, *shape] if unbatched else shape
 
@@ -235,7 +235,7 @@ def _guarded(op: Any, fn: Callable) -> Callable:
     def convert(node: fx.Node, *rest: Any) -> Any:
         try:
             return fn(node, *rest)
-        except ImportError_:
+        except GraphImportError:
             raise
         except Exception as exc:
             raise UnsupportedOpError(
@@ -272,7 +272,7 @@ def export_graph(
         table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
         return ep.run_decompositions(table)
     except Exception as exc:
-        raise ImportError_(
+        raise GraphImportError(
             f"torch.export failed on the rewritten graph: {type(exc).__name__}: {exc}"
         ) from exc
 
@@ -340,10 +340,10 @@ def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) ->
             no_bind_return_tuple=False,
             custom_convert_map=CONVERTERS,
         )
-    except ImportError_:
+    except GraphImportError:
         raise
     except Exception as exc:
-        raise ImportError_(f"TVM could not import the graph: {type(exc).__name__}: {exc}") from exc
+        raise GraphImportError(f"TVM could not import the graph: {type(exc).__name__}: {exc}") from exc
     names = [gv.name_hint for gv, f in mod.functions.items() if f.attrs and KERNEL_ATTR in f.attrs]
     user_names = list(ep.graph_signature.user_inputs)
     in_specs = [TensorSpec.of(str(n), t) for n, t in zip(user_names, inputs, strict=True)]
