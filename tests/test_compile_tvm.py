@@ -397,3 +397,19 @@ def test_generic_cpu_schedule_parallelizes_reductions_only() -> None:
     out = tvm.runtime.tensor(np.zeros((64, 48), "float32"))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), out)
     np.testing.assert_allclose(out.numpy(), np.maximum(x @ y, 0), rtol=1e-5)
+
+
+def test_huggingface_gpt2_compiles_with_parity() -> None:
+    """A real model: boolean attention masks and bool cumsum/eq need import fixes."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                     vocab_size=50, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(config).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    cfg = TBNConfig(p=2, min_numel=0)
+    cm = tbn_compile(model, (ids,), config=cfg)
+    with torch.no_grad():
+        ref = rewrite(model, (ids,), cfg)(ids)["last_hidden_state"]
+    _assert_close(cm(ids), ref)
+    assert cm.report.totals["tiled"] == 8

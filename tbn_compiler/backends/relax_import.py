@@ -295,6 +295,22 @@ def _output_specs(ep: torch.export.ExportedProgram) -> list[TensorSpec]:
 _MASKED_SCORE = -3.0e38  # added to attention scores where a boolean mask says "masked"
 
 
+def _insert_before(graph: fx.Graph, node: fx.Node, target: Any, args: tuple,
+                   kwargs: dict | None = None) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` before ``node``, with its fake ``val`` meta."""
+    kwargs = kwargs or {}
+    vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+    fake_mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor))
+    with graph.inserting_before(node), fake_mode:
+        new = graph.call_function(target, args, kwargs)
+        new.meta["val"] = target(*vals, **kwargs)
+    return new
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, fx.Node) and getattr(value.meta.get("val"), "dtype", None) == torch.bool
+
+
 def float_attention_masks(ep: torch.export.ExportedProgram) -> None:
     """Give every ``scaled_dot_product_attention`` a float mask, in place: TVM's
     converter takes only additive float masks, while PyTorch models (Hugging Face
@@ -305,20 +321,41 @@ def float_attention_masks(ep: torch.export.ExportedProgram) -> None:
         if node.target is not aten.scaled_dot_product_attention.default:
             continue
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if not isinstance(mask, fx.Node) or mask.meta["val"].dtype != torch.bool:
+        if not _is_bool(mask):
             continue
-        val = mask.meta["val"]
-        with graph.inserting_before(node), val.fake_mode:
-            masked = graph.call_function(aten.logical_not.default, (mask,))
-            masked.meta["val"] = aten.logical_not.default(val)
-            as_float = graph.call_function(aten._to_copy.default, (masked,), {"dtype": torch.float32})
-            as_float.meta["val"] = aten._to_copy.default(masked.meta["val"], dtype=torch.float32)
-            additive = graph.call_function(aten.mul.Tensor, (as_float, _MASKED_SCORE))
-            additive.meta["val"] = aten.mul.Tensor(as_float.meta["val"], _MASKED_SCORE)
+        masked = _insert_before(graph, node, aten.logical_not.default, (mask,))
+        as_float = _insert_before(graph, node, aten._to_copy.default, (masked,), {"dtype": torch.float32})
+        additive = _insert_before(graph, node, aten.mul.Tensor, (as_float, _MASKED_SCORE))
         if len(node.args) > 3:
             node.args = (*node.args[:3], additive, *node.args[4:])
         else:
             node.kwargs = {**node.kwargs, "attn_mask": additive}
+    ep.graph_module.recompile()
+
+
+# ops whose boolean operands TVM 0.27 mishandles (cumsum stays bool instead of
+# int64; equality of bools is emitted as a float compare), with the integer type
+# that keeps torch's result
+_BOOL_OPERAND_CASTS = {
+    torch.ops.aten.cumsum.default: torch.int64,
+    torch.ops.aten.eq.Tensor: torch.int32,
+    torch.ops.aten.ne.Tensor: torch.int32,
+}
+
+
+def integer_bool_operands(ep: torch.export.ExportedProgram) -> None:
+    """Cast the boolean tensor operands of :data:`_BOOL_OPERAND_CASTS` ops to integers,
+    in place (same results in torch; correct code from TVM)."""
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        dtype = _BOOL_OPERAND_CASTS.get(node.target)
+        if dtype is None or not any(_is_bool(a) for a in node.args):
+            continue
+        node.args = tuple(
+            _insert_before(graph, node, torch.ops.aten._to_copy.default, (a,), {"dtype": dtype})
+            if _is_bool(a) else a
+            for a in node.args
+        )
     ep.graph_module.recompile()
 
 
@@ -330,6 +367,7 @@ def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) ->
             raise TypeError(f"example input {i} must be a torch.Tensor, got {type(t).__name__}")
     ep = export_graph(gm, inputs)
     float_attention_masks(ep)
+    integer_bool_operands(ep)
     importer = _Importer()
     _check_supported(ep, {**importer.convert_map, **CONVERTERS})
     try:
