@@ -65,9 +65,17 @@ def bench_layer(name: str, layer: nn.Module, x: torch.Tensor, p: int) -> dict:
     with torch.no_grad():
         torch_fp16 = time_cuda(lambda: fp16(xh))
         torch_fp32 = time_cuda(lambda: fp32(xg))
-    return {"case": name, "p": p, "compile_s": round(compile_s, 1), "ours_ms": round(ours, 4),
-            "torch_fp16_ms": round(torch_fp16, 4), "torch_fp32_ms": round(torch_fp32, 4),
-            "speedup_vs_fp16": round(torch_fp16 / ours, 2), "max_abs_err": err, "parity": ok}
+    return {
+        "case": name,
+        "p": p,
+        "compile_s": round(compile_s, 1),
+        "ours_ms": round(ours, 4),
+        "torch_fp16_ms": round(torch_fp16, 4),
+        "torch_fp32_ms": round(torch_fp32, 4),
+        "speedup_vs_fp16": round(torch_fp16 / ours, 2),
+        "max_abs_err": err,
+        "parity": ok,
+    }
 
 
 def layer_cases(quick: bool):
@@ -76,7 +84,12 @@ def layer_cases(quick: bool):
         for b in batches:
             yield f"linear {b}x4096->4096", nn.Linear(4096, 4096), torch.randn(b, 4096), p
     for b in [1] if quick else [1, 16]:
-        yield f"conv3x3 {b}x256x14x14->256", nn.Conv2d(256, 256, 3, padding=1), torch.randn(b, 256, 14, 14), 8
+        yield (
+            f"conv3x3 {b}x256x14x14->256",
+            nn.Conv2d(256, 256, 3, padding=1),
+            torch.randn(b, 256, 14, 14),
+            8,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,10 +104,33 @@ def main(argv: list[str] | None = None) -> None:
     for name, (factory, make_input) in MODELS.items():
         torch.manual_seed(0)
         rows.append(bench_layer(f"model {name}", factory(), make_input(1), 8))
-    print(tabulate([[r["case"], r["p"], r["ours_ms"], r["torch_fp16_ms"], r["torch_fp32_ms"],
-                     f"{r['speedup_vs_fp16']:.2f}x", r["parity"], r["compile_s"]] for r in rows],
-                   headers=["case", "p", "ours ms", "torch fp16 ms", "torch fp32 ms",
-                            "fp16/ours", "parity", "compile s"]))
+    print(
+        tabulate(
+            [
+                [
+                    r["case"],
+                    r["p"],
+                    r["ours_ms"],
+                    r["torch_fp16_ms"],
+                    r["torch_fp32_ms"],
+                    f"{r['speedup_vs_fp16']:.2f}x",
+                    r["parity"],
+                    r["compile_s"],
+                ]
+                for r in rows
+            ],
+            headers=[
+                "case",
+                "p",
+                "ours ms",
+                "torch fp16 ms",
+                "torch fp32 ms",
+                "fp16/ours",
+                "parity",
+                "compile s",
+            ],
+        )
+    )
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

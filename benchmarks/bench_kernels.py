@@ -107,8 +107,11 @@ def default_cases(quick: bool) -> list[Case]:
         for batch in (1, 16):
             cases.append(conv2d_case(batch, 256, 256, 14, 3, 1, p))
     if quick:
-        keep = {"linear 1x4096->4096 p=8", "linear 64x4096->4096 p=8",
-                "conv2d 3x3 256->256 14x14 b=1 p=8"}
+        keep = {
+            "linear 1x4096->4096 p=8",
+            "linear 64x4096->4096 p=8",
+            "conv2d 3x3 256->256 14x14 b=1 p=8",
+        }
         cases = [c for c in cases if c.name in keep]
     return cases
 
@@ -132,8 +135,7 @@ def build_ours(case: Case, target) -> Callable[[int], list[float]]:
     out = tvm.runtime.tensor(np.zeros(case.out_shape, np.float32), dev)
 
     def sample(n: int) -> list[float]:
-        evaluator = mod.time_evaluator("main", dev, number=1, repeat=n,
-                                       min_repeat_ms=MIN_REPEAT_MS)
+        evaluator = mod.time_evaluator("main", dev, number=1, repeat=n, min_repeat_ms=MIN_REPEAT_MS)
         return list(evaluator(*args, out).results)
 
     return sample
@@ -177,10 +179,18 @@ def run(cases: list[Case], repeat: int, rounds: int = 3) -> list[dict]:
             ours += ours_fn(per_round)
         o, r = statistics.median(ours) * 1e3, statistics.median(ref) * 1e3
         o_min, r_min = min(ours) * 1e3, min(ref) * 1e3
-        rows.append({"case": case.name, **case.info, "ours_ms": round(o, 4),
-                     "torch_ms": round(r, 4), "speedup": round(r / o, 2),
-                     "ours_min_ms": round(o_min, 4), "torch_min_ms": round(r_min, 4),
-                     "speedup_of_mins": round(r_min / o_min, 2)})
+        rows.append(
+            {
+                "case": case.name,
+                **case.info,
+                "ours_ms": round(o, 4),
+                "torch_ms": round(r, 4),
+                "speedup": round(r / o, 2),
+                "ours_min_ms": round(o_min, 4),
+                "torch_min_ms": round(r_min, 4),
+                "speedup_of_mins": round(r_min / o_min, 2),
+            }
+        )
         print(f"  {case.name}: ours {o:.3f} ms, torch {r:.3f} ms", flush=True)
     return rows
 
@@ -193,25 +203,42 @@ def meta_load(before: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="three rows, fewer repeats")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernels.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernels.json"
+    )
     args = parser.parse_args(argv)
     cores = CORES
     torch.set_num_threads(cores)
     repeat = 6 if args.quick else 15
     load_before = os.getloadavg()[0]
     rows = run(default_cases(args.quick), repeat)
-    table = [[r["case"], f"{r['ours_ms']:.3f}", f"{r['torch_ms']:.3f}", f"{r['speedup']:.2f}x",
-              f"{r['ours_min_ms']:.3f}", f"{r['torch_min_ms']:.3f}", f"{r['speedup_of_mins']:.2f}x"]
-             for r in rows]
-    headers = ["case", "ours ms", "torch fp32 ms", "torch/ours",
-               "ours min", "torch min", "min/min"]
+    table = [
+        [
+            r["case"],
+            f"{r['ours_ms']:.3f}",
+            f"{r['torch_ms']:.3f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['ours_min_ms']:.3f}",
+            f"{r['torch_min_ms']:.3f}",
+            f"{r['speedup_of_mins']:.2f}x",
+        ]
+        for r in rows
+    ]
+    headers = ["case", "ours ms", "torch fp32 ms", "torch/ours", "ours min", "torch min", "min/min"]
     print(tabulate(table, headers=headers))
     print("median of repeats; 'min' columns are the best repeat (less sensitive to load)")
     print(f"load average (1 min) before/after: {meta_load(load_before)}")
-    meta = {"cores": cores, "cpu": tvm.target.codegen.llvm_get_system_cpu(),
-            "machine": platform.machine(), "torch": torch.__version__, "tvm": tvm.__version__,
-            "target": str(schedules.host_target()), "repeat": repeat, "min_repeat_ms": MIN_REPEAT_MS,
-            "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    meta = {
+        "cores": cores,
+        "cpu": tvm.target.codegen.llvm_get_system_cpu(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "tvm": tvm.__version__,
+        "target": str(schedules.host_target()),
+        "repeat": repeat,
+        "min_repeat_ms": MIN_REPEAT_MS,
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -50,24 +50,35 @@ def _models() -> dict[str, tuple[nn.Module, torch.Tensor, dict[str, tbn.TBNConfi
             m.running_var.uniform_(0.5, 2.0)
     float_cfg = tbn.TBNConfig(exclude=["*"])
     return {
-        "mnist_mlp": (mlp, torch.randn(1, 784), {
-            "tbn": tbn.TBNConfig(layers={"fc1": 4, "fc2": 1}),
-            "binary": tbn.TBNConfig(p=1),
-            "float": float_cfg,
-        }),
-        "digits_cnn": (cnn, torch.randn(1, 1, 8, 8), {
-            "tbn": tbn.TBNConfig(p=4, min_numel=10_000),  # as in the demo
-            "binary": tbn.TBNConfig(p=1),
-            "float": float_cfg,
-        }),
+        "mnist_mlp": (
+            mlp,
+            torch.randn(1, 784),
+            {
+                "tbn": tbn.TBNConfig(layers={"fc1": 4, "fc2": 1}),
+                "binary": tbn.TBNConfig(p=1),
+                "float": float_cfg,
+            },
+        ),
+        "digits_cnn": (
+            cnn,
+            torch.randn(1, 1, 8, 8),
+            {
+                "tbn": tbn.TBNConfig(p=4, min_numel=10_000),  # as in the demo
+                "binary": tbn.TBNConfig(p=1),
+                "float": float_cfg,
+            },
+        ),
     }
 
 
 def ideal_weight_bytes(gm: torch.fx.GraphModule) -> int:
     """Tile bits / 8 + 4 bytes per alpha + every other constant of the graph at its size."""
     tile_bits = sum(r.numel // r.p for r in tbn.inspect(gm).layers if r.status == "tiled")
-    other = sum(t.numel() * t.element_size() for k, t in gm.state_dict().items()
-                if t.dtype != torch.uint32 and not k.endswith("num_batches_tracked"))
+    other = sum(
+        t.numel() * t.element_size()
+        for k, t in gm.state_dict().items()
+        if t.dtype != torch.uint32 and not k.endswith("num_batches_tracked")
+    )
     return math.ceil(tile_bits / 8) + other
 
 
@@ -113,20 +124,42 @@ def main() -> None:
         for variant, cfg in configs.items():
             r = run_case(model, x, cfg, args.board)
             results[model_name][variant] = r
-            rows.append([model_name, variant, r["weights_bytes"], r["ideal_weights_bytes"],
-                         r["flash_bytes"], r["ram_bytes"], r["instructions"],
-                         "ok" if r["parity_rtol_1e-4"] else "FAIL"])
+            rows.append(
+                [
+                    model_name,
+                    variant,
+                    r["weights_bytes"],
+                    r["ideal_weights_bytes"],
+                    r["flash_bytes"],
+                    r["ram_bytes"],
+                    r["instructions"],
+                    "ok" if r["parity_rtol_1e-4"] else "FAIL",
+                ]
+            )
         base = results[model_name]["float"]["instructions"]
         for r in results[model_name].values():
             r["instructions_vs_float"] = round(r["instructions"] / base, 3)
-    headers = ["model", "build", "weights B", "ideal B", "flash B", "RAM B", "instructions",
-               "parity"]
+    headers = [
+        "model",
+        "build",
+        "weights B",
+        "ideal B",
+        "flash B",
+        "RAM B",
+        "instructions",
+        "parity",
+    ]
     print(f"board {args.board} (library sizes; instructions per inference under QEMU -icount)")
     print(tabulate(rows, headers=headers, tablefmt="github"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"board": args.board, "compiler": _gcc_version(), "opt": "-O2",
-            "host": platform.platform(), "torch": torch.__version__}
+    meta = {
+        "board": args.board,
+        "compiler": _gcc_version(),
+        "opt": "-O2",
+        "host": platform.platform(),
+        "torch": torch.__version__,
+    }
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -39,7 +39,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.short = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.short = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
@@ -51,7 +53,9 @@ class ResNet18Cifar(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+        )
         blocks, cin = [], 64
         for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
             blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
@@ -94,10 +98,18 @@ def bench(name: str, batch: int, p: int, repeat: int, rounds: int = 3) -> dict:
     with torch.no_grad():
         err = (cm(x) - tbn.rewrite(model, (x,), cfg)(x)).abs().max().item()
     totals = cm.report.totals
-    return {"model": name, "batch": batch, "p": p, "compile_s": round(compile_s, 1),
-            "ours_ms": round(ours_ms, 3), "torch_ms": round(torch_ms, 3),
-            "speedup": round(torch_ms / ours_ms, 2), "max_abs_err_vs_graph": err,
-            "tiled_layers": totals["tiled"], "compression": round(totals["compression"], 1)}
+    return {
+        "model": name,
+        "batch": batch,
+        "p": p,
+        "compile_s": round(compile_s, 1),
+        "ours_ms": round(ours_ms, 3),
+        "torch_ms": round(torch_ms, 3),
+        "speedup": round(torch_ms / ours_ms, 2),
+        "max_abs_err_vs_graph": err,
+        "tiled_layers": totals["tiled"],
+        "compression": round(totals["compression"], 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,14 +129,39 @@ def main(argv: list[str] | None = None) -> None:
         for batch in batches:
             rows.append(bench(name, batch, args.p, repeat))
             print(f"  {rows[-1]}", flush=True)
-    print(tabulate([[r["model"], r["batch"], r["p"], r["compile_s"], r["ours_ms"], r["torch_ms"],
-                     f"{r['speedup']:.2f}x", f"{r['compression']}x"] for r in rows],
-                   headers=["model", "batch", "p", "compile s", "ours ms", "torch fp32 ms",
-                            "torch/ours", "smaller"]))
+    print(
+        tabulate(
+            [
+                [
+                    r["model"],
+                    r["batch"],
+                    r["p"],
+                    r["compile_s"],
+                    r["ours_ms"],
+                    r["torch_ms"],
+                    f"{r['speedup']:.2f}x",
+                    f"{r['compression']}x",
+                ]
+                for r in rows
+            ],
+            headers=[
+                "model",
+                "batch",
+                "p",
+                "compile s",
+                "ours ms",
+                "torch fp32 ms",
+                "torch/ours",
+                "smaller",
+            ],
+        )
+    )
     print(f"medians of {repeat} repeats; load average before/after: {meta_load(load_before)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": {"cores": cores, "torch": torch.__version__}, "rows": rows},
-                                   indent=2) + "\n")
+    args.out.write_text(
+        json.dumps({"meta": {"cores": cores, "torch": torch.__version__}, "rows": rows}, indent=2)
+        + "\n"
+    )
     print(f"wrote {args.out}")
 
 

@@ -47,8 +47,9 @@ def load_data(seed: int = 0):
     digits = load_digits()
     x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
     y = torch.tensor(digits.target, dtype=torch.long)
-    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.25, random_state=seed,
-                                           stratify=digits.target)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(y)), test_size=0.25, random_state=seed, stratify=digits.target
+    )
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
@@ -74,7 +75,7 @@ def logits(fn, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
             return fn(x)
         outs = []
         for i in range(0, len(x), batch):
-            chunk = x[i:i + batch]
+            chunk = x[i : i + batch]
             padded = torch.cat([chunk, chunk.new_zeros(batch - len(chunk), *chunk.shape[1:])])
             outs.append(fn(padded)[: len(chunk)])
         return torch.cat(outs)
@@ -98,16 +99,22 @@ def main() -> None:
     float_acc = accuracy(logits(float_model, x_test), y_test)
     print(f"float model: test accuracy {float_acc:.2f}%  ({time.perf_counter() - t0:.1f} s)")
 
-    cfg = tbn.TBNConfig(p=args.p, min_numel=10_000)  # conv2 (18k) and fc1 (131k) at p; the rest binary
+    cfg = tbn.TBNConfig(
+        p=args.p, min_numel=10_000
+    )  # conv2 (18k) and fc1 (131k) at p; the rest binary
     qat = train(tbn.prepare(float_model, cfg), x_train, y_train, args.epochs, 1e-3)
     qat_out = logits(qat, x_test)
     tbn_acc = accuracy(qat_out, y_test)
-    print(f"TBN (QAT, p={args.p}): test accuracy {tbn_acc:.2f}%  (float - TBN = {float_acc - tbn_acc:+.2f})")
+    print(
+        f"TBN (QAT, p={args.p}): test accuracy {tbn_acc:.2f}%  (float - TBN = {float_acc - tbn_acc:+.2f})"
+    )
 
     gm = tbn.rewrite(qat, (x_test[:16],), cfg)
     gm_out = logits(gm, x_test)
-    print(f"rewritten graph: test accuracy {accuracy(gm_out, y_test):.2f}%  "
-          f"(max |graph - QAT| = {(gm_out - qat_out).abs().max():.2e})")
+    print(
+        f"rewritten graph: test accuracy {accuracy(gm_out, y_test):.2f}%  "
+        f"(max |graph - QAT| = {(gm_out - qat_out).abs().max():.2e})"
+    )
     print()
     print(tbn.inspect(gm))
     print()
@@ -116,22 +123,31 @@ def main() -> None:
     print("accuracy summary:", ", ".join(f"{k} {v:.2f}%" for k, v in results.items()))
 
 
-def compiled_accuracies(qat: nn.Module, cfg: tbn.TBNConfig, x: torch.Tensor, y: torch.Tensor,
-                        reference: torch.Tensor) -> dict:
+def compiled_accuracies(
+    qat: nn.Module, cfg: tbn.TBNConfig, x: torch.Tensor, y: torch.Tensor, reference: torch.Tensor
+) -> dict:
     """Accuracy of the model compiled for the host CPU (batches of 16)."""
     batch = 16
     t0 = time.perf_counter()
     cm = tbn.compile(qat, (x[:batch],), target="llvm", config=cfg)
     out = logits(cm, x, batch)
-    print(f"compiled for llvm in {time.perf_counter() - t0:.1f} s; "
-          f"max |llvm - graph| = {(out - reference).abs().max():.2e}")
+    print(
+        f"compiled for llvm in {time.perf_counter() - t0:.1f} s; "
+        f"max |llvm - graph| = {(out - reference).abs().max():.2e}"
+    )
     results = {"llvm": accuracy(out, y)}
     results.update(cortex_m_accuracy(qat, cfg, x, y, reference))
     return results
 
 
-def cortex_m_accuracy(qat: nn.Module, cfg: tbn.TBNConfig, x: torch.Tensor, y: torch.Tensor,
-                      reference: torch.Tensor, board: str = "mps2-an386") -> dict:
+def cortex_m_accuracy(
+    qat: nn.Module,
+    cfg: tbn.TBNConfig,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    reference: torch.Tensor,
+    board: str = "mps2-an386",
+) -> dict:
     """Accuracy of the model built as a static C program and run in QEMU (batches of 4),
     when the Arm toolchain and QEMU are installed."""
     from tbn_compiler.backends.cortex_m import ToolchainError, require_toolchain
@@ -146,11 +162,13 @@ def cortex_m_accuracy(qat: nn.Module, cfg: tbn.TBNConfig, x: torch.Tensor, y: to
     cm = tbn.compile(qat, (x[:batch],), target=board, config=cfg)
     out = logits(cm, x, batch)
     mem = cm.memory
-    print(f"{board}: built and ran {len(x)} images in QEMU in {time.perf_counter() - t0:.1f} s; "
-          f"max |mcu - graph| = {(out - reference).abs().max():.2e}; "
-          f"{cm.last_run['instructions']:,} instructions per batch of {batch}; "
-          f"weights {mem['weights_bytes']:,} B, flash {mem['flash_bytes']:,} B, "
-          f"RAM {mem['ram_bytes']:,} B")
+    print(
+        f"{board}: built and ran {len(x)} images in QEMU in {time.perf_counter() - t0:.1f} s; "
+        f"max |mcu - graph| = {(out - reference).abs().max():.2e}; "
+        f"{cm.last_run['instructions']:,} instructions per batch of {batch}; "
+        f"weights {mem['weights_bytes']:,} B, flash {mem['flash_bytes']:,} B, "
+        f"RAM {mem['ram_bytes']:,} B"
+    )
     return {board: accuracy(out, y)}
 
 

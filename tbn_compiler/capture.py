@@ -71,7 +71,9 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> f
     return ep.module()
 
 
-def _symbolic_trace(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> fx.GraphModule:
+def _symbolic_trace(
+    model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]
+) -> fx.GraphModule:
     if kwargs:
         raise CaptureError("symbolic_trace fallback does not take keyword inputs")
     gm = torch.fx.symbolic_trace(model)

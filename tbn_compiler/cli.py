@@ -39,7 +39,9 @@ def parse_shapes(shapes: Sequence[str]) -> tuple[torch.Tensor, ...]:
     try:
         return tuple(torch.randn(*[int(d) for d in s.split(",")]) for s in shapes)
     except ValueError as e:
-        raise SystemExit(f"bad --shape {shapes}: use comma-separated ints like 1,3,32,32 ({e})") from e
+        raise SystemExit(
+            f"bad --shape {shapes}: use comma-separated ints like 1,3,32,32 ({e})"
+        ) from e
 
 
 def _config(args: argparse.Namespace) -> TBNConfig:
@@ -62,8 +64,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from . import compile as compile_model  # the TVM backend is imported only here
 
-    cm = compile_model(load_model(args.model), parse_shapes(args.shape), target=args.target,
-                       config=_config(args))
+    cm = compile_model(
+        load_model(args.model), parse_shapes(args.shape), target=args.target, config=_config(args)
+    )
     print(cm.report)
     cm.save(args.output)
     print(f"wrote {args.output}")
@@ -73,11 +76,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tbnc", description="Tiled Bit Network compiler")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, doc in [("inspect", cmd_inspect, "rewrite a model and print its per-layer report"),
-                          ("compile", cmd_compile, "compile a model and save the artifact")]:
+    for name, fn, doc in [
+        ("inspect", cmd_inspect, "rewrite a model and print its per-layer report"),
+        ("compile", cmd_compile, "compile a model and save the artifact"),
+    ]:
         p = sub.add_parser(name, help=doc)
         p.add_argument("model", help="package.module:factory")
-        p.add_argument("--shape", action="append", required=True, help="input shape, e.g. 1,3,32,32")
+        p.add_argument(
+            "--shape", action="append", required=True, help="input shape, e.g. 1,3,32,32"
+        )
         p.add_argument("--p", type=int, default=4)
         p.add_argument("--min-numel", type=int, default=64_000)
         p.add_argument("--exclude", action="append", default=[], help="layer name or glob")

@@ -43,7 +43,9 @@ class LayerInfo:
 
     @property
     def bits_per_weight(self) -> float:
-        return 8 * (self.tbn_bytes - self._bias_bytes) / self.numel if self.status == "tiled" else 32.0
+        return (
+            8 * (self.tbn_bytes - self._bias_bytes) / self.numel if self.status == "tiled" else 32.0
+        )
 
     @property
     def _bias_bytes(self) -> int:
@@ -54,7 +56,11 @@ def _tiled_info(gm: fx.GraphModule, node: fx.Node) -> LayerInfo:
     op = tile_op_name(node.target)
     alphas = get_attr_tensor(gm, node.args[2].target)
     bias = node.args[3]
-    bias_numel = get_attr_tensor(gm, bias.target).numel() if isinstance(bias, fx.Node) and bias.op == "get_attr" else 0
+    bias_numel = (
+        get_attr_tensor(gm, bias.target).numel()
+        if isinstance(bias, fx.Node) and bias.op == "get_attr"
+        else 0
+    )
     meta = node.meta.get("tbn", {})
     if op == "tiled_linear":
         out_f, in_f = node.args[4], node.args[5]
@@ -71,8 +77,13 @@ def _tiled_info(gm: fx.GraphModule, node: fx.Node) -> LayerInfo:
         numel *= int(d)
     p = alphas.numel()
     return LayerInfo(
-        name=meta.get("name", _tile_op_layer_name(node)), op=label, shape=tuple(int(d) for d in shape),
-        numel=numel, p=p, aligned=tiling.is_aligned(numel, p, row), status="tiled",
+        name=meta.get("name", _tile_op_layer_name(node)),
+        op=label,
+        shape=tuple(int(d) for d in shape),
+        numel=numel,
+        p=p,
+        aligned=tiling.is_aligned(numel, p, row),
+        status="tiled",
         reason=f"{meta.get('source', 'tile op')}: {meta.get('reason', '')}".rstrip(": "),
         dense_bytes=FLOAT_BYTES * (numel + bias_numel),
         tbn_bytes=tiling.tbn_bytes(numel, p, bias_numel),
@@ -109,8 +120,19 @@ class Report:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("name", "op", "shape", "numel", "p", "aligned", "status", "reason",
-                "dense_bytes", "tbn_bytes", "uses")
+        keys = (
+            "name",
+            "op",
+            "shape",
+            "numel",
+            "p",
+            "aligned",
+            "status",
+            "reason",
+            "dense_bytes",
+            "tbn_bytes",
+            "uses",
+        )
         rows = []
         for r in self.layers:
             d = {k: v for k, v in asdict(r).items() if k in keys}
@@ -121,16 +143,47 @@ class Report:
 
     def __str__(self) -> str:
         rows = [
-            [r.name, r.op, "x".join(map(str, r.shape)), r.p if r.p is not None else "-",
-             {True: "yes", False: "no", None: "-"}[r.aligned],
-             f"{r.bits_per_weight:.3f}", r.dense_bytes, r.tbn_bytes,
-             r.uses, r.status if r.status == "tiled" else f"skipped: {r.reason}"]
+            [
+                r.name,
+                r.op,
+                "x".join(map(str, r.shape)),
+                r.p if r.p is not None else "-",
+                {True: "yes", False: "no", None: "-"}[r.aligned],
+                f"{r.bits_per_weight:.3f}",
+                r.dense_bytes,
+                r.tbn_bytes,
+                r.uses,
+                r.status if r.status == "tiled" else f"skipped: {r.reason}",
+            ]
             for r in self.layers
         ]
         t = self.totals
-        rows.append(["TOTAL", "", "", "", "", "", t["dense_bytes"], t["tbn_bytes"], "",
-                     f"{t['tiled']} tiled, {t['skipped']} skipped, {t['compression']:.1f}x smaller"])
-        headers = ["layer", "op", "weight", "p", "aligned", "bits/w", "dense B", "TBN B", "uses", "status"]
+        rows.append(
+            [
+                "TOTAL",
+                "",
+                "",
+                "",
+                "",
+                "",
+                t["dense_bytes"],
+                t["tbn_bytes"],
+                "",
+                f"{t['tiled']} tiled, {t['skipped']} skipped, {t['compression']:.1f}x smaller",
+            ]
+        )
+        headers = [
+            "layer",
+            "op",
+            "weight",
+            "p",
+            "aligned",
+            "bits/w",
+            "dense B",
+            "TBN B",
+            "uses",
+            "status",
+        ]
         return tabulate(rows, headers=headers)
 
     def to_networkx(self) -> nx.DiGraph:
@@ -189,7 +242,9 @@ def _merge_uses(rows: Iterable[LayerInfo]) -> list[LayerInfo]:
 def inspect(gm: fx.GraphModule) -> Report:
     """Build the per-layer :class:`Report` of a graph produced by ``rewrite``."""
     if not isinstance(gm, fx.GraphModule):
-        raise TypeError(f"inspect expects the fx.GraphModule returned by rewrite, got {type(gm).__name__}")
+        raise TypeError(
+            f"inspect expects the fx.GraphModule returned by rewrite, got {type(gm).__name__}"
+        )
     rows = [_tiled_info(gm, n) for n in gm.graph.nodes if tile_op_name(n.target)]
     rows += [_skipped_info(s) for s in gm.meta.get("tbn_skipped", [])]
     return Report(_merge_uses(rows), gm)

@@ -96,15 +96,30 @@ class _TiledMixin:
 class TiledLinear(_TiledMixin, nn.Linear):
     """``nn.Linear`` whose weight is a learned binary tile reused ``p`` times."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, p: int = 4,
-                 alpha_mode: str = "per_tile", device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        p: int = 4,
+        alpha_mode: str = "per_tile",
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_tiling(p, alpha_mode)
 
     @classmethod
     def from_float(cls, layer: nn.Linear, p: int, alpha_mode: str = "per_tile") -> TiledLinear:
-        new = cls(layer.in_features, layer.out_features, layer.bias is not None, p, alpha_mode,
-                  device=layer.weight.device, dtype=layer.weight.dtype)
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            layer.bias is not None,
+            p,
+            alpha_mode,
+            device=layer.weight.device,
+            dtype=layer.weight.dtype,
+        )
         _copy_float_params(layer, new)
         return new
 
@@ -116,10 +131,19 @@ class _TiledConvMixin(_TiledMixin):
     @classmethod
     def from_float(cls, layer: nn.Module, p: int, alpha_mode: str = "per_tile"):
         new = cls(
-            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-            bias=layer.bias is not None, padding_mode=layer.padding_mode,
-            device=layer.weight.device, dtype=layer.weight.dtype, p=p, alpha_mode=alpha_mode,
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device=layer.weight.device,
+            dtype=layer.weight.dtype,
+            p=p,
+            alpha_mode=alpha_mode,
         )
         _copy_float_params(layer, new)
         return new
@@ -186,8 +210,9 @@ def _float_type(module: nn.Module) -> type | None:
     return None
 
 
-def plan_module(cfg: TBNConfig, name: str, module: nn.Module, is_first: bool,
-                is_last: bool) -> LayerPlan:
+def plan_module(
+    cfg: TBNConfig, name: str, module: nn.Module, is_first: bool, is_last: bool
+) -> LayerPlan:
     """Decide p for one float Linear/Conv module, including the checks the tile ops need
     (divisible by p, integer symmetric padding, zero padding mode)."""
     plan = cfg.plan_layer(name, module.weight.numel(), type(module), is_first, is_last)
@@ -195,16 +220,24 @@ def plan_module(cfg: TBNConfig, name: str, module: nn.Module, is_first: bool,
         return plan
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if module.padding_mode != "zeros":
-            return LayerPlan(None, f"padding_mode={module.padding_mode!r} is not supported by the "
-                                   "tile ops; kept dense (use padding_mode='zeros')")
-        if conv_padding_ints(module.padding, module.kernel_size, module.dilation,
-                             module.stride) is None:
-            return LayerPlan(None, "padding='same' with an even kernel needs asymmetric padding; "
-                                   "kept dense")
+            return LayerPlan(
+                None,
+                f"padding_mode={module.padding_mode!r} is not supported by the "
+                "tile ops; kept dense (use padding_mode='zeros')",
+            )
+        if (
+            conv_padding_ints(module.padding, module.kernel_size, module.dilation, module.stride)
+            is None
+        ):
+            return LayerPlan(
+                None, "padding='same' with an even kernel needs asymmetric padding; kept dense"
+            )
     numel = module.weight.numel()
     if numel % plan.p:
-        msg = (f"layer {name!r}: {numel} weights not divisible by p={plan.p}; "
-               f"choose a p that divides {numel} (TBNConfig.layers) or exclude the layer")
+        msg = (
+            f"layer {name!r}: {numel} weights not divisible by p={plan.p}; "
+            f"choose a p that divides {numel} (TBNConfig.layers) or exclude the layer"
+        )
         if cfg.strict:
             raise ValueError(msg)
         return LayerPlan(None, f"{numel} weights not divisible by p={plan.p}")
@@ -233,8 +266,11 @@ def prepare(model: nn.Module, cfg: TBNConfig | None = None) -> nn.Module:
     for i, (name, module) in enumerate(candidates):
         plan = plan_module(cfg, name, module, i == 0, i == len(candidates) - 1)
         if name in direct:
-            plan = LayerPlan(None, f"its weight is read directly by {direct[name]}, not through "
-                                   "its forward(); kept float")
+            plan = LayerPlan(
+                None,
+                f"its weight is read directly by {direct[name]}, not through "
+                "its forward(); kept float",
+            )
         source = shared.get(id(module.weight))
         if plan.p is not None and source is not None and source.p != plan.p:
             plan = LayerPlan(source.p, f"shares its weight with a layer tiled at p={source.p}")

@@ -39,12 +39,21 @@ def _signs(tile: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
     return tiling.unpack_bits(tile, length, dtype)
 
 
-def _check_common(name: str, x: torch.Tensor, tile: torch.Tensor, alphas: torch.Tensor,
-                  bias: torch.Tensor | None, numel: int, out_channels: int) -> int:
+def _check_common(
+    name: str,
+    x: torch.Tensor,
+    tile: torch.Tensor,
+    alphas: torch.Tensor,
+    bias: torch.Tensor | None,
+    numel: int,
+    out_channels: int,
+) -> int:
     """Validate operands shared by all tile ops; return ``L``."""
     p = alphas.numel()
     if alphas.dim() != 1:
-        raise ValueError(f"tbn::{name}: alphas must be 1-D float[p], got shape {tuple(alphas.shape)}")
+        raise ValueError(
+            f"tbn::{name}: alphas must be 1-D float[p], got shape {tuple(alphas.shape)}"
+        )
     length = tiling.check_divisible(numel, p, what=f"tbn::{name} weight")
     n_words = (length + tiling.WORD_BITS - 1) // tiling.WORD_BITS
     if tile.dim() != 1 or tile.numel() != n_words:
@@ -84,7 +93,9 @@ def tiled_linear(
     p = alphas.numel()
     signs = _signs(tile, length, x.dtype)
     a = alphas.to(x.dtype)
-    stored_rows, row_len = (in_features, out_features) if weight_in_out else (out_features, in_features)
+    stored_rows, row_len = (
+        (in_features, out_features) if weight_in_out else (out_features, in_features)
+    )
     if tiling.is_aligned(numel, p, row_len):
         rows = stored_rows // p
         t = signs.reshape(rows, row_len)
@@ -129,14 +140,18 @@ def _tiled_conv(
 ) -> torch.Tensor:
     name = f"tiled_conv{spatial}d"
     if len(weight_shape) != spatial + 2:
-        raise ValueError(f"tbn::{name}: weight_shape must have {spatial + 2} dims, got {weight_shape}")
+        raise ValueError(
+            f"tbn::{name}: weight_shape must have {spatial + 2} dims, got {weight_shape}"
+        )
     cout = int(weight_shape[0])
     numel = 1
     for d in weight_shape:
         numel *= int(d)
     length = _check_common(name, x, tile, alphas, bias, numel, cout)
     if x.dim() not in (spatial + 1, spatial + 2):
-        raise ValueError(f"tbn::{name}: input must be {spatial + 2}-D (or unbatched), got {x.dim()}-D")
+        raise ValueError(
+            f"tbn::{name}: input must be {spatial + 2}-D (or unbatched), got {x.dim()}-D"
+        )
     if x.shape[-spatial - 1] != int(weight_shape[1]) * groups:
         raise ValueError(
             f"tbn::{name}: input has {x.shape[-spatial - 1]} channels, "
@@ -169,7 +184,13 @@ def _tiled_conv(
 def _fake_conv(spatial, x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups):
     w = x.new_empty(tuple(weight_shape))
     return _conv_fn(spatial)(
-        x, w, None, stride=list(stride), padding=list(padding), dilation=list(dilation), groups=groups
+        x,
+        w,
+        None,
+        stride=list(stride),
+        padding=list(padding),
+        dilation=list(dilation),
+        groups=groups,
     )
 
 

@@ -86,7 +86,9 @@ def words_as_int64(words: torch.Tensor) -> torch.Tensor:
     return words.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
-def unpack_bits(words: torch.Tensor, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def unpack_bits(
+    words: torch.Tensor, length: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``(length,)`` tensor of ``+1/-1`` in ``dtype``."""
     n_words = (length + WORD_BITS - 1) // WORD_BITS
     if words.numel() != n_words:
@@ -99,9 +101,7 @@ def unpack_bits(words: torch.Tensor, length: int, dtype: torch.dtype = torch.flo
     return (bits * 2 - 1).to(dtype)
 
 
-def reconstruct(
-    tile: torch.Tensor, alphas: torch.Tensor, shape: Sequence[int]
-) -> torch.Tensor:
+def reconstruct(tile: torch.Tensor, alphas: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Full weight ``W_hat`` of ``shape`` from a ``{-1,+1}`` tile ``(L,)`` and ``alphas (p,)``:
     ``W_hat[e] = alphas[e // L] * tile[e % L]`` (flat row-major)."""
     p = alphas.numel()

@@ -77,8 +77,9 @@ class TimeSeriesNet(nn.Module):
 
 
 def transformer_encoder() -> nn.Module:
-    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0,
-                                       batch_first=True)
+    layer = nn.TransformerEncoderLayer(
+        d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True
+    )
     return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
 
 

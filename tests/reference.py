@@ -12,7 +12,7 @@ def np_tile(scores: np.ndarray, p: int) -> np.ndarray:
     """sign(sum of p flat chunks), 0 -> -1."""
     flat = scores.astype(np.float64).reshape(-1)
     length = flat.size // p
-    folded = sum(flat[i * length:(i + 1) * length] for i in range(p))
+    folded = sum(flat[i * length : (i + 1) * length] for i in range(p))
     return np.where(folded > 0, 1.0, -1.0)
 
 
@@ -21,10 +21,12 @@ def np_alphas(weight: np.ndarray, p: int, mode: str = "per_tile") -> np.ndarray:
     length = flat.size // p
     if mode == "single":
         return np.full(p, flat.mean())
-    return np.array([flat[i * length:(i + 1) * length].mean() for i in range(p)])
+    return np.array([flat[i * length : (i + 1) * length].mean() for i in range(p)])
 
 
-def np_reconstruct(scores: np.ndarray, weight: np.ndarray, p: int, mode: str = "per_tile") -> np.ndarray:
+def np_reconstruct(
+    scores: np.ndarray, weight: np.ndarray, p: int, mode: str = "per_tile"
+) -> np.ndarray:
     """W_hat[e] = alpha[e // L] * t[e % L], in the weight's shape."""
     t = np_tile(scores, p)
     a = np_alphas(weight, p, mode)
@@ -43,7 +45,9 @@ def np_pack(signs: np.ndarray) -> np.ndarray:
     return words.astype(np.uint32)
 
 
-def reference_model(model: torch.nn.Module, tiled: dict[str, int], mode: str = "per_tile") -> torch.nn.Module:
+def reference_model(
+    model: torch.nn.Module, tiled: dict[str, int], mode: str = "per_tile"
+) -> torch.nn.Module:
     """Copy of ``model`` with each named parameter replaced by its post-training
     reconstruction at the given p (tied parameters are replaced once)."""
     ref = copy.deepcopy(model)

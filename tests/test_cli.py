@@ -9,8 +9,22 @@ from tbn_compiler import cli
 
 def test_inspect_writes_json_and_dot(tmp_path, capsys):
     out_json, out_dot = tmp_path / "r.json", tmp_path / "g.dot"
-    rc = cli.main(["inspect", "models:MLP", "--shape", "2,64", "--p", "2", "--min-numel", "0",
-                   "--json", str(out_json), "--dot", str(out_dot)])
+    rc = cli.main(
+        [
+            "inspect",
+            "models:MLP",
+            "--shape",
+            "2,64",
+            "--p",
+            "2",
+            "--min-numel",
+            "0",
+            "--json",
+            str(out_json),
+            "--dot",
+            str(out_dot),
+        ]
+    )
     assert rc == 0
     assert "layers.0" in capsys.readouterr().out
     report = json.loads(out_json.read_text())

@@ -402,8 +402,9 @@ def test_generic_cpu_schedule_parallelizes_reductions_only() -> None:
 def test_huggingface_gpt2_compiles_with_parity() -> None:
     """A real model: boolean attention masks and bool cumsum/eq need import fixes."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16,
-                                     vocab_size=50, use_cache=False)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=50, use_cache=False
+    )
     torch.manual_seed(0)
     model = transformers.GPT2Model(config).eval()
     ids = torch.randint(0, 50, (2, 8))

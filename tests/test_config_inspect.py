@@ -8,22 +8,30 @@ from models import zoo
 import tbn_compiler as tbn
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(p=0), "p must be an int >= 1"),
-    (dict(p=2.5), "p must be an int >= 1"),
-    (dict(alpha="median"), "alpha must be one of"),
-    (dict(min_numel=-1), "min_numel"),
-    (dict(layers={"fc": 0}), r"layers\['fc'\]"),
-    (dict(exclude=[3]), "exclude entries"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(p=0), "p must be an int >= 1"),
+        (dict(p=2.5), "p must be an int >= 1"),
+        (dict(alpha="median"), "alpha must be one of"),
+        (dict(min_numel=-1), "min_numel"),
+        (dict(layers={"fc": 0}), r"layers\['fc'\]"),
+        (dict(exclude=[3]), "exclude entries"),
+    ],
+)
 def test_config_validation(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         tbn.TBNConfig(**kwargs)
 
 
 def test_plan_layer_precedence():
-    cfg = tbn.TBNConfig(p=4, min_numel=100, layers={"enc.*": 8, "enc.skip": None, "dec.0": 2},
-                        exclude=["head", nn.Conv1d], keep_first=True)
+    cfg = tbn.TBNConfig(
+        p=4,
+        min_numel=100,
+        layers={"enc.*": 8, "enc.skip": None, "dec.0": 2},
+        exclude=["head", nn.Conv1d],
+        keep_first=True,
+    )
     assert cfg.plan_layer("enc.skip", 1000).p is None  # exact key before glob
     assert cfg.plan_layer("enc.fc", 1000).p == 8
     assert cfg.plan_layer("dec.0", 10).p == 2  # explicit rule beats min_numel
@@ -46,8 +54,18 @@ def test_report_sizes_and_dict():
     assert r0["tbn_bytes"] == 2048 // 8 + 4 * 4 + 4 * 128
     r2 = rows["layers.2"]  # 10x32 < min_numel -> p=1: 320 bits
     assert r2["p"] == 1 and r2["tbn_bytes"] == 40 + 4 + 40
-    assert set(r0) >= {"name", "op", "shape", "numel", "p", "aligned", "status", "reason",
-                       "dense_bytes", "tbn_bytes"}
+    assert set(r0) >= {
+        "name",
+        "op",
+        "shape",
+        "numel",
+        "p",
+        "aligned",
+        "status",
+        "reason",
+        "dense_bytes",
+        "tbn_bytes",
+    }
     assert d["totals"]["dense_bytes"] == sum(r["dense_bytes"] for r in d["layers"])
     text = str(report)
     assert "layers.0" in text and "TOTAL" in text

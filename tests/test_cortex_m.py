@@ -68,9 +68,17 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor, tbn.TBNConfig]]:
     small = tbn.TBNConfig(p=4, min_numel=0)
     return {
         "mlp": (MLP().eval(), torch.randn(1, 64), small),
-        "cnn": (_randomize_bn(SmallCNN()), torch.randn(1, 1, 8, 8), tbn.TBNConfig(p=2, min_numel=0)),
+        "cnn": (
+            _randomize_bn(SmallCNN()),
+            torch.randn(1, 1, 8, 8),
+            tbn.TBNConfig(p=2, min_numel=0),
+        ),
         "conv1d": (TimeSeriesNet().eval(), torch.randn(1, 4, 32), small),
-        "mnist": (MnistMLP().eval(), torch.randn(1, 784), tbn.TBNConfig(layers={"fc1": 4, "fc2": 1})),
+        "mnist": (
+            MnistMLP().eval(),
+            torch.randn(1, 784),
+            tbn.TBNConfig(layers={"fc1": 4, "fc2": 1}),
+        ),
     }
 
 
@@ -136,8 +144,16 @@ def test_memory_report(compiled) -> None:
 def test_export_builds_with_own_makefile_and_no_heap(compiled, tmp_path: Path) -> None:
     cm = compiled["cnn"][0]
     root = cm.export(tmp_path / "proj")
-    for rel in ("include/tbn_model.h", "src/tbn_kernels.c", "src/tbn_model.c", "Makefile",
-                "CMakeLists.txt", "harness/startup.c", "harness/link.ld", "harness/main.c"):
+    for rel in (
+        "include/tbn_model.h",
+        "src/tbn_kernels.c",
+        "src/tbn_model.c",
+        "Makefile",
+        "CMakeLists.txt",
+        "harness/startup.c",
+        "harness/link.ld",
+        "harness/main.c",
+    ):
         assert (root / rel).is_file(), rel
     subprocess.run(["make", "-s", "-C", str(root)], check=True, capture_output=True)
     lib = root / "build" / "libtbn_model.a"
@@ -195,7 +211,9 @@ def test_board_presets() -> None:
     assert resolve_target("mps2-an500").board.cpu == "cortex-m7"
     assert resolve_target("mps2-an385").board.fpu_flags == ("-mfloat-abi=soft",)
     rp = resolve_target("rp2040")
-    assert rp.kind == "cortex-m" and rp.board.cpu == "cortex-m0plus" and rp.board.qemu_machine is None
+    assert (
+        rp.kind == "cortex-m" and rp.board.cpu == "cortex-m0plus" and rp.board.qemu_machine is None
+    )
     assert resolve_target("STM32F746G-DISCO").board.flash_kib == 1024
     assert resolve_target("cortex-m4").board.flash_kib is None
 
@@ -204,7 +222,9 @@ def test_missing_toolchain_names_packages(monkeypatch) -> None:
     monkeypatch.setattr(qemu.shutil, "which", lambda name: None)
     qemu._missing.cache_clear()
     try:
-        with pytest.raises(ToolchainError, match="gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm"):
+        with pytest.raises(
+            ToolchainError, match="gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm"
+        ):
             qemu.require_toolchain(qemu=True)
     finally:
         monkeypatch.undo()

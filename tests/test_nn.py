@@ -30,13 +30,20 @@ def test_tiled_conv_preserves_geometry_and_matches_reconstruction():
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2, groups=2)
     layer = tbn.TiledConv2d.from_float(conv, p=4)
-    assert (layer.stride, layer.padding, layer.dilation, layer.groups) == ((2, 2), (2, 2), (2, 2), 2)
+    assert (layer.stride, layer.padding, layer.dilation, layer.groups) == (
+        (2, 2),
+        (2, 2),
+        (2, 2),
+        2,
+    )
     x = torch.randn(2, 6, 11, 11)
     ref = F.conv2d(x, _reference_weight(layer), layer.bias, 2, 2, 2, 2)
     torch.testing.assert_close(layer(x), ref)
     conv1 = tbn.TiledConv1d.from_float(nn.Conv1d(4, 6, 3, padding=1), p=3)
     x1 = torch.randn(2, 4, 9)
-    torch.testing.assert_close(conv1(x1), F.conv1d(x1, _reference_weight(conv1), conv1.bias, padding=1))
+    torch.testing.assert_close(
+        conv1(x1), F.conv1d(x1, _reference_weight(conv1), conv1.bias, padding=1)
+    )
 
 
 def test_straight_through_gradients():
@@ -56,11 +63,15 @@ def test_straight_through_gradients():
     alphas = np.abs(w).reshape(p, length).mean(1)
     e = np.arange(w.size)
     expected_scores = grad_w_hat.reshape(-1) * alphas[e // length]
-    np.testing.assert_allclose(layer.scores.grad.numpy().reshape(-1), expected_scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layer.scores.grad.numpy().reshape(-1), expected_scores, rtol=1e-5, atol=1e-6
+    )
     # dL/dalpha_i = sum over chunk i of dL/dW_hat * t ; dalpha_i/dw = sign(w)/L
     dalpha = (grad_w_hat.reshape(p, length) * t[None, :]).sum(1)
     expected_weight = dalpha[e // length] * np.sign(w) / length
-    np.testing.assert_allclose(layer.weight.grad.numpy().reshape(-1), expected_weight, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layer.weight.grad.numpy().reshape(-1), expected_weight, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_prepare_replaces_layers_and_keeps_original():
@@ -116,7 +127,9 @@ def test_convert_matches_prepared_and_stores_only_packed():
     x = torch.randn(3, 64)
     torch.testing.assert_close(frozen(x), qat(x), rtol=1e-5, atol=1e-6)
     keys = set(frozen.state_dict())
-    assert "layers.0.tile" in keys and "layers.0.weight" not in keys and "layers.0.scores" not in keys
+    assert (
+        "layers.0.tile" in keys and "layers.0.weight" not in keys and "layers.0.scores" not in keys
+    )
     torch.testing.assert_close(frozen.layers[0].weight, _reference_weight(qat.layers[0]))
 
 

@@ -18,9 +18,20 @@ def _packed(shape, p, seed):
 
 LINEAR_CASES = [
     # (N, K, p, weight_in_out) - aligned and unaligned, odd sizes
-    (8, 5, 4, False), (10, 6, 4, False), (6, 10, 4, False), (1, 1, 1, False), (1, 7, 7, False),
-    (7, 1, 7, False), (33, 3, 3, False), (64, 96, 8, False), (12, 16, 8, False),
-    (8, 6, 2, True), (6, 4, 4, True), (10, 6, 4, True), (1, 1, 1, True), (96, 32, 2, True),
+    (8, 5, 4, False),
+    (10, 6, 4, False),
+    (6, 10, 4, False),
+    (1, 1, 1, False),
+    (1, 7, 7, False),
+    (7, 1, 7, False),
+    (33, 3, 3, False),
+    (64, 96, 8, False),
+    (12, 16, 8, False),
+    (8, 6, 2, True),
+    (6, 4, 4, True),
+    (10, 6, 4, True),
+    (1, 1, 1, True),
+    (96, 32, 2, True),
 ]
 
 
@@ -40,8 +51,13 @@ def test_tiled_linear(n, k, p, io, batch, bias):
 
 CONV2D_CASES = [
     # (cout, cin, groups, k, p, stride, padding, dilation)
-    (8, 4, 1, 3, 4, 1, 1, 1), (6, 4, 1, 3, 4, 2, 0, 1), (5, 3, 1, 3, 5, 1, 1, 2),
-    (8, 8, 8, 3, 2, 1, 1, 1), (6, 4, 2, 3, 3, 1, 2, 2), (4, 4, 1, 1, 8, 1, 0, 1), (1, 1, 1, 1, 1, 1, 0, 1),
+    (8, 4, 1, 3, 4, 1, 1, 1),
+    (6, 4, 1, 3, 4, 2, 0, 1),
+    (5, 3, 1, 3, 5, 1, 1, 2),
+    (8, 8, 8, 3, 2, 1, 1, 1),
+    (6, 4, 2, 3, 3, 1, 2, 2),
+    (4, 4, 1, 1, 8, 1, 0, 1),
+    (1, 1, 1, 1, 1, 1, 0, 1),
 ]
 
 
@@ -52,12 +68,17 @@ def test_tiled_conv2d(cout, cin, groups, k, p, stride, padding, dilation, batch)
     pt, w = _packed(shape, p, seed=cout * 7 + cin)
     x = torch.randn(batch, cin, 9, 8)
     b = torch.randn(cout)
-    y = ops.tiled_conv2d(x, pt.words, pt.alphas, b, list(shape), [stride] * 2, [padding] * 2,
-                         [dilation] * 2, groups)
-    torch.testing.assert_close(y, F.conv2d(x, w, b, stride, padding, dilation, groups), rtol=1e-5, atol=1e-5)
+    y = ops.tiled_conv2d(
+        x, pt.words, pt.alphas, b, list(shape), [stride] * 2, [padding] * 2, [dilation] * 2, groups
+    )
+    torch.testing.assert_close(
+        y, F.conv2d(x, w, b, stride, padding, dilation, groups), rtol=1e-5, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("cout,cin,groups,k,p", [(8, 4, 1, 5, 4), (6, 4, 2, 3, 4), (4, 4, 4, 3, 2), (3, 5, 1, 1, 3)])
+@pytest.mark.parametrize(
+    "cout,cin,groups,k,p", [(8, 4, 1, 5, 4), (6, 4, 2, 3, 4), (4, 4, 4, 3, 2), (3, 5, 1, 1, 3)]
+)
 def test_tiled_conv1d(cout, cin, groups, k, p):
     shape = (cout, cin // groups, k)
     pt, w = _packed(shape, p, seed=cout + cin * 3)
@@ -75,8 +96,17 @@ def test_op_errors_name_the_problem():
     with pytest.raises(ValueError, match="packed uint32 words"):
         ops.tiled_linear(torch.randn(2, 4), pt.words[:0], pt.alphas, None, 8, 4, False)
     with pytest.raises(ValueError, match="channels"):
-        ops.tiled_conv2d(torch.randn(1, 3, 5, 5), pt.words, pt.alphas, None, [8, 4, 1, 1], [1, 1],
-                         [0, 0], [1, 1], 1)
+        ops.tiled_conv2d(
+            torch.randn(1, 3, 5, 5),
+            pt.words,
+            pt.alphas,
+            None,
+            [8, 4, 1, 1],
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            1,
+        )
 
 
 def test_ops_export_with_fake_impls():

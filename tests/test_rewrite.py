@@ -17,8 +17,16 @@ ELIGIBLE = {
     "cnn": ["stem.weight", "conv1.weight", "conv2.weight", "down.weight", "fc.weight"],
     "grouped": ["dw.weight", "pw.weight", "grouped.weight", "head.weight"],
     "conv1d": ["c1.weight", "c2.weight", "c3.weight", "fc.weight"],
-    "transformer": [f"layers.{i}.{n}" for i in range(2) for n in (
-        "self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight")],
+    "transformer": [
+        f"layers.{i}.{n}"
+        for i in range(2)
+        for n in (
+            "self_attn.in_proj_weight",
+            "self_attn.out_proj.weight",
+            "linear1.weight",
+            "linear2.weight",
+        )
+    ],
     "functional": ["w1", "kernel", "w2"],
     "tied": ["shared.weight", "enc.weight"],
     "gpt2": ["c_attn.weight", "c_proj.weight", "c_fc.weight", "c_out.weight"],
@@ -62,15 +70,19 @@ def test_float_model_matches_reconstruction(name, p):
     # no float weight tensor of a tiled layer survives anywhere in the module
     for pname in expected:
         shape = params[pname].shape
-        assert not any(v.shape == shape and torch.equal(v, params[pname].detach())
-                       for v in gm.state_dict().values())
+        assert not any(
+            v.shape == shape and torch.equal(v, params[pname].detach())
+            for v in gm.state_dict().values()
+        )
 
 
 def test_unaligned_layers_are_covered():
     # p=4 leaves fc (10x32) of the MLP unaligned; p=2 leaves conv1d's fc (3x8) unaligned
     for name, p, layer in [("mlp", 4, "layers.2"), ("conv1d", 2, "fc")]:
         model, x = ZOO[name]
-        rows = tbn.inspect(tbn.rewrite(model, x, tbn.TBNConfig(p=p, min_numel=0))).to_dict()["layers"]
+        rows = tbn.inspect(tbn.rewrite(model, x, tbn.TBNConfig(p=p, min_numel=0))).to_dict()[
+            "layers"
+        ]
         assert next(r for r in rows if r["name"] == layer)["aligned"] is False
 
 
@@ -93,8 +105,9 @@ def test_prepared_model_rewrite_equals_eval(name):
     qat = _train_a_little(tbn.prepare(model, cfg), x)
     gm = tbn.rewrite(qat, x, cfg)
     torch.testing.assert_close(gm(*x), qat.eval()(*x), rtol=1e-5, atol=1e-5)
-    n_tiled_modules = sum(isinstance(m, (tbn.TiledLinear, tbn.TiledConv1d, tbn.TiledConv2d))
-                          for m in qat.modules())
+    n_tiled_modules = sum(
+        isinstance(m, (tbn.TiledLinear, tbn.TiledConv1d, tbn.TiledConv2d)) for m in qat.modules()
+    )
     assert len(_tile_ops(gm)) >= min(n_tiled_modules, 1)
 
 
@@ -193,7 +206,9 @@ def test_capture_falls_back_to_symbolic_trace(monkeypatch):
 
 
 def test_symbolic_trace_fallback_handles_functional_and_addmm(monkeypatch):
-    monkeypatch.setattr(torch.export, "export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    monkeypatch.setattr(
+        torch.export, "export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x"))
+    )
     for name in ("functional", "gpt2", "conv1d"):
         model, x = ZOO[name]
         gm = tbn.rewrite(model, x, tbn.TBNConfig(p=2, min_numel=0))
@@ -204,24 +219,37 @@ def test_symbolic_trace_fallback_handles_functional_and_addmm(monkeypatch):
 
 def test_huggingface_gpt2_from_config():
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=50,
-                                     use_cache=False)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=50, use_cache=False
+    )
     model = transformers.GPT2Model(config).eval()
     ids = torch.randint(0, 50, (2, 8))
     with pytest.raises(Exception):  # noqa: B017 - plain symbolic_trace cannot handle it
         torch.fx.symbolic_trace(model)
     gm = tbn.rewrite(model, (ids,), tbn.TBNConfig(p=2, min_numel=0))
-    names = [f"h.{i}.{n}.weight" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    names = [
+        f"h.{i}.{n}.weight"
+        for i in range(2)
+        for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
     ref = reference_model(model, {n: 2 for n in names})
     out, expected = gm(ids), ref(ids)
-    torch.testing.assert_close(out["last_hidden_state"], expected.last_hidden_state, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        out["last_hidden_state"], expected.last_hidden_state, rtol=1e-4, atol=1e-4
+    )
     assert len(_tile_ops(gm)) == 8
 
 
 def test_huggingface_bert_from_config_float_and_prepared():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, vocab_size=60, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=60,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
     ids = torch.randint(0, 60, (2, 8))
@@ -229,10 +257,12 @@ def test_huggingface_bert_from_config_float_and_prepared():
     gm = tbn.rewrite(model, (ids,), cfg)
     linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     ref = reference_model(model, {n: 2 for n in linears})
-    torch.testing.assert_close(gm(ids)["last_hidden_state"], ref(ids).last_hidden_state,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        gm(ids)["last_hidden_state"], ref(ids).last_hidden_state, rtol=1e-4, atol=1e-4
+    )
     assert len(_tile_ops(gm)) == len(linears) == 13
     qat = tbn.prepare(model, cfg).eval()
     gq = tbn.rewrite(qat, (ids,), cfg)
-    torch.testing.assert_close(gq(ids)["last_hidden_state"], qat(ids).last_hidden_state,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        gq(ids)["last_hidden_state"], qat(ids).last_hidden_state, rtol=1e-5, atol=1e-5
+    )

@@ -30,8 +30,9 @@ def test_tile_and_alphas_match_numpy(case):
     signs = tiling.binarize(tiling.fold(w, p))
     np.testing.assert_array_equal(signs.numpy(), np_tile(w.numpy(), p))
     for mode in ("per_tile", "single"):
-        np.testing.assert_allclose(tiling.compute_alphas(w, p, mode).numpy(), np_alphas(w.numpy(), p, mode),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            tiling.compute_alphas(w, p, mode).numpy(), np_alphas(w.numpy(), p, mode), rtol=1e-5
+        )
 
 
 @settings(max_examples=60, deadline=None)
@@ -40,11 +41,16 @@ def test_pack_unpack_reconstruct_match_numpy(case):
     w, p = case
     packed = tiling.tile_weight(w, w, p)
     assert packed.words.dtype == torch.uint32
-    np.testing.assert_array_equal(packed.words.view(torch.int32).numpy().view(np.uint32),
-                                  np_pack(np_tile(w.numpy(), p)))
+    np.testing.assert_array_equal(
+        packed.words.view(torch.int32).numpy().view(np.uint32), np_pack(np_tile(w.numpy(), p))
+    )
     np.testing.assert_array_equal(packed.signs().numpy(), np_tile(w.numpy(), p))
-    np.testing.assert_allclose(packed.weight(w.shape).numpy(), np_reconstruct(w.numpy(), w.numpy(), p),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        packed.weight(w.shape).numpy(),
+        np_reconstruct(w.numpy(), w.numpy(), p),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_zero_folds_to_minus_one():

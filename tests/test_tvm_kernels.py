@@ -106,9 +106,17 @@ def test_generic_llvm_target_and_float64():
     x, b = torch.randn(3, 64, dtype=torch.float64), torch.randn(13, dtype=torch.float64)
     target = tvm.target.Target("llvm")
     for dtype in ("float32", "float64"):
-        xt, at, bt = x.to(getattr(torch, dtype)), alphas.to(getattr(torch, dtype)), b.to(getattr(torch, dtype))
-        func = schedules.schedule_for(kernels.tiled_linear_primfunc(3, 64, 13, 8, False, True, dtype), target)
-        fn = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        xt, at, bt = (
+            x.to(getattr(torch, dtype)),
+            alphas.to(getattr(torch, dtype)),
+            b.to(getattr(torch, dtype)),
+        )
+        func = schedules.schedule_for(
+            kernels.tiled_linear_primfunc(3, 64, 13, 8, False, True, dtype), target
+        )
+        fn = tvm.compile(
+            tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target
+        )
         out = tvm.runtime.tensor(np.zeros((3, 13), dtype))
         fn["main"](*[tvm.runtime.tensor(_np(t)) for t in (xt, words, at, bt)], out)
         ref = ops.tiled_linear(x, words, alphas.double(), b, 13, 64, False)
@@ -178,11 +186,21 @@ CUDA_FUNCS = {
     "linear_general": lambda: kernels.tiled_linear_primfunc(1, 30, 7, 3, False, True),
     "linear_general_words": lambda: kernels.tiled_linear_primfunc(2, 512, 13, 8, False, True),
     "linear_general_in_out": lambda: kernels.tiled_linear_primfunc(2, 13, 64, 8, True, False),
-    "conv2d_aligned": lambda: kernels.tiled_conv_primfunc((2, 8, 9, 9), (8, 8, 3, 3), 1, 1, 1, 1, 4, True),
-    "conv2d_direct": lambda: kernels.tiled_conv_primfunc((1, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, 2, True),
-    "conv2d_im2col": lambda: kernels.tiled_conv_primfunc((1, 32, 6, 6), (8, 32, 3, 3), 1, 1, 1, 1, 4, True),
-    "conv2d_grouped_words": lambda: kernels.tiled_conv_primfunc((1, 64, 5, 5), (4, 32, 3, 3), 1, 1, 1, 2, 2, True),
-    "conv2d_depthwise": lambda: kernels.tiled_conv_primfunc((1, 6, 8, 8), (6, 1, 3, 3), 1, 1, 1, 6, 2, False),
+    "conv2d_aligned": lambda: kernels.tiled_conv_primfunc(
+        (2, 8, 9, 9), (8, 8, 3, 3), 1, 1, 1, 1, 4, True
+    ),
+    "conv2d_direct": lambda: kernels.tiled_conv_primfunc(
+        (1, 3, 8, 8), (4, 3, 3, 3), 1, 1, 1, 1, 2, True
+    ),
+    "conv2d_im2col": lambda: kernels.tiled_conv_primfunc(
+        (1, 32, 6, 6), (8, 32, 3, 3), 1, 1, 1, 1, 4, True
+    ),
+    "conv2d_grouped_words": lambda: kernels.tiled_conv_primfunc(
+        (1, 64, 5, 5), (4, 32, 3, 3), 1, 1, 1, 2, 2, True
+    ),
+    "conv2d_depthwise": lambda: kernels.tiled_conv_primfunc(
+        (1, 6, 8, 8), (6, 1, 3, 3), 1, 1, 1, 6, 2, False
+    ),
     "conv1d": lambda: kernels.tiled_conv_primfunc((2, 4, 17), (8, 4, 3), 2, 2, 1, 1, 4, True),
 }
 

@@ -137,9 +137,13 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="TBNCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        passes = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-                  + [parallelize_unscheduled] + cpu.dataflow_lower_passes(target)
-                  + cpu.finalize_passes(target))
+        passes = (
+            cpu.library_dispatch_passes(target)
+            + cpu.legalize_passes(target)
+            + [parallelize_unscheduled]
+            + cpu.dataflow_lower_passes(target)
+            + cpu.finalize_passes(target)
+        )
         with target:
             return tvm.transform.Sequential(passes)(mod)
 

@@ -110,9 +110,7 @@ def _sign_lut() -> te.Tensor:
     """``uint32[256, 8]``: ``lut[b, j]`` is the sign mask of bit ``j`` of byte ``b``."""
     return te.compute(
         _shape((256, 8)),
-        lambda b, j: tirx.Select(
-            ((b >> j) & _i64(1)) == _i64(1), _u32(0), _u32(_SIGN_BIT)
-        ),
+        lambda b, j: tirx.Select(((b >> j) & _i64(1)) == _i64(1), _u32(0), _u32(_SIGN_BIT)),
         name="sign_lut",
     )
 
@@ -123,9 +121,7 @@ def _lut_mask(lut: te.Tensor, word: tirx.PrimExpr, byte, bit) -> tirx.PrimExpr:
     return lut[b.astype("int64"), bit]
 
 
-def _finish(
-    args: list[te.Tensor], kind: str, meta: dict[str, int]
-) -> tirx.PrimFunc:
+def _finish(args: list[te.Tensor], kind: str, meta: dict[str, int]) -> tirx.PrimFunc:
     func = te.create_prim_func(args).without_attr("global_symbol")
     func = func.with_attr(KERNEL_ATTR, kind)
     for key, value in meta.items():
@@ -139,8 +135,9 @@ def _check(numel: int, p: int) -> int:
     return numel // p
 
 
-def _inputs(x_shape: Sequence[int], length: int, p: int, out_ch: int, has_bias: bool,
-            dtype: str) -> tuple[te.Tensor, te.Tensor, te.Tensor, te.Tensor | None]:
+def _inputs(
+    x_shape: Sequence[int], length: int, p: int, out_ch: int, has_bias: bool, dtype: str
+) -> tuple[te.Tensor, te.Tensor, te.Tensor, te.Tensor | None]:
     x = te.placeholder(_shape(x_shape), dtype, name="x")
     tile = te.placeholder(_shape((n_words(length),)), "uint32", name="tile")
     alphas = te.placeholder(_shape((p,)), dtype, name="alphas")
@@ -295,8 +292,9 @@ def _linear_in_out_aligned(x, tile, alphas, bias, m: int, k: int, n: int, p: int
     return te.compute(_shape((m, n)), lambda i, o: _add_bias(value(i, o), bias, o), name="out")
 
 
-def _general_weight(tile, alphas, row_start, within, length: int, row_len: int,
-                    p: int) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+def _general_weight(
+    tile, alphas, row_start, within, length: int, row_len: int, p: int
+) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """``(alpha, sign mask)`` of flat weight ``row_start + within`` (``within < row_len``).
 
     When a chunk holds at least a row (``L >= row_len``) a row meets at most two chunks:
@@ -313,8 +311,9 @@ def _general_weight(tile, alphas, row_start, within, length: int, row_len: int,
     return alpha, _bit_mask(tile, tirx.Select(wrap, j - length, j))
 
 
-def _linear_general(x, tile, alphas, bias, m: int, k: int, n: int, length: int,
-                    weight_in_out: bool) -> te.Tensor:
+def _linear_general(
+    x, tile, alphas, bias, m: int, k: int, n: int, length: int, weight_in_out: bool
+) -> te.Tensor:
     """Modulo-indexed: weight element ``e`` is ``alpha[e // L] * sign(bit e % L)``.
 
     When stored rows are whole words and a chunk holds at least a row (and a word),
@@ -336,8 +335,9 @@ def _linear_general(x, tile, alphas, bias, m: int, k: int, n: int, length: int,
             alpha, mask = _general_weight(tile, alphas, j * k, kk, length, k, p)
         return te.sum(alpha * _flip(x[i, kk], mask, dtype), axis=kk)
 
-    return _with_bias(te.compute(_shape((m, n)), body, name="acc" if bias is not None else "out"),
-                      bias)
+    return _with_bias(
+        te.compute(_shape((m, n)), body, name="acc" if bias is not None else "out"), bias
+    )
 
 
 def _with_bias(acc: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
@@ -372,8 +372,9 @@ def _row_alpha(alphas, row_start, q, length: int, p: int) -> tirx.PrimExpr:
     return tirx.Select(tirx.floormod(row_start, length) + q >= length, nxt, alphas[chunk])
 
 
-def _linear_general_words(x, tile, alphas, bias, m: int, k: int, n: int, length: int,
-                          p: int) -> te.Tensor:
+def _linear_general_words(
+    x, tile, alphas, bias, m: int, k: int, n: int, length: int, p: int
+) -> te.Tensor:
     """``(out, in)`` weight, ``in % 32 == 0``: reduction split ``(word, byte, bit)``."""
     dtype = x.dtype
     lut = _sign_lut()
@@ -391,8 +392,9 @@ def _linear_general_words(x, tile, alphas, bias, m: int, k: int, n: int, length:
     return _with_bias(te.compute(_shape((m, n)), body, name=name), bias)
 
 
-def _linear_general_in_out_words(x, tile, alphas, bias, m: int, k: int, n: int, length: int,
-                                 p: int) -> te.Tensor:
+def _linear_general_in_out_words(
+    x, tile, alphas, bias, m: int, k: int, n: int, length: int, p: int
+) -> te.Tensor:
     """``(in, out)`` weight, ``out % 32 == 0``: ``small[i, ow, ob, ol]`` is column
     ``32 ow + 8 ob + ol``, one realigned word per (stored row, ``ow``)."""
     dtype = x.dtype
@@ -467,12 +469,16 @@ def tiled_conv_primfunc(
     """
     nd = len(weight_shape) - 2
     if nd not in (1, 2) or len(x_shape) != nd + 2:
-        raise ValueError(f"conv needs x {nd + 2}-D and weight 3-D/4-D, got {x_shape}, {weight_shape}")
+        raise ValueError(
+            f"conv needs x {nd + 2}-D and weight 3-D/4-D, got {x_shape}, {weight_shape}"
+        )
     stride, padding, dilation = (_as_tuple(v, nd) for v in (stride, padding, dilation))
     cout, cg, *ksize = (int(d) for d in weight_shape)
     batch, cin, *in_sp = (int(d) for d in x_shape)
     if cin != cg * groups or cout % groups:
-        raise ValueError(f"x channels {cin} do not match weight {weight_shape} with groups={groups}")
+        raise ValueError(
+            f"x channels {cin} do not match weight {weight_shape} with groups={groups}"
+        )
     numel = cout * cg
     for d in ksize:
         numel *= d
@@ -502,8 +508,9 @@ def tiled_conv_primfunc(
 class _ConvGeom:
     """Filter geometry: channels per group, kernel size, stride, dilation."""
 
-    def __init__(self, cg: int, ksize: tuple[int, ...], stride: tuple[int, ...],
-                 dilation: tuple[int, ...]) -> None:
+    def __init__(
+        self, cg: int, ksize: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
+    ) -> None:
         self.cg, self.ksize, self.stride, self.dilation = cg, ksize, stride, dilation
 
     def reduce_axes(self) -> tuple[te.IterVar, list[te.IterVar]]:
@@ -519,11 +526,14 @@ class _ConvGeom:
         return e
 
     def src(self, sp: Sequence, taps: Sequence) -> list:
-        return [o * s + t * d for o, t, s, d in zip(sp, taps, self.stride, self.dilation, strict=True)]
+        return [
+            o * s + t * d for o, t, s, d in zip(sp, taps, self.stride, self.dilation, strict=True)
+        ]
 
 
-def _conv_aligned(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int],
-                  p: int) -> te.Tensor:
+def _conv_aligned(
+    xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int], p: int
+) -> te.Tensor:
     """``small``: the ``cout/p`` binary filters once; ``out = alpha * small + b``.
 
     When a filter has a multiple of 8 weights the product is a tiled linear over
@@ -577,8 +587,12 @@ def _im2col(xp, geom: _ConvGeom, out_shape: list[int], groups: int) -> te.Tensor
     cols = groups * geom.cg
     for k in geom.ksize:
         cols *= k
-    return te.compute(_shape((positions, cols)), patch, name="patches",
-                      attrs={"tbn_row_dims": [groups * geom.cg, *geom.ksize]})
+    return te.compute(
+        _shape((positions, cols)),
+        patch,
+        name="patches",
+        attrs={"tbn_row_dims": [groups * geom.cg, *geom.ksize]},
+    )
 
 
 def _positions_to_nchw(small: te.Tensor, out_shape: list[int], value) -> te.Tensor:
@@ -595,13 +609,16 @@ def _positions_to_nchw(small: te.Tensor, out_shape: list[int], value) -> te.Tens
 
 
 def _lut_axes(words: int) -> tuple[te.IterVar, te.IterVar, te.IterVar]:
-    return (te.reduce_axis((_i64(0), _i64(words)), name="kw"),
-            te.reduce_axis((_i64(0), _i64(4)), name="kb"),
-            te.reduce_axis((_i64(0), _i64(8)), name="kl"))
+    return (
+        te.reduce_axis((_i64(0), _i64(words)), name="kw"),
+        te.reduce_axis((_i64(0), _i64(4)), name="kb"),
+        te.reduce_axis((_i64(0), _i64(8)), name="kl"),
+    )
 
 
-def _conv_aligned_im2col(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int],
-                         filters: int, row: int) -> te.Tensor:
+def _conv_aligned_im2col(
+    xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int], filters: int, row: int
+) -> te.Tensor:
     dtype = xp.dtype
     patches = _im2col(xp, geom, out_shape, 1)
     table = _RowTable(row)
@@ -619,8 +636,18 @@ def _conv_aligned_im2col(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: lis
     return _positions_to_nchw(small, out_shape, value)
 
 
-def _conv_general_im2col(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int],
-                         groups: int, row: int, length: int, p: int) -> te.Tensor:
+def _conv_general_im2col(
+    xp,
+    tile,
+    alphas,
+    bias,
+    geom: _ConvGeom,
+    out_shape: list[int],
+    groups: int,
+    row: int,
+    length: int,
+    p: int,
+) -> te.Tensor:
     """General conv with ``row % 32 == 0`` and ``L >= row``: realigned words over im2col."""
     dtype = xp.dtype
     patches = _im2col(xp, geom, out_shape, groups)
@@ -639,8 +666,9 @@ def _conv_general_im2col(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: lis
     return _positions_to_nchw(small, out_shape, lambda sm, i, co: _add_bias(sm[i, co], bias, co))
 
 
-def _conv_general(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int], groups: int,
-                  length: int) -> te.Tensor:
+def _conv_general(
+    xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int], groups: int, length: int
+) -> te.Tensor:
     """Modulo-indexed conv (grouped or unaligned)."""
     dtype = xp.dtype
     per_group = out_shape[1] // groups
@@ -649,13 +677,15 @@ def _conv_general(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int],
         row_len *= k
     p = out_shape[1] * row_len // length
     if row_len % WORD_BITS == 0 and length >= max(row_len, WORD_BITS):
-        return _conv_general_im2col(xp, tile, alphas, bias, geom, out_shape, groups, row_len,
-                                    length, p)
+        return _conv_general_im2col(
+            xp, tile, alphas, bias, geom, out_shape, groups, row_len, length, p
+        )
     rc, taps = geom.reduce_axes()
 
     def body(b, co, *sp):
-        alpha, mask = _general_weight(tile, alphas, co * row_len, geom.flat(0, rc, taps),
-                                      length, row_len, p)
+        alpha, mask = _general_weight(
+            tile, alphas, co * row_len, geom.flat(0, rc, taps), length, row_len, p
+        )
         ch = tirx.floordiv(co, per_group) * geom.cg + rc
         xv = xp[(b, ch, *geom.src(sp, taps))]
         return te.sum(alpha * _flip(xv, mask, dtype), axis=[rc, *taps])
@@ -666,4 +696,3 @@ def _conv_general(xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int],
     return te.compute(
         _shape(out_shape), lambda b, co, *sp: acc[(b, co, *sp)] + bias[co], name="out"
     )
-

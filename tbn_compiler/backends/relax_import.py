@@ -115,7 +115,9 @@ def _static_shape(expr: relax.Expr, what: str, node: fx.Node) -> tuple[int, ...]
     try:
         return tuple(int(d) for d in shape)
     except (TypeError, ValueError) as exc:
-        raise GraphImportError(f"node {node.name!r}: {what} needs a static shape, got {shape}") from exc
+        raise GraphImportError(
+            f"node {node.name!r}: {what} needs a static shape, got {shape}"
+        ) from exc
 
 
 def _check_dtype(expr: relax.Expr, node: fx.Node) -> str:
@@ -127,7 +129,9 @@ def _check_dtype(expr: relax.Expr, node: fx.Node) -> str:
 
 def _add_kernel(importer: Any, func: tvm.tirx.PrimFunc, op: str) -> relax.GlobalVar:
     if not (func.attrs and KERNEL_ATTR in func.attrs):
-        raise GraphImportError(f"kernel builder for {op} returned a PrimFunc without {KERNEL_ATTR!r}")
+        raise GraphImportError(
+            f"kernel builder for {op} returned a PrimFunc without {KERNEL_ATTR!r}"
+        )
     return importer.block_builder.add_func(func, f"tbn_{op}")
 
 
@@ -295,8 +299,9 @@ def _output_specs(ep: torch.export.ExportedProgram) -> list[TensorSpec]:
 _MASKED_SCORE = -3.0e38  # added to attention scores where a boolean mask says "masked"
 
 
-def _insert_before(graph: fx.Graph, node: fx.Node, target: Any, args: tuple,
-                   kwargs: dict | None = None) -> fx.Node:
+def _insert_before(
+    graph: fx.Graph, node: fx.Node, target: Any, args: tuple, kwargs: dict | None = None
+) -> fx.Node:
     """Insert ``target(*args, **kwargs)`` before ``node``, with its fake ``val`` meta."""
     kwargs = kwargs or {}
     vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
@@ -308,7 +313,9 @@ def _insert_before(graph: fx.Graph, node: fx.Node, target: Any, args: tuple,
 
 
 def _is_bool(value: Any) -> bool:
-    return isinstance(value, fx.Node) and getattr(value.meta.get("val"), "dtype", None) == torch.bool
+    return (
+        isinstance(value, fx.Node) and getattr(value.meta.get("val"), "dtype", None) == torch.bool
+    )
 
 
 def float_attention_masks(ep: torch.export.ExportedProgram) -> None:
@@ -324,7 +331,9 @@ def float_attention_masks(ep: torch.export.ExportedProgram) -> None:
         if not _is_bool(mask):
             continue
         masked = _insert_before(graph, node, aten.logical_not.default, (mask,))
-        as_float = _insert_before(graph, node, aten._to_copy.default, (masked,), {"dtype": torch.float32})
+        as_float = _insert_before(
+            graph, node, aten._to_copy.default, (masked,), {"dtype": torch.float32}
+        )
         additive = _insert_before(graph, node, aten.mul.Tensor, (as_float, _MASKED_SCORE))
         if len(node.args) > 3:
             node.args = (*node.args[:3], additive, *node.args[4:])
@@ -353,7 +362,8 @@ def integer_bool_operands(ep: torch.export.ExportedProgram) -> None:
             continue
         node.args = tuple(
             _insert_before(graph, node, torch.ops.aten._to_copy.default, (a,), {"dtype": dtype})
-            if _is_bool(a) else a
+            if _is_bool(a)
+            else a
             for a in node.args
         )
     ep.graph_module.recompile()
@@ -381,7 +391,9 @@ def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) ->
     except GraphImportError:
         raise
     except Exception as exc:
-        raise GraphImportError(f"TVM could not import the graph: {type(exc).__name__}: {exc}") from exc
+        raise GraphImportError(
+            f"TVM could not import the graph: {type(exc).__name__}: {exc}"
+        ) from exc
     names = [gv.name_hint for gv, f in mod.functions.items() if f.attrs and KERNEL_ATTR in f.attrs]
     user_names = list(ep.graph_signature.user_inputs)
     in_specs = [TensorSpec.of(str(n), t) for n, t in zip(user_names, inputs, strict=True)]

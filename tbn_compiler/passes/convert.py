@@ -50,8 +50,14 @@ class PackedLinear(_PackedBase):
     """Frozen tiled linear: ``y = x @ W_hat.T + b`` (or ``x @ W_hat + b`` when the
     weight is stored (in, out))."""
 
-    def __init__(self, in_features: int, out_features: int, packed: PackedTile,
-                 bias: torch.Tensor | None, weight_in_out: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        packed: PackedTile,
+        bias: torch.Tensor | None,
+        weight_in_out: bool = False,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_in_out = weight_in_out
@@ -67,7 +73,12 @@ class PackedLinear(_PackedBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.tbn.tiled_linear.default(
-            x, self.tile, self.alphas, self.bias, self.out_features, self.in_features,
+            x,
+            self.tile,
+            self.alphas,
+            self.bias,
+            self.out_features,
+            self.in_features,
             self.weight_in_out,
         )
 
@@ -78,9 +89,16 @@ class PackedLinear(_PackedBase):
 class PackedConv(_PackedBase):
     """Frozen tiled conv1d/conv2d with integer symmetric zero padding."""
 
-    def __init__(self, weight_shape: list[int], stride: list[int], padding: list[int],
-                 dilation: list[int], groups: int, packed: PackedTile,
-                 bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        weight_shape: list[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+        packed: PackedTile,
+        bias: torch.Tensor | None,
+    ) -> None:
         super().__init__()
         self.weight_shape = [int(d) for d in weight_shape]
         self.stride, self.padding = list(stride), list(padding)
@@ -99,8 +117,17 @@ class PackedConv(_PackedBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = torch.ops.tbn.tiled_conv1d if self.spatial == 1 else torch.ops.tbn.tiled_conv2d
-        return op.default(x, self.tile, self.alphas, self.bias, self.weight_shape, self.stride,
-                          self.padding, self.dilation, self.groups)
+        return op.default(
+            x,
+            self.tile,
+            self.alphas,
+            self.bias,
+            self.weight_shape,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
 
     def extra_repr(self) -> str:
         return f"weight_shape={self.weight_shape}, stride={self.stride}, p={self.p}"
@@ -113,14 +140,25 @@ def packed_from_tiled(layer: nn.Module, packed: PackedTile | None = None) -> _Pa
         return PackedLinear(layer.in_features, layer.out_features, packed, layer.bias)
     if isinstance(layer, (TiledConv1d, TiledConv2d)):
         if layer.padding_mode != "zeros":
-            raise ValueError(f"{type(layer).__name__}: padding_mode={layer.padding_mode!r} "
-                             "cannot be converted; use padding_mode='zeros'")
+            raise ValueError(
+                f"{type(layer).__name__}: padding_mode={layer.padding_mode!r} "
+                "cannot be converted; use padding_mode='zeros'"
+            )
         pads = conv_padding_ints(layer.padding, layer.kernel_size, layer.dilation, layer.stride)
         if pads is None:
-            raise ValueError(f"{type(layer).__name__}: padding='same' with an even kernel "
-                             "cannot be converted to symmetric padding")
-        return PackedConv(list(layer.weight.shape), list(layer.stride), pads,
-                          list(layer.dilation), layer.groups, packed, layer.bias)
+            raise ValueError(
+                f"{type(layer).__name__}: padding='same' with an even kernel "
+                "cannot be converted to symmetric padding"
+            )
+        return PackedConv(
+            list(layer.weight.shape),
+            list(layer.stride),
+            pads,
+            list(layer.dilation),
+            layer.groups,
+            packed,
+            layer.bias,
+        )
     raise TypeError(f"not a tiled layer: {type(layer).__name__}")
 
 

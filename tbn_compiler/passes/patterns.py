@@ -84,10 +84,16 @@ def _weight_operand(gm: fx.GraphModule, value: Any, ndim: int) -> tuple[str, boo
     is_t = (
         (value.op == "call_function" and value.target in (aten.t.default, torch.t))
         or (value.op == "call_method" and value.target == "t")
-        or (value.op == "call_function" and value.target is aten.transpose.int
-            and sorted(a % 2 for a in value.args[1:3]) == [0, 1])
-        or (value.op == "call_function" and value.target is aten.permute.default
-            and list(value.args[1]) == [1, 0])
+        or (
+            value.op == "call_function"
+            and value.target is aten.transpose.int
+            and sorted(a % 2 for a in value.args[1:3]) == [0, 1]
+        )
+        or (
+            value.op == "call_function"
+            and value.target is aten.permute.default
+            and list(value.args[1]) == [1, 0]
+        )
     )
     if ndim == 2 and is_t and len(value.users) >= 1:
         inner = _weight_operand(gm, value.args[0], ndim)
@@ -108,8 +114,14 @@ def match_linear_call(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
     found = _weight_operand(gm, _arg(node, 1, "weight"), 2)
     if found is None or found[1]:
         return None
-    return LayerMatch(node, "linear", _arg(node, 0, "input"), found[0],
-                      _bias_operand(_arg(node, 2, "bias")), weight_nodes=found[2])
+    return LayerMatch(
+        node,
+        "linear",
+        _arg(node, 0, "input"),
+        found[0],
+        _bias_operand(_arg(node, 2, "bias")),
+        weight_nodes=found[2],
+    )
 
 
 def _conv_geometry(spatial: int, stride, padding, dilation, groups, weight: torch.Tensor):
@@ -119,8 +131,12 @@ def _conv_geometry(spatial: int, stride, padding, dilation, groups, weight: torc
 
     kernel = list(weight.shape[2:])
     dil = per_dim(dilation, 1)
-    pads = conv_padding_ints(padding if isinstance(padding, str) else per_dim(padding, 0),
-                             kernel, dil, per_dim(stride, 1))
+    pads = conv_padding_ints(
+        padding if isinstance(padding, str) else per_dim(padding, 0),
+        kernel,
+        dil,
+        per_dim(stride, 1),
+    )
     geometry = dict(stride=per_dim(stride, 1), padding=pads, dilation=dil, groups=int(groups or 1))
     reason = None
     if pads is None:
@@ -143,12 +159,23 @@ def _make_conv_matcher(spatial: int, aten_convolution: bool = False):
             groups = _arg(node, 6, "groups", 1)
         weight = get_attr_tensor(gm, found[0])
         geometry, reason = _conv_geometry(
-            spatial, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
-            _arg(node, 5, "dilation", 1), groups, weight,
+            spatial,
+            _arg(node, 3, "stride", 1),
+            _arg(node, 4, "padding", 0),
+            _arg(node, 5, "dilation", 1),
+            groups,
+            weight,
         )
-        return LayerMatch(node, f"conv{spatial}d", _arg(node, 0, "input"), found[0],
-                          _bias_operand(_arg(node, 2, "bias")), conv=geometry,
-                          unsupported=reason, weight_nodes=found[2])
+        return LayerMatch(
+            node,
+            f"conv{spatial}d",
+            _arg(node, 0, "input"),
+            found[0],
+            _bias_operand(_arg(node, 2, "bias")),
+            conv=geometry,
+            unsupported=reason,
+            weight_nodes=found[2],
+        )
 
     return match
 
@@ -180,8 +207,16 @@ def _make_matmul_matcher(with_bias: bool):
         unsupported = None
         if with_bias and (_arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1):
             unsupported = "addmm with beta/alpha != 1 is not supported; kept dense"
-        return LayerMatch(node, "linear", x, path, bias, weight_in_out=not transposed,
-                          unsupported=unsupported, weight_nodes=nodes)
+        return LayerMatch(
+            node,
+            "linear",
+            x,
+            path,
+            bias,
+            weight_in_out=not transposed,
+            unsupported=unsupported,
+            weight_nodes=nodes,
+        )
 
     return match
 
@@ -197,13 +232,24 @@ def match_module_call(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
     if base is nn.Linear:
         return LayerMatch(node, "linear", node.args[0], weight_path, bias, module_type=type(module))
     spatial = 1 if base is nn.Conv1d else 2
-    geometry, reason = _conv_geometry(spatial, module.stride, module.padding, module.dilation,
-                                      module.groups, module.weight)
+    geometry, reason = _conv_geometry(
+        spatial, module.stride, module.padding, module.dilation, module.groups, module.weight
+    )
     if module.padding_mode != "zeros":
-        reason = (f"padding_mode={module.padding_mode!r} is not supported by the tile ops; "
-                  "kept dense (use padding_mode='zeros')")
-    return LayerMatch(node, f"conv{spatial}d", node.args[0], weight_path, bias, conv=geometry,
-                      module_type=type(module), unsupported=reason)
+        reason = (
+            f"padding_mode={module.padding_mode!r} is not supported by the tile ops; "
+            "kept dense (use padding_mode='zeros')"
+        )
+    return LayerMatch(
+        node,
+        f"conv{spatial}d",
+        node.args[0],
+        weight_path,
+        bias,
+        conv=geometry,
+        module_type=type(module),
+        unsupported=reason,
+    )
 
 
 Matcher = Callable[[fx.GraphModule, fx.Node], "LayerMatch | None"]

@@ -62,7 +62,9 @@ def _free_attr(module: nn.Module, base: str) -> str:
     return name
 
 
-def _register_tile_buffers(gm: fx.GraphModule, match: LayerMatch, packed: tiling.PackedTile) -> tuple[str, str]:
+def _register_tile_buffers(
+    gm: fx.GraphModule, match: LayerMatch, packed: tiling.PackedTile
+) -> tuple[str, str]:
     """Store tile and alphas next to the weight; return their attribute paths."""
     owner_path, leaf = _owner_and_leaf(match.weight)
     owner = gm.get_submodule(owner_path) if owner_path else gm
@@ -98,14 +100,21 @@ def _layer_shape(gm: fx.GraphModule, match: LayerMatch) -> tuple[int, ...]:
     return tuple(get_attr_tensor(gm, match.weight).shape)
 
 
-def _plan(cfg: TBNConfig, gm: fx.GraphModule, match: LayerMatch, shared_use: str | None,
-          is_first: bool, is_last: bool) -> LayerPlan:
+def _plan(
+    cfg: TBNConfig,
+    gm: fx.GraphModule,
+    match: LayerMatch,
+    shared_use: str | None,
+    is_first: bool,
+    is_last: bool,
+) -> LayerPlan:
     weight = get_attr_tensor(gm, match.weight)
     if match.unsupported:
         return LayerPlan(None, match.unsupported)
     if shared_use:
-        return LayerPlan(None, f"weight also used by {shared_use}, which is not a linear/conv "
-                               "layer; kept dense")
+        return LayerPlan(
+            None, f"weight also used by {shared_use}, which is not a linear/conv layer; kept dense"
+        )
     plan = cfg.plan_layer(match.name, weight.numel(), match.module_type, is_first, is_last)
     if plan.p is None or weight.numel() % plan.p == 0:
         return plan
@@ -126,7 +135,7 @@ def _emit_tile_op(gm: fx.GraphModule, match: LayerMatch, tiled: _Tiled) -> fx.No
         alphas = graph.get_attr(tiled.alphas)
         bias = graph.get_attr(match.bias) if isinstance(match.bias, str) else match.bias
         if match.op == "linear":
-            in_f, out_f = (weight_shape if match.weight_in_out else weight_shape[::-1])
+            in_f, out_f = weight_shape if match.weight_in_out else weight_shape[::-1]
             new = graph.call_function(
                 torch.ops.tbn.tiled_linear.default,
                 (match.input, tile, alphas, bias, int(out_f), int(in_f), match.weight_in_out),
@@ -136,10 +145,21 @@ def _emit_tile_op(gm: fx.GraphModule, match: LayerMatch, tiled: _Tiled) -> fx.No
             geo = match.conv
             new = graph.call_function(
                 op.default,
-                (match.input, tile, alphas, bias, list(weight_shape), geo["stride"],
-                 geo["padding"], geo["dilation"], geo["groups"]),
+                (
+                    match.input,
+                    tile,
+                    alphas,
+                    bias,
+                    list(weight_shape),
+                    geo["stride"],
+                    geo["padding"],
+                    geo["dilation"],
+                    geo["groups"],
+                ),
             )
-    new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+    new.meta.update(
+        {k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")}
+    )
     return new
 
 
@@ -149,12 +169,18 @@ def _drop_unused_weights(gm: fx.GraphModule, tensor_ids: set[int]) -> None:
     gm.graph.eliminate_dead_code()
     used_attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    named = [
+        *gm.named_parameters(remove_duplicate=False),
+        *gm.named_buffers(remove_duplicate=False),
+    ]
     for path in [path for path, t in named if id(t) in tensor_ids and path not in used_attrs]:
         owner_path, leaf = _owner_and_leaf(path)
         owner = gm.get_submodule(owner_path) if owner_path else gm
-        if (isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d)) and leaf == "weight"
-                and owner_path not in used_modules):
+        if (
+            isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d))
+            and leaf == "weight"
+            and owner_path not in used_modules
+        ):
             _replace_layer_module(gm, owner_path, owner)
         elif hasattr(owner, leaf):
             delattr(owner, leaf)
@@ -196,7 +222,8 @@ def tile_layers(
     first = layer_nodes[0] if layer_nodes else None
     last = layer_nodes[-1] if layer_nodes else None
     cfg.check_patterns_used(
-        [m.name for m in matches] + [_tile_op_layer_name(n) for n in layer_nodes if tile_op_name(n.target)]
+        [m.name for m in matches]
+        + [_tile_op_layer_name(n) for n in layer_nodes if tile_op_name(n.target)]
     )
     other_uses = _ineligible_uses(gm, matches)
     tiled_by_tensor: dict[int, _Tiled] = {}
@@ -207,11 +234,14 @@ def tile_layers(
         key = id(weight)
         tiled = tiled_by_tensor.get(key)
         if tiled is None and match.name in keep_dense:
-            skipped.append(SkippedLayer(match.name, match.op, tuple(weight.shape),
-                                        keep_dense[match.name]))
+            skipped.append(
+                SkippedLayer(match.name, match.op, tuple(weight.shape), keep_dense[match.name])
+            )
             continue
         if tiled is None:
-            plan = _plan(cfg, gm, match, other_uses.get(key), match.node is first, match.node is last)
+            plan = _plan(
+                cfg, gm, match, other_uses.get(key), match.node is first, match.node is last
+            )
             if plan.p is None:
                 skipped.append(SkippedLayer(match.name, match.op, tuple(weight.shape), plan.reason))
                 continue
@@ -222,8 +252,12 @@ def tile_layers(
         else:
             reason = f"shares the tile of {tiled.name!r}"
         new = _emit_tile_op(gm, match, tiled)
-        new.meta["tbn"] = {"name": tiled.name, "source": "post-training", "reason": reason,
-                           "weight_in_out": match.weight_in_out}
+        new.meta["tbn"] = {
+            "name": tiled.name,
+            "source": "post-training",
+            "reason": reason,
+            "weight_in_out": match.weight_in_out,
+        }
         match.node.replace_all_uses_with(new)
         gm.graph.erase_node(match.node)
         done_weights.add(key)
@@ -249,7 +283,11 @@ def _tile_op_layer_name(node: fx.Node) -> str:
 def _mark_converted_ops(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if tile_op_name(node.target) and "tbn" not in node.meta:
-            node.meta["tbn"] = {"name": _tile_op_layer_name(node), "source": "QAT", "reason": "prepared"}
+            node.meta["tbn"] = {
+                "name": _tile_op_layer_name(node),
+                "source": "QAT",
+                "reason": "prepared",
+            }
 
 
 def rewrite(
@@ -268,8 +306,9 @@ def rewrite(
     """
     cfg = cfg or TBNConfig()
     prepared_plan: Mapping[str, LayerPlan] | None = getattr(model, "tbn_plan", None)
-    keep_dense = {n: f"{plan.reason} (prepare)" for n, plan in (prepared_plan or {}).items()
-                  if plan.p is None}
+    keep_dense = {
+        n: f"{plan.reason} (prepare)" for n, plan in (prepared_plan or {}).items() if plan.p is None
+    }
     model = convert(copy.deepcopy(model).eval(), inplace=True)
     gm = capture(model, example_inputs, example_kwargs)
     _mark_converted_ops(gm)

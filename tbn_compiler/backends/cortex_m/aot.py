@@ -110,7 +110,9 @@ class _Walker:
 
     def __init__(self, main: relax.Function) -> None:
         if len(main.params) != 1:
-            raise AotError(f"the Cortex-M backend takes exactly one input, the model has {len(main.params)}")
+            raise AotError(
+                f"the Cortex-M backend takes exactly one input, the model has {len(main.params)}"
+            )
         self.plan = Plan()
         self.plan.input_shape, dtype = _tensor_info(main.params[0].ty, "the model input")
         if dtype != "float32":
@@ -148,8 +150,12 @@ class _Walker:
         step = len(self.plan.steps)
         gv, args = call.args[0], call.args[1]
         if len(call.args) > 2:
-            raise AotError(f"call_tir with symbolic shape arguments is not supported ({gv.name_hint})")
-        refs = [self.arg(a, step) for a in (args.fields if isinstance(args, relax.Tuple) else [args])]
+            raise AotError(
+                f"call_tir with symbolic shape arguments is not supported ({gv.name_hint})"
+            )
+        refs = [
+            self.arg(a, step) for a in (args.fields if isinstance(args, relax.Tuple) else [args])
+        ]
         out_ty = var.ty
         if isinstance(out_ty, relax.TupleType):
             outs = [self.new_buffer(t, step) for t in out_ty.fields]
@@ -157,7 +163,9 @@ class _Walker:
         else:
             outs = [self.new_buffer(out_ty, step)]
             self.env[var] = outs[0]
-        kernel = self.kernel_names.setdefault(gv.name_hint, f"tbn_k{len(self.kernel_names)}_{gv.name_hint}")
+        kernel = self.kernel_names.setdefault(
+            gv.name_hint, f"tbn_k{len(self.kernel_names)}_{gv.name_hint}"
+        )
         self.plan.steps.append(Step(gv.name_hint, kernel, refs + outs))
 
     def bind(self, binding: relax.Binding) -> None:
@@ -176,9 +184,7 @@ class _Walker:
         elif isinstance(value, tvm.ir.Constant):
             self.env[var] = self.const(value)
         else:
-            raise AotError(
-                f"op left after legalization cannot run on a microcontroller: {value}"
-            )
+            raise AotError(f"op left after legalization cannot run on a microcontroller: {value}")
 
 
 def _redirect_output(plan: Plan, out: Ref) -> None:
@@ -200,7 +206,8 @@ def plan_arena(buffers: list[Buffer]) -> int:
             buf.offset = 0
             continue
         clashes = sorted(
-            (b.offset, b.offset + b.nbytes) for b in placed
+            (b.offset, b.offset + b.nbytes)
+            for b in placed
             if not (b.last < buf.first or buf.last < b.first)
         )
         offset = 0

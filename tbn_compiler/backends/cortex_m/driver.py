@@ -43,7 +43,9 @@ def _per_layer(plan: aot.Plan) -> list[dict[str, Any]]:
     return rows
 
 
-def generate_sources(mod: tvm.IRModule, name: str, fuse: bool = True) -> tuple[dict[str, str], aot.Plan]:
+def generate_sources(
+    mod: tvm.IRModule, name: str, fuse: bool = True
+) -> tuple[dict[str, str], aot.Plan]:
     """The four C files (``include/tbn_model.h``, ``src/tbn_kernels.{h,c}``,
     ``src/tbn_model.c``) for an imported Relax module, and the plan behind them."""
     mod = lower.legalize(mod, fuse=fuse)

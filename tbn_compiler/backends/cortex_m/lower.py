@@ -105,8 +105,10 @@ def lower_kernels(funcs: dict[str, tirx.PrimFunc]) -> tvm.IRModule:
     """Lower PrimFuncs (C name -> func, in emission order) to host C-ready TIR."""
     target = tvm.target.Target(_C_TARGET)
     mod = tvm.IRModule(
-        {name: f.with_attr("global_symbol", name).without_attr("tirx.is_entry_func")
-         for name, f in funcs.items()}
+        {
+            name: f.with_attr("global_symbol", name).without_attr("tirx.is_entry_func")
+            for name, f in funcs.items()
+        }
     )
     mod = tirx.transform.BindTarget(target)(mod)
     with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):

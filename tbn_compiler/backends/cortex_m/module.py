@@ -44,7 +44,10 @@ def check_fit(spec: TargetSpec, flash_bytes: int, ram_bytes: int, what: str) -> 
     board = spec.board
     if board is None:
         return
-    for mem, need, kib in (("flash", flash_bytes, board.flash_kib), ("RAM", ram_bytes, board.ram_kib)):
+    for mem, need, kib in (
+        ("flash", flash_bytes, board.flash_kib),
+        ("RAM", ram_bytes, board.ram_kib),
+    ):
         if kib is not None and need > kib * 1024:
             raise ModelTooLargeError(
                 f"model does not fit board {spec.name!r}: it needs {need} bytes of {mem} "
@@ -182,7 +185,10 @@ class CortexMModule:
         build = self.build(firmware=True)
         spec = self.info.outputs[0]
         res = qemu.run_firmware(
-            build.parent, self.spec.board.qemu_machine, self.spec.board.cpu, x,
+            build.parent,
+            self.spec.board.qemu_machine,
+            self.spec.board.cpu,
+            x,
             math.prod(spec.shape),
         )
         self.last_run = res.to_dict()

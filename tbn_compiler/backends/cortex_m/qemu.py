@@ -79,7 +79,9 @@ def _missing(qemu: bool) -> tuple[str, ...]:
     if not missing:
         lib = subprocess.run(
             ["arm-none-eabi-gcc", "-print-file-name=librdimon.a"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.strip()
         if not Path(lib).is_absolute() or not Path(lib).exists():
             missing.append("newlib (librdimon.a)")
@@ -101,7 +103,9 @@ def build(directory: Path, targets: tuple[str, ...] = ("lib",), jobs: int = 1) -
     require_toolchain()
     proc = subprocess.run(
         ["make", "-s", f"-j{jobs}", "-C", str(directory), *targets],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise BuildError(f"building {directory} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -111,7 +115,9 @@ def section_sizes(objects: list[Path]) -> dict[str, int]:
     """Bytes per section class over ``objects``: text, rodata, data, bss."""
     proc = subprocess.run(
         ["arm-none-eabi-size", "-A", *map(str, objects)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     sizes = {"text": 0, "rodata": 0, "data": 0, "bss": 0}
     for line in proc.stdout.splitlines():
@@ -158,10 +164,22 @@ def run_firmware(
     build_dir = directory / "build"
     np.ascontiguousarray(x, dtype="<f4").tofile(build_dir / "input.bin")
     cmd = [
-        "qemu-system-arm", "-M", machine, "-cpu", cpu, "-nographic", "-monitor", "none",
-        "-serial", "none", "-semihosting-config", "enable=on,target=native",
-        "-icount", f"shift={ICOUNT_SHIFT},align=off,sleep=off",
-        "-kernel", "firmware.elf",
+        "qemu-system-arm",
+        "-M",
+        machine,
+        "-cpu",
+        cpu,
+        "-nographic",
+        "-monitor",
+        "none",
+        "-serial",
+        "none",
+        "-semihosting-config",
+        "enable=on,target=native",
+        "-icount",
+        f"shift={ICOUNT_SHIFT},align=off,sleep=off",
+        "-kernel",
+        "firmware.elf",
     ]
     start = time.perf_counter()
     try:
