@@ -155,16 +155,43 @@ def _cpu_reduce_simple(sch: Schedule, block) -> None:
 def parallelize_generic(func: tirx.PrimFunc, min_work: int = 4096) -> tirx.PrimFunc:
     """Default CPU schedule for kernels nobody scheduled (TVM-legalized ops such as
     attention, softmax, LayerNorm): every top-level reduction block doing at least
-    ``min_work`` iterations runs its leading data-parallel loops in parallel (fused
-    until there are a few tasks per core). Blocks that refuse (a reduction loop
-    outermost) are left serial; the result is exact either way."""
+    ``min_work`` iterations gets its innermost reduction split into 8 vector lanes
+    (``rfactor``, when it is contiguous and long enough) and its leading data-parallel
+    loops run in parallel (fused until there are a few tasks per core). A step a block
+    refuses is skipped; the result is exact either way."""
     sch = Schedule(func)
     root = _block(sch, "root")
     if root is None:
         return func
     for block in sch.get_child_blocks(root):
+        rf_sch, rf_block = _try_vector_reduction(sch, block, min_work)
+        if rf_block is not None:
+            sch = _try_parallel_prefix(rf_sch, rf_block, min_work) or rf_sch
         sch = _try_parallel_prefix(sch, block, min_work) or sch
     return sch.mod["main"]
+
+
+def _try_vector_reduction(sch: Schedule, block, min_work: int, lanes: int = 8):
+    """(copy of ``sch``, rfactor block) with the single innermost reduction loop of
+    ``block`` split into ``lanes`` partial sums computed as a vector; ``(sch, None)``
+    when the block does not fit (several reductions, short or odd extent)."""
+    spatial, reduction = _split_loops(sch, block)
+    if len(reduction) != 1 or not spatial:
+        return sch, None
+    extent = _extent(sch, reduction[0])
+    work = extent
+    for loop in spatial:
+        work *= _extent(sch, loop)
+    if extent % lanes or extent < 2 * lanes or work < min_work:
+        return sch, None
+    trial = sch.copy()
+    try:
+        _, inner = trial.split(trial.get_loops(block)[-1], [None, lanes])
+        rf = trial.rfactor(inner, factor_axis=len(spatial))
+        trial.vectorize(trial.get_loops(rf)[-1])
+    except (RuntimeError, tvm.TVMError):  # s_tir ScheduleError: not a plain reduction
+        return sch, None
+    return trial, rf
 
 
 def _try_parallel_prefix(sch: Schedule, block, min_work: int) -> Schedule | None:
