@@ -7,7 +7,7 @@ layers) and ``gm.meta["tbn_skipped"]`` (layers the rewrite kept dense, with why)
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import networkx as nx
@@ -233,7 +233,7 @@ def _merge_uses(rows: Iterable[LayerInfo]) -> list[LayerInfo]:
         key = f"{r.status}:{r.name}"
         if key in out and r.status == "tiled":
             prev = out[key]
-            out[key] = LayerInfo(**{**asdict(prev), "shape": prev.shape, "uses": prev.uses + 1})
+            out[key] = replace(prev, uses=prev.uses + 1)
         elif key not in out:
             out[key] = r
     return list(out.values())

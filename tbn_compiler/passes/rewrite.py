@@ -24,10 +24,10 @@ from .. import tiling
 from ..capture import capture
 from ..config import LayerPlan, TBNConfig
 from ..ops import tile_op_name
-from .convert import PackedConv, PackedLinear, convert
+from .convert import convert
 from .patterns import LayerMatch, get_attr_tensor, match_node
 
-__all__ = ["SkippedLayer", "tile_layers", "rewrite"]
+__all__ = ["SkippedLayer", "matches_in", "rewrite", "tile_layers", "tiled_layer_counts"]
 
 
 @dataclass(frozen=True)
@@ -322,6 +322,3 @@ def tiled_layer_counts(gm: fx.GraphModule) -> dict[str, int]:
         if tile_op_name(node.target):
             counts[node.meta.get("tbn", {}).get("name", _tile_op_layer_name(node))] += 1
     return dict(counts)
-
-
-__all__ += ["tiled_layer_counts", "PackedLinear", "PackedConv"]
