@@ -105,10 +105,19 @@ def test_prepared_model_rewrite_equals_eval(name):
     qat = _train_a_little(tbn.prepare(model, cfg), x)
     gm = tbn.rewrite(qat, x, cfg)
     torch.testing.assert_close(gm(*x), qat.eval()(*x), rtol=1e-5, atol=1e-5)
-    n_tiled_modules = sum(
-        isinstance(m, (tbn.TiledLinear, tbn.TiledConv1d, tbn.TiledConv2d)) for m in qat.modules()
-    )
-    assert len(_tile_ops(gm)) >= min(n_tiled_modules, 1)
+    tiled_modules = [
+        m
+        for m in qat.modules()
+        if isinstance(m, (tbn.TiledLinear, tbn.TiledConv1d, tbn.TiledConv2d))
+    ]
+    rows = tbn.inspect(gm).to_dict()["layers"]
+    tiled_rows = [r for r in rows if r["status"] == "tiled"]
+    assert len(tiled_rows) == len({id(m.scores) for m in tiled_modules})
+    assert {r["p"] for r in tiled_rows} <= {1, 2}
+    # weights used outside Linear/Conv modules (functional, GPT-2 Conv1D) stay float
+    for r in rows:
+        if r["status"] == "skipped":
+            assert "prepare" in r["reason"]
 
 
 def test_prepared_dense_layers_stay_dense_whatever_rewrite_config():
