@@ -137,6 +137,9 @@ def test_memory_report(compiled) -> None:
     assert mem["flash_bytes"] >= mem["weights_bytes"] + mem["code_bytes"]
     assert mem["ram_bytes"] >= mem["arena_bytes"]
     assert sum(r["weights_bytes"] for r in mem["per_layer"]) == mem["weights_bytes"]
+    # the paper's MNIST MLP: fc1 tile at p=4 + 4 alphas + bias, fc2 binary + 1 alpha + bias
+    by_layer = {r["layer"]: r["weights_bytes"] for r in mem["per_layer"]}
+    assert by_layer == {"fc1": 784 * 128 // 4 // 8 + 4 * 4 + 4 * 128, "fc2": 160 + 4 + 4 * 10}
     assert mem["firmware_flash_bytes"] > mem["flash_bytes"]
 
 

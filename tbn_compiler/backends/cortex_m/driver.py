@@ -30,16 +30,39 @@ def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(example_inputs)
 
 
-def _per_layer(plan: aot.Plan) -> list[dict[str, Any]]:
-    """Weight bytes of each kernel call (a constant counts at its first use)."""
+def _state_names(gm: torch.nn.Module) -> dict[bytes, str | None]:
+    """Raw bytes of each tensor of the rewritten graph -> its state_dict name; None where
+    several tensors hold the same bytes (e.g. freshly initialized BatchNorms)."""
+    names: dict[bytes, str | None] = {}
+    for name, t in gm.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        raw = (t.view(torch.int32) if t.dtype == torch.uint32 else t).numpy().tobytes()
+        names[raw] = name if raw not in names else None
+    return names
+
+
+def _per_layer(plan: aot.Plan, gm: torch.nn.Module) -> list[dict[str, Any]]:
+    """Weight bytes of each kernel call (a constant counts at its first use), with the
+    model layer its constants come from (tile/alphas/bias are stored unchanged, so
+    they are found by content; folded constants such as BatchNorm's are not: None)."""
+    names = _state_names(gm)
     seen: set[int] = set()
     rows = []
     for i, step in enumerate(plan.steps):
         consts = [r.index for r in step.args if r.kind == "const" and r.index not in seen]
         seen.update(consts)
-        if consts:
-            nbytes = sum(plan.constants[c].nbytes for c in consts)
-            rows.append({"step": i, "kernel": step.func, "weights_bytes": nbytes})
+        if not consts:
+            continue
+        found = [names.get(plan.constants[c].array.tobytes()) for c in consts]
+        layer = next((n.rpartition(".")[0] or n for n in found if n), None)
+        rows.append(
+            {
+                "step": i,
+                "kernel": step.func,
+                "layer": layer,
+                "weights_bytes": sum(plan.constants[c].nbytes for c in consts),
+            }
+        )
     return rows
 
 
@@ -86,7 +109,7 @@ def compile_graph_cortex_m(
         imported.outputs,
         sum(c.nbytes for c in plan.constants),
         plan.arena_bytes,
-        _per_layer(plan),
+        _per_layer(plan, gm),
         report,
     )
     return CortexMModule(spec, sources, info)

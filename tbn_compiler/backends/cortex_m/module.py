@@ -3,7 +3,7 @@
 * ``cm.export(directory)`` writes the C project (see :mod:`.project`).
 * ``cm.memory``: sizes from the real build (``arm-none-eabi-size`` of the library objects)
   plus the plan: ``weights_bytes``, ``code_bytes``, ``arena_bytes``, ``flash_bytes``,
-  ``ram_bytes``, ``per_layer`` (weight bytes per kernel call), board limits, and for
+  ``ram_bytes``, ``per_layer`` (weight bytes per kernel call and its model layer), board limits, and for
   emulated boards the whole firmware image (``firmware_*``, harness included).
 * ``cm(x)``: builds the firmware once, runs it in QEMU, returns a torch tensor;
   ``cm.last_run`` holds ``instructions``, ``ticks``, ``wall_s`` and ``machine``.
