@@ -17,7 +17,7 @@ from tabulate import tabulate
 from . import tiling
 from .ops import tile_op_name
 from .passes.patterns import get_attr_tensor
-from .passes.rewrite import SkippedLayer, _tile_op_layer_name
+from .passes.rewrite import SkippedLayer, tile_op_layer_name
 
 __all__ = ["LayerInfo", "Report", "inspect", "graph_to_networkx"]
 
@@ -77,7 +77,7 @@ def _tiled_info(gm: fx.GraphModule, node: fx.Node) -> LayerInfo:
         numel *= int(d)
     p = alphas.numel()
     return LayerInfo(
-        name=meta.get("name", _tile_op_layer_name(node)),
+        name=meta.get("name", tile_op_layer_name(node)),
         op=label,
         shape=tuple(int(d) for d in shape),
         numel=numel,

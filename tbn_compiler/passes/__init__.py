@@ -2,7 +2,7 @@
 
 from .convert import PackedConv, PackedLinear, convert, packed_from_tiled
 from .patterns import FUNCTION_PATTERNS, LayerMatch, match_node
-from .rewrite import SkippedLayer, rewrite, tile_layers, tiled_layer_counts
+from .rewrite import SkippedLayer, rewrite, tile_layers, tile_op_layer_name
 
 __all__ = [
     "FUNCTION_PATTERNS",
@@ -15,5 +15,5 @@ __all__ = [
     "packed_from_tiled",
     "rewrite",
     "tile_layers",
-    "tiled_layer_counts",
+    "tile_op_layer_name",
 ]

@@ -11,7 +11,6 @@ dense, each with a reason.
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from ..ops import tile_op_name
 from .convert import convert
 from .patterns import LayerMatch, get_attr_tensor, match_node
 
-__all__ = ["SkippedLayer", "matches_in", "rewrite", "tile_layers", "tiled_layer_counts"]
+__all__ = ["SkippedLayer", "matches_in", "rewrite", "tile_layers", "tile_op_layer_name"]
 
 
 @dataclass(frozen=True)
@@ -223,7 +222,7 @@ def tile_layers(
     last = layer_nodes[-1] if layer_nodes else None
     cfg.check_patterns_used(
         [m.name for m in matches]
-        + [_tile_op_layer_name(n) for n in layer_nodes if tile_op_name(n.target)]
+        + [tile_op_layer_name(n) for n in layer_nodes if tile_op_name(n.target)]
     )
     other_uses = _ineligible_uses(gm, matches)
     tiled_by_tensor: dict[int, _Tiled] = {}
@@ -273,7 +272,7 @@ def matches_in(gm: fx.GraphModule) -> list[LayerMatch]:
     return [m for m in (match_node(gm, n) for n in gm.graph.nodes) if m is not None]
 
 
-def _tile_op_layer_name(node: fx.Node) -> str:
+def tile_op_layer_name(node: fx.Node) -> str:
     tile = node.args[1]
     path = tile.target if isinstance(tile, fx.Node) and tile.op == "get_attr" else node.name
     owner, leaf = _owner_and_leaf(path)
@@ -284,7 +283,7 @@ def _mark_converted_ops(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if tile_op_name(node.target) and "tbn" not in node.meta:
             node.meta["tbn"] = {
-                "name": _tile_op_layer_name(node),
+                "name": tile_op_layer_name(node),
                 "source": "QAT",
                 "reason": "prepared",
             }
@@ -313,12 +312,3 @@ def rewrite(
     gm = capture(model, example_inputs, example_kwargs)
     _mark_converted_ops(gm)
     return tile_layers(gm, cfg, keep_dense, tile_float=prepared_plan is None)
-
-
-def tiled_layer_counts(gm: fx.GraphModule) -> dict[str, int]:
-    """Number of tile op calls per layer name (a layer used twice counts twice)."""
-    counts: dict[str, int] = defaultdict(int)
-    for node in gm.graph.nodes:
-        if tile_op_name(node.target):
-            counts[node.meta.get("tbn", {}).get("name", _tile_op_layer_name(node))] += 1
-    return dict(counts)
