@@ -273,6 +273,7 @@ def matches_in(gm: fx.GraphModule) -> list[LayerMatch]:
 
 
 def tile_op_layer_name(node: fx.Node) -> str:
+    """Layer name of a tile-op node: the path of its tile buffer minus ``.tile``."""
     tile = node.args[1]
     path = tile.target if isinstance(tile, fx.Node) and tile.op == "get_attr" else node.name
     owner, leaf = _owner_and_leaf(path)
@@ -280,6 +281,7 @@ def tile_op_layer_name(node: fx.Node) -> str:
 
 
 def _mark_converted_ops(gm: fx.GraphModule) -> None:
+    """Tag tile ops that came from converted QAT layers for the inspect report."""
     for node in gm.graph.nodes:
         if tile_op_name(node.target) and "tbn" not in node.meta:
             node.meta["tbn"] = {
