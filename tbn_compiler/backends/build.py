@@ -24,6 +24,7 @@ import torch
 import tvm
 from tvm import relax, tirx
 
+from ..capture import as_input_tuple
 from ..inspect import inspect
 from ..targets import TargetSpec, resolve_target
 from . import schedules
@@ -39,6 +40,7 @@ __all__ = [
     "schedule_kernels",
     "mark_opaque",
     "build_executable",
+    "example_tensors",
 ]
 
 _OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps never fuses into it
@@ -150,10 +152,9 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    inputs = tuple(example_inputs)
+def example_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Example inputs as a tuple of tensors (compiled modules take tensors only)."""
+    inputs = as_input_tuple(example_inputs)
     for i, t in enumerate(inputs):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"example input {i} must be a torch.Tensor, got {type(t).__name__}")
@@ -170,7 +171,7 @@ def compile_graph(
     """Compile an already rewritten graph (tile ops in place) for ``target``:
     "llvm", "cuda[:sm_XX]", a ``tvm.target.Target``, or a Cortex-M board/CPU preset
     (which gives a :class:`~.cortex_m.CortexMModule` instead)."""
-    inputs = _as_inputs(example_inputs)
+    inputs = example_tensors(example_inputs)
     spec = native_spec(resolve_target(target))
     if spec.kind == "cortex-m":
         if tune is not None:
@@ -211,6 +212,6 @@ def compile(  # noqa: A001 - the public name is part of the API
     from ..config import TBNConfig
     from ..passes import rewrite
 
-    inputs = _as_inputs(example_inputs)
+    inputs = example_tensors(example_inputs)
     gm = rewrite(model, inputs, config or TBNConfig())
     return compile_graph(gm, inputs, target, tune, report=inspect(gm))

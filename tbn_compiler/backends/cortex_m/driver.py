@@ -16,18 +16,13 @@ import torch
 import tvm
 
 from ...targets import TargetSpec, resolve_target
+from ..build import example_tensors
 from ..relax_import import import_graph
 from . import aot, emit, lower
 from .module import CortexMModule, ModelInfo
 from .schedule import schedule_mcu
 
 __all__ = ["compile_cortex_m", "compile_graph_cortex_m", "generate_sources"]
-
-
-def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
 
 
 def _state_names(gm: torch.nn.Module) -> dict[bytes, str | None]:
@@ -92,7 +87,7 @@ def compile_graph_cortex_m(
     gm: torch.nn.Module, example_inputs: Any, target: Any, report: Any = None, fuse: bool = True
 ) -> CortexMModule:
     """Compile an already rewritten graph for a Cortex-M preset."""
-    inputs = _as_inputs(example_inputs)
+    inputs = example_tensors(example_inputs)
     spec: TargetSpec = resolve_target(target)
     if spec.kind != "cortex-m" or spec.board is None:
         raise ValueError(f"target {spec.name!r} is not a Cortex-M board or CPU preset")
