@@ -165,18 +165,31 @@ def torch_sampler(fn: Callable[[], torch.Tensor]) -> Callable[[int], list[float]
     return sample
 
 
+def alternate(
+    ours_fn: Callable[[int], list[float]],
+    torch_fn: Callable[[int], list[float]],
+    repeat: int,
+    rounds: int = 3,
+) -> tuple[list[float], list[float]]:
+    """(ours, torch) samples in seconds, taken ``rounds`` times in turn (``repeat`` each
+    in all) so both see the same background load."""
+    ours, ref = [], []
+    per_round = max(1, repeat // rounds)
+    for _ in range(rounds):
+        ref += torch_fn(per_round)
+        ours += ours_fn(per_round)
+    return ours, ref
+
+
 def run(cases: list[Case], repeat: int, rounds: int = 3) -> list[dict]:
     """Per case, alternate ``rounds`` times between torch and ours (``repeat`` samples
     each in all) so both see the same background load; report median and min."""
     target = schedules.host_target()
     rows = []
     for case in cases:
-        ours_fn, torch_fn = build_ours(case, target), torch_sampler(case.torch_fn())
-        ours, ref = [], []
-        per_round = max(1, repeat // rounds)
-        for _ in range(rounds):
-            ref += torch_fn(per_round)
-            ours += ours_fn(per_round)
+        ours, ref = alternate(
+            build_ours(case, target), torch_sampler(case.torch_fn()), repeat, rounds
+        )
         o, r = statistics.median(ours) * 1e3, statistics.median(ref) * 1e3
         o_min, r_min = min(ours) * 1e3, min(ref) * 1e3
         rows.append(

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_kernels import meta_load, torch_sampler  # noqa: E402
+from bench_kernels import alternate, meta_load, torch_sampler  # noqa: E402
 
 import tbn_compiler as tbn  # noqa: E402
 
@@ -88,12 +88,9 @@ def bench(name: str, batch: int, p: int, repeat: int, rounds: int = 3) -> dict:
     start = time.perf_counter()
     cm = tbn.compile(model, (x,), target="llvm", config=cfg)
     compile_s = time.perf_counter() - start
-    # alternate torch and ours so both see the same background load
-    ours_fn, torch_fn = torch_sampler(lambda: cm(x)), torch_sampler(lambda: model(x))
-    ours, ref = [], []
-    for _ in range(rounds):
-        ref += torch_fn(max(1, repeat // rounds))
-        ours += ours_fn(max(1, repeat // rounds))
+    ours, ref = alternate(
+        torch_sampler(lambda: cm(x)), torch_sampler(lambda: model(x)), repeat, rounds
+    )
     ours_ms, torch_ms = statistics.median(ours) * 1e3, statistics.median(ref) * 1e3
     with torch.no_grad():
         err = (cm(x) - tbn.rewrite(model, (x,), cfg)(x)).abs().max().item()
