@@ -37,17 +37,13 @@ import tbn_compiler as tbn  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "examples"))
 from demo import DigitsCNN  # noqa: E402  (the demo's model)
-from models import MnistMLP  # noqa: E402  (the test zoo's copy of the paper's model)
+from models import MnistMLP, randomize_batchnorm  # noqa: E402  (the test zoo's copy of the paper's model)
 
 
 def _models() -> dict[str, tuple[nn.Module, torch.Tensor, dict[str, tbn.TBNConfig]]]:
     torch.manual_seed(0)
     mlp = MnistMLP().eval()
-    cnn = DigitsCNN().eval()
-    for m in cnn.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+    cnn = randomize_batchnorm(DigitsCNN())
     float_cfg = tbn.TBNConfig(exclude=["*"])
     return {
         "mnist_mlp": (

@@ -187,9 +187,18 @@ def zoo() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
         "gpt2": (GPT2Block(), (torch.randn(2, 6, 32),)),
     }
     for model, _ in models.values():
-        for m in model.modules():  # non-trivial BatchNorm statistics
+        randomize_batchnorm(model)
+    return models
+
+
+def randomize_batchnorm(model: nn.Module, affine: bool = False) -> nn.Module:
+    """Non-trivial BatchNorm statistics (and scale/shift with ``affine``); eval mode."""
+    with torch.no_grad():
+        for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-        model.eval()
-    return models
+                if affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+    return model.eval()

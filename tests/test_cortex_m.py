@@ -23,7 +23,7 @@ from tbn_compiler.backends.cortex_m import (
 from tbn_compiler.targets import resolve_target
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import MLP, MnistMLP, ResidualCNN, TimeSeriesNet  # noqa: E402
+from models import MLP, MnistMLP, ResidualCNN, TimeSeriesNet, randomize_batchnorm  # noqa: E402
 
 try:
     qemu.require_toolchain(qemu=True)
@@ -53,23 +53,13 @@ class SmallCNN(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
-
-
 def _cases() -> dict[str, tuple[nn.Module, torch.Tensor, tbn.TBNConfig]]:
     torch.manual_seed(0)
     small = tbn.TBNConfig(p=4, min_numel=0)
     return {
         "mlp": (MLP().eval(), torch.randn(1, 64), small),
         "cnn": (
-            _randomize_bn(SmallCNN()),
+            randomize_batchnorm(SmallCNN(), affine=True),
             torch.randn(1, 1, 8, 8),
             tbn.TBNConfig(p=2, min_numel=0),
         ),
@@ -113,7 +103,7 @@ def test_parity_in_qemu(compiled, case: str, board: str) -> None:
 @needs_toolchain
 def test_compile_directly_for_m3_and_residual_net() -> None:
     torch.manual_seed(1)
-    model, x = _randomize_bn(ResidualCNN(channels=8)), torch.randn(1, 3, 8, 8)
+    model, x = randomize_batchnorm(ResidualCNN(channels=8), affine=True), torch.randn(1, 3, 8, 8)
     cfg = tbn.TBNConfig(p=4, min_numel=0)
     cm = tbn.compile(model, (x,), target="mps2-an385", config=cfg)
     try:
