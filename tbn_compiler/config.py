@@ -11,12 +11,14 @@ Rules are resolved per layer by :meth:`TBNConfig.plan_layer`, in this order:
 
 Layer names are module paths as in ``model.named_modules()`` (``"encoder.layers.0.linear1"``);
 a weight used through a functional call is named by its parameter path minus ``.weight``.
+A weight shared by several modules (tied weights) has one name per module; rules match
+any of them.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .tiling import ALPHA_MODES
@@ -37,7 +39,8 @@ class TBNConfig:
     p: global compression factor (tile reused p times), >= 1.
     min_numel: layers with fewer weights use p = 1 (binary, one alpha).
     layers: exact name or glob -> p for that layer, or None to keep it dense.
-    exclude: names, globs or ``nn.Module`` subclasses kept dense.
+    exclude: names, globs or ``nn.Module`` subclasses kept dense (one string is one
+        pattern). A type matches layers whose weight belongs to a module of that type.
     keep_first / keep_last: keep the first / last eligible layer (graph order) dense.
     alpha: "per_tile" (p scales from the weight chunks) or "single" (one scale).
     strict: False skips layers whose size is not divisible by p (with a reason);
@@ -55,8 +58,15 @@ class TBNConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, Mapping):
+            raise TypeError(
+                "TBNConfig.layers must map layer names or globs to p, e.g. {'fc': 2}, "
+                f"got {type(self.layers).__name__} {self.layers!r}"
+            )
         self.layers = dict(self.layers)
-        self.exclude = tuple(self.exclude)
+        # a single name, glob or type is one entry, not a sequence of letters
+        single = isinstance(self.exclude, (str, type))
+        self.exclude = (self.exclude,) if single else tuple(self.exclude)
         _check_p(self.p, "TBNConfig.p")
         if not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ValueError(f"TBNConfig.min_numel must be an int >= 0, got {self.min_numel!r}")
@@ -75,21 +85,28 @@ class TBNConfig:
 
     # ------------------------------------------------------------------ per layer
 
-    def excluded(self, name: str, module_type: type | None) -> str | None:
-        """The exclude entry that matches this layer, as text, or None."""
+    def excluded(
+        self, name: str, module_type: type | None, aliases: Sequence[str] = ()
+    ) -> str | None:
+        """The exclude entry that matches this layer (under ``name`` or any of its
+        ``aliases``: the other names of a shared weight), as text, or None."""
+        names = _all_names(name, aliases)
         for item in self.exclude:
-            if isinstance(item, str) and _name_matches(item, name):
+            if isinstance(item, str) and any(_name_matches(item, n) for n in names):
                 return item
             if isinstance(item, type) and module_type is not None and issubclass(module_type, item):
                 return item.__name__
         return None
 
-    def layer_rule(self, name: str) -> tuple[str, int | None] | None:
-        """The ``layers`` entry for this name (exact match first, then globs), or None."""
-        if name in self.layers:
-            return name, self.layers[name]
+    def layer_rule(self, name: str, aliases: Sequence[str] = ()) -> tuple[str, int | None] | None:
+        """The ``layers`` entry for this layer, or None: an exact match of ``name`` or an
+        alias first, then the first glob that matches one of them."""
+        names = _all_names(name, aliases)
+        for n in names:
+            if n in self.layers:
+                return n, self.layers[n]
         for pattern, value in self.layers.items():
-            if _name_matches(pattern, name):
+            if any(_name_matches(pattern, n) for n in names):
                 return pattern, value
         return None
 
@@ -100,12 +117,15 @@ class TBNConfig:
         module_type: type | None = None,
         is_first: bool = False,
         is_last: bool = False,
+        aliases: Sequence[str] = (),
     ) -> LayerPlan:
-        """Decide p for one eligible layer (divisibility is checked by the caller)."""
-        hit = self.excluded(name, module_type)
+        """Decide p for one eligible layer (divisibility is checked by the caller).
+        ``aliases`` are the layer's other names (a weight shared by several modules):
+        ``exclude`` and ``layers`` rules apply to every one of them."""
+        hit = self.excluded(name, module_type, aliases)
         if hit is not None:
             return LayerPlan(None, f"excluded by {hit!r}")
-        rule = self.layer_rule(name)
+        rule = self.layer_rule(name, aliases)
         if rule is not None:
             pattern, p = rule
             if p is None:
@@ -136,6 +156,10 @@ class TBNConfig:
 def _check_p(p: object, what: str) -> None:
     if isinstance(p, bool) or not isinstance(p, int) or p < 1:
         raise ValueError(f"{what} must be an int >= 1, got {p!r}")
+
+
+def _all_names(name: str, aliases: Sequence[str]) -> list[str]:
+    return [name, *(a for a in aliases if a != name)]
 
 
 def _name_matches(pattern: str, name: str) -> bool:

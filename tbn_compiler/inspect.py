@@ -40,6 +40,13 @@ class LayerInfo:
     dense_bytes: int
     tbn_bytes: int
     uses: int = 1
+    aliases: tuple[str, ...] = ()  # every name of a weight shared by several modules
+
+    @property
+    def label(self) -> str:
+        """The name, followed by the layer's other names when its weight is shared."""
+        others = [a for a in self.aliases if a != self.name]
+        return f"{self.name} (= {', '.join(others)})" if others else self.name
 
     @property
     def bits_per_weight(self) -> float:
@@ -87,6 +94,7 @@ def _tiled_info(gm: fx.GraphModule, node: fx.Node) -> LayerInfo:
         reason=f"{meta.get('source', 'tile op')}: {meta.get('reason', '')}".rstrip(": "),
         dense_bytes=FLOAT_BYTES * (numel + bias_numel),
         tbn_bytes=tiling.tbn_bytes(numel, p, bias_numel),
+        aliases=tuple(meta.get("aliases", ())),
     )
 
 
@@ -95,7 +103,19 @@ def _skipped_info(s: SkippedLayer) -> LayerInfo:
     for d in s.shape:
         numel *= int(d)
     dense = FLOAT_BYTES * numel
-    return LayerInfo(s.name, s.op, s.shape, numel, None, None, "skipped", s.reason, dense, dense)
+    return LayerInfo(
+        s.name,
+        s.op,
+        s.shape,
+        numel,
+        None,
+        None,
+        "skipped",
+        s.reason,
+        dense,
+        dense,
+        aliases=tuple(s.aliases),
+    )
 
 
 @dataclass
@@ -132,11 +152,13 @@ class Report:
             "dense_bytes",
             "tbn_bytes",
             "uses",
+            "aliases",
         )
         rows = []
         for r in self.layers:
             d = {k: v for k, v in asdict(r).items() if k in keys}
             d["shape"] = list(r.shape)
+            d["aliases"] = list(r.aliases)
             d["bits_per_weight"] = r.bits_per_weight
             rows.append(d)
         return {"layers": rows, "totals": self.totals}
@@ -144,7 +166,7 @@ class Report:
     def __str__(self) -> str:
         rows = [
             [
-                r.name,
+                r.label,
                 r.op,
                 "x".join(map(str, r.shape)),
                 r.p if r.p is not None else "-",

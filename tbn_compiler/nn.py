@@ -18,6 +18,7 @@ groups, ...) and ``state_dict`` key of those layers is still there, plus ``score
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,9 @@ __all__ = [
     "prepare",
     "plan_module",
     "conv_padding_ints",
+    "layer_name",
+    "WeightOwners",
+    "weight_owners",
 ]
 
 
@@ -184,6 +188,46 @@ def _copy_float_params(src: nn.Module, dst: _TiledMixin) -> None:
             dst.bias.copy_(src.bias)  # type: ignore[union-attr]
 
 
+def layer_name(weight_path: str) -> str:
+    """Layer name of a weight attribute path: the module path for a ``.weight``
+    (``"encoder.fc.weight"`` -> ``"encoder.fc"``), else the full path (``"w1"``)."""
+    owner, _, leaf = weight_path.rpartition(".")
+    return owner if leaf == "weight" and owner else weight_path
+
+
+@dataclass(frozen=True)
+class WeightOwners:
+    """Every attribute path under which one weight tensor is stored in the model (tied
+    weights have several, in registration order), and the type of the module that
+    owns its first path."""
+
+    paths: tuple[str, ...]
+    module_type: type | None
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(layer_name(p) for p in self.paths))
+
+
+def weight_owners(model: nn.Module) -> dict[str, WeightOwners]:
+    """Attribute path -> :class:`WeightOwners` for every parameter and buffer of
+    ``model``. Taken from the user's model before capture: ``torch.export`` keeps one
+    name per shared tensor, and its modules are not the user's classes."""
+    by_tensor: dict[int, list[str]] = {}
+    for path, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        by_tensor.setdefault(id(tensor), []).append(path)
+    owners: dict[str, WeightOwners] = {}
+    for paths in by_tensor.values():
+        owner_path = paths[0].rpartition(".")[0]
+        owner = model.get_submodule(owner_path) if owner_path else model
+        info = WeightOwners(tuple(paths), type(owner))
+        owners.update(dict.fromkeys(paths, info))
+    return owners
+
+
 def conv_padding_ints(layer_padding, kernel_size, dilation, stride) -> list[int] | None:
     """Integer (symmetric) padding of a conv, or None when it cannot be expressed so
     (``padding="same"`` with an even effective kernel needs asymmetric padding)."""
@@ -211,11 +255,19 @@ def _float_type(module: nn.Module) -> type | None:
 
 
 def plan_module(
-    cfg: TBNConfig, name: str, module: nn.Module, is_first: bool, is_last: bool
+    cfg: TBNConfig,
+    name: str,
+    module: nn.Module,
+    is_first: bool,
+    is_last: bool,
+    aliases: tuple[str, ...] = (),
 ) -> LayerPlan:
     """Decide p for one float Linear/Conv module, including the checks the tile ops need
-    (divisible by p, integer symmetric padding, zero padding mode)."""
-    plan = cfg.plan_layer(name, module.weight.numel(), type(module), is_first, is_last)
+    (divisible by p, integer symmetric padding, zero padding mode). ``aliases``: the other
+    layer names of its weight when it is shared."""
+    plan = cfg.plan_layer(
+        name, module.weight.numel(), type(module), is_first, is_last, aliases=aliases
+    )
     if plan.p is None:
         return plan
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -260,11 +312,15 @@ def prepare(model: nn.Module, cfg: TBNConfig | None = None) -> nn.Module:
     model = copy.deepcopy(model)
     candidates = [(n, m) for n, m in model.named_modules() if _float_type(m) is not None]
     direct = _weights_read_by_parent(model)
-    cfg.check_patterns_used(n for n, _ in candidates)
+    owners = weight_owners(model)
+    aliases = {n: owners[f"{n}.weight" if n else "weight"].layer_names for n, _ in candidates}
+    cfg.check_patterns_used(a for n, _ in candidates for a in aliases[n])
     plans: dict[str, LayerPlan] = {}
     shared: dict[int, _TiledMixin] = {}
     for i, (name, module) in enumerate(candidates):
-        plan = plan_module(cfg, name, module, i == 0, i == len(candidates) - 1)
+        plan = plan_module(
+            cfg, name, module, i == 0, i == len(candidates) - 1, aliases=aliases[name]
+        )
         if name in direct:
             plan = LayerPlan(
                 None,

@@ -22,21 +22,32 @@ import torch.nn as nn
 from .. import tiling
 from ..capture import capture
 from ..config import LayerPlan, TBNConfig
+from ..nn import WeightOwners, weight_owners
 from ..ops import tile_op_name
 from .convert import convert
-from .patterns import LayerMatch, get_attr_tensor, match_node
+from .patterns import LayerMatch, dense_layer, get_attr_tensor, match_node
 
-__all__ = ["SkippedLayer", "matches_in", "rewrite", "tile_layers", "tile_op_layer_name"]
+__all__ = [
+    "SkippedLayer",
+    "WeightOwners",
+    "matches_in",
+    "rewrite",
+    "tile_layers",
+    "tile_op_layer_name",
+    "weight_owners",
+]
 
 
 @dataclass(frozen=True)
 class SkippedLayer:
-    """An eligible-looking layer kept dense, and why."""
+    """An eligible-looking layer kept dense, and why. ``aliases``: every name of the
+    layer when its weight is shared by several modules (tied weights), else empty."""
 
     name: str
     op: str
     shape: tuple[int, ...]
     reason: str
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass
@@ -103,6 +114,7 @@ def _plan(
     cfg: TBNConfig,
     gm: fx.GraphModule,
     match: LayerMatch,
+    owners: WeightOwners,
     shared_use: str | None,
     is_first: bool,
     is_last: bool,
@@ -114,12 +126,19 @@ def _plan(
         return LayerPlan(
             None, f"weight also used by {shared_use}, which is not a linear/conv layer; kept dense"
         )
-    plan = cfg.plan_layer(match.name, weight.numel(), match.module_type, is_first, is_last)
+    plan = cfg.plan_layer(
+        owners.layer_names[0],
+        weight.numel(),
+        owners.module_type or match.module_type,
+        is_first,
+        is_last,
+        aliases=owners.layer_names,
+    )
     if plan.p is None or weight.numel() % plan.p == 0:
         return plan
     if cfg.strict:
         raise ValueError(
-            f"layer {match.name!r} ({match.op}, weight {tuple(weight.shape)}): {weight.numel()} "
+            f"layer {owners.layer_names[0]!r} ({match.op}, weight {tuple(weight.shape)}): {weight.numel()} "
             f"weights not divisible by p={plan.p}; set a p that divides it in TBNConfig.layers "
             "or exclude the layer"
         )
@@ -210,49 +229,76 @@ def tile_layers(
     tile ops (from a converted QAT model) are kept and counted as layers for
     ``keep_first`` / ``keep_last``."""
     keep_dense = dict(keep_dense or {})
-    if not tile_float:
-        for m in matches_in(gm):
-            keep_dense.setdefault(m.name, "left float by prepare()")
-    nodes = list(gm.graph.nodes)
+    owners_by_path: Mapping[str, WeightOwners] = gm.meta.get("tbn_weight_owners") or {}
     matches = matches_in(gm)
+
+    def owners_of(match: LayerMatch) -> WeightOwners:
+        return owners_by_path.get(match.weight) or WeightOwners((match.weight,), match.module_type)
+
+    if not tile_float:
+        for m in matches:
+            keep_dense.setdefault(owners_of(m).layer_names[0], "left float by prepare()")
+    nodes = list(gm.graph.nodes)
     layer_nodes = [n for n in nodes if tile_op_name(n.target)] + [m.node for m in matches]
     order = {n: i for i, n in enumerate(nodes)}
     layer_nodes.sort(key=order.__getitem__)
     first = layer_nodes[0] if layer_nodes else None
     last = layer_nodes[-1] if layer_nodes else None
     cfg.check_patterns_used(
-        [m.name for m in matches]
+        [name for m in matches for name in owners_of(m).layer_names]
         + [tile_op_layer_name(n) for n in layer_nodes if tile_op_name(n.target)]
     )
     other_uses = _ineligible_uses(gm, matches)
     tiled_by_tensor: dict[int, _Tiled] = {}
     skipped: list[SkippedLayer] = list(gm.meta.get("tbn_skipped", []))
+    skipped += [
+        SkippedLayer(d.name, d.op, d.shape, d.reason)
+        for d in (dense_layer(gm, n) for n in nodes if n not in set(layer_nodes))
+        if d is not None
+    ]
     done_weights: set[int] = set()
-    for match in matches:
+    for planned in matches:
+        # Match again at rewrite time: an earlier replacement may have erased the node
+        # this layer reads (a tiled layer feeding a tiled layer), and replace_all_uses_with
+        # has already pointed this node's arguments at its replacement.
+        match = match_node(gm, planned.node) or planned
         weight = get_attr_tensor(gm, match.weight)
+        owners = owners_of(match)
+        names = owners.layer_names
+        aliases = names if len(names) > 1 else ()
         key = id(weight)
         tiled = tiled_by_tensor.get(key)
-        if tiled is None and match.name in keep_dense:
+        dense_reason = next((keep_dense[n] for n in names if n in keep_dense), None)
+        if tiled is None and dense_reason is not None:
             skipped.append(
-                SkippedLayer(match.name, match.op, tuple(weight.shape), keep_dense[match.name])
+                SkippedLayer(names[0], match.op, tuple(weight.shape), dense_reason, aliases)
             )
             continue
         if tiled is None:
             plan = _plan(
-                cfg, gm, match, other_uses.get(key), match.node is first, match.node is last
+                cfg,
+                gm,
+                match,
+                owners,
+                other_uses.get(key),
+                match.node is first,
+                match.node is last,
             )
             if plan.p is None:
-                skipped.append(SkippedLayer(match.name, match.op, tuple(weight.shape), plan.reason))
+                skipped.append(
+                    SkippedLayer(names[0], match.op, tuple(weight.shape), plan.reason, aliases)
+                )
                 continue
             packed = tiling.tile_weight(weight, weight, plan.p, cfg.alpha)
             tile_path, alphas_path = _register_tile_buffers(gm, match, packed)
-            tiled = tiled_by_tensor[key] = _Tiled(tile_path, alphas_path, plan.p, match.name)
+            tiled = tiled_by_tensor[key] = _Tiled(tile_path, alphas_path, plan.p, names[0])
             reason = plan.reason
         else:
             reason = f"shares the tile of {tiled.name!r}"
         new = _emit_tile_op(gm, match, tiled)
         new.meta["tbn"] = {
             "name": tiled.name,
+            "aliases": aliases,
             "source": "post-training",
             "reason": reason,
             "weight_in_out": match.weight_in_out,
@@ -305,6 +351,13 @@ def rewrite(
     not modified. Returns a GraphModule that runs in PyTorch; its ``state_dict`` holds
     packed tiles, alphas and biases in place of the float weights of tiled layers.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"rewrite expects a torch.nn.Module, got {_describe(model)}; wrap a plain "
+            "function in an nn.Module whose forward() calls it"
+        )
+    if cfg is not None and not isinstance(cfg, TBNConfig):
+        raise TypeError(f"cfg must be a TBNConfig, got {type(cfg).__name__}")
     cfg = cfg or TBNConfig()
     prepared_plan: Mapping[str, LayerPlan] | None = getattr(model, "tbn_plan", None)
     keep_dense = {
@@ -312,5 +365,12 @@ def rewrite(
     }
     model = convert(copy.deepcopy(model).eval(), inplace=True)
     gm = capture(model, example_inputs, example_kwargs)
+    gm.meta["tbn_weight_owners"] = weight_owners(model)
     _mark_converted_ops(gm)
     return tile_layers(gm, cfg, keep_dense, tile_float=prepared_plan is None)
+
+
+def _describe(obj: Any) -> str:
+    name = getattr(obj, "__name__", None)
+    kind = type(obj).__name__
+    return f"{kind} {name!r}" if name else kind
