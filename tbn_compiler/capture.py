@@ -11,15 +11,18 @@ names both failures and what to do.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import importlib
+import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-__all__ = ["CaptureError", "capture", "as_input_tuple"]
+__all__ = ["CaptureError", "OutputTree", "as_input_tuple", "capture", "output_tree"]
 
 
 class CaptureError(RuntimeError):
@@ -121,3 +124,124 @@ def capture(
 def _first_lines(error: BaseException, n: int = 3) -> str:
     text = f"{type(error).__name__}: {error}".strip()
     return " | ".join(line.strip() for line in text.splitlines()[:n] if line.strip())
+
+
+# --------------------------------------------------------------------------- output structure
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
+class OutputTree:
+    """The structure of a model's output (tensors inside tuples, lists, dicts, named
+    tuples and dict-like output classes), so that compiled modules return what the model
+    returns. Tensors are the leaves, numbered in ``torch.utils._pytree`` order (the order
+    in which ``torch.export`` lists graph outputs); constants (None, numbers, strings) are
+    kept in the tree. JSON-serializable with :meth:`to_json` / :meth:`from_json`."""
+
+    def __init__(self, node: dict[str, Any]) -> None:
+        self._node = node
+        self.num_leaves = _count_leaves(node)
+
+    @classmethod
+    def of(cls, output: Any) -> OutputTree:
+        """The tree of one output value; raises TypeError for unsupported containers."""
+        return cls(_encode(output, "output"))
+
+    def unflatten(self, leaves: Sequence[Any]) -> Any:
+        """Rebuild the output from ``leaves`` (one per tensor, in order)."""
+        if len(leaves) != self.num_leaves:
+            raise ValueError(f"expected {self.num_leaves} output tensors, got {len(leaves)}")
+        it = iter(leaves)
+        return _decode(self._node, it)
+
+    def to_json(self) -> str:
+        return json.dumps(self._node)
+
+    @classmethod
+    def from_json(cls, text: str) -> OutputTree:
+        return cls(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OutputTree) and self._node == other._node
+
+    def __repr__(self) -> str:
+        return f"OutputTree({self.to_json()})"
+
+
+def output_tree(gm: torch.nn.Module, example_inputs: Any) -> OutputTree:
+    """Run ``gm`` on the example inputs and return the structure of its output."""
+    with torch.no_grad():
+        return OutputTree.of(gm(*as_input_tuple(example_inputs)))
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _encode(value: Any, where: str) -> dict[str, Any]:
+    if isinstance(value, torch.Tensor):
+        return {"t": "tensor"}
+    if isinstance(value, _CONSTANT_TYPES):
+        return {"t": "const", "v": value}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return {
+            "t": "namedtuple",
+            "cls": _class_path(type(value)),
+            "fields": list(value._fields),
+            "c": [_encode(v, f"{where}.{f}") for f, v in zip(value._fields, value, strict=True)],
+        }
+    if isinstance(value, (tuple, list)):
+        kind = "tuple" if isinstance(value, tuple) else "list"
+        return {"t": kind, "c": [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, Mapping):
+        keys = list(value.keys())
+        if not all(isinstance(k, (str, int)) for k in keys):
+            raise TypeError(f"{where}: dict keys must be str or int, got {keys!r}")
+        node = {"t": "dict", "k": keys, "c": [_encode(value[k], f"{where}[{k!r}]") for k in keys]}
+        if type(value) is not dict:
+            node["cls"] = _class_path(type(value))
+        return node
+    raise TypeError(
+        f"{where}: outputs of type {type(value).__name__} are not supported; return tensors "
+        "in tuples, lists, dicts or named tuples"
+    )
+
+
+def _count_leaves(node: dict[str, Any]) -> int:
+    if node["t"] == "tensor":
+        return 1
+    return sum(_count_leaves(c) for c in node.get("c", ()))
+
+
+def _import_class(path: str) -> type | None:
+    module_name, _, qualname = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj if isinstance(obj, type) else None
+
+
+def _decode(node: dict[str, Any], leaves: Iterator[Any]) -> Any:
+    kind = node["t"]
+    if kind == "tensor":
+        return next(leaves)
+    if kind == "const":
+        return node["v"]
+    children = [_decode(c, leaves) for c in node["c"]]
+    if kind == "tuple":
+        return tuple(children)
+    if kind == "list":
+        return children
+    if kind == "namedtuple":
+        cls = _import_class(node["cls"])
+        if cls is None:  # the class is not importable here: an equivalent named tuple
+            cls = collections.namedtuple(node["cls"].rpartition(".")[2], node["fields"])
+        return cls(*children)
+    items = dict(zip(node["k"], children, strict=True))
+    cls = _import_class(node["cls"]) if "cls" in node else None
+    if cls is None:  # a plain dict, or a dict-like class not importable here
+        return items
+    return cls(**items) if all(isinstance(k, str) for k in items) else cls(items)
