@@ -319,3 +319,25 @@ def test_console_script_prints_one_line_and_exits_2():
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert_one_error_line(proc.stderr, "MLP cannot run on --shape 3,65", "3x65")
+
+
+@pytest.mark.parametrize(
+    ("module_name", "class_name"),
+    [
+        ("tbn_compiler.backends.relax_import", "UnsupportedOpError"),
+        ("tbn_compiler.backends.cortex_m.qemu", "ToolchainError"),
+    ],
+)
+def test_backend_user_errors_exit_2(module_name, class_name, capsys, monkeypatch):
+    pytest.importorskip("tvm")
+    import importlib
+
+    error = getattr(importlib.import_module(module_name), class_name)
+
+    def fail(gm):
+        raise error(f"{class_name} raised for node 'fc'")
+
+    monkeypatch.setattr(cli, "inspect", fail)
+    code, _, err = run_tbnc(capsys, "inspect", *MLP_ARGS)
+    assert code == 2
+    assert_one_error_line(err, f"{class_name} raised for node 'fc'")
