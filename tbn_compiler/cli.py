@@ -46,6 +46,7 @@ import logging
 import os
 import sys
 import tempfile
+import textwrap
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -162,7 +163,7 @@ examples:
   tbnc compile mypkg.models:resnet18 --shape 1,3,32,32 --target llvm -o model.tbn
   tbnc compile mypkg.models:mlp --shape 1,64 --target mps2-an386 -o mlp_m4.tbn
 
-targets: {targets}, cuda:sm_XX (e.g. cuda:sm_80)"""
+{targets}"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("compile", cmd_compile, "compile a model and save the artifact", _COMPILE_EXAMPLE),
     ]:
         if name == "compile":
-            epilog = epilog.format(targets=", ".join(_suggestable_targets()))
+            names = ", ".join([*_suggestable_targets(), "cuda:sm_XX (e.g. cuda:sm_80)"])
+            epilog = epilog.format(targets=textwrap.fill(f"targets: {names}", width=88))
         p = sub.add_parser(
             name,
             help=doc,
@@ -217,7 +219,9 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", default=[], help="layer name or glob kept dense")
     p.add_argument("--strict", action="store_true", help="fail on layers p does not divide")
     # SUPPRESS: `tbnc --debug compile ...` must not be reset by the subcommand's default
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
+    )
 
 
 # --------------------------------------------------------------------------- checks
