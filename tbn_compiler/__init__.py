@@ -32,6 +32,7 @@ _LAZY = {
     "load": "tbn_compiler.backends.artifact",
     "CompiledModule": "tbn_compiler.backends.artifact",
     "ArtifactError": "tbn_compiler.backends.artifact",
+    "ArtifactWriteError": "tbn_compiler.backends.artifact",
     "InputError": "tbn_compiler.backends.artifact",
     "Tuning": "tbn_compiler.backends.tuning",
 }

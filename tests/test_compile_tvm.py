@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -203,11 +204,18 @@ def _rewrite_zip(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def _edit_meta(fn):
+def _edit_meta(fn, update_checksum=True):
+    """Edit metadata.json; with ``update_checksum`` also its entry in checksums.json (to
+    reach the checks behind the checksum)."""
+
     def edit(members):
         meta = json.loads(members["metadata.json"])
         fn(meta)
-        members["metadata.json"] = json.dumps(meta)
+        members["metadata.json"] = json.dumps(meta).encode()
+        if update_checksum:
+            sums = json.loads(members["checksums.json"])
+            sums["metadata.json"] = hashlib.sha256(members["metadata.json"]).hexdigest()
+            members["checksums.json"] = json.dumps(sums)
         return members
 
     return edit
@@ -248,6 +256,12 @@ def test_corrupt_artifacts_refused(saved, tmp_path) -> None:
 
     with pytest.raises(ArtifactError, match="format version 999"):
         load(_rewrite_zip(path, tmp_path / "version.tbn", _edit_meta(version)))
+
+    def reshape(meta):
+        meta["inputs"][0]["shape"] = [3, *meta["inputs"][0]["shape"][1:]]
+
+    with pytest.raises(ArtifactError, match="checksum mismatch for 'metadata.json'"):
+        load(_rewrite_zip(path, tmp_path / "edited.tbn", _edit_meta(reshape, False)))
 
     def foreign(meta):
         meta["target"]["tvm_target"]["mtriple"] = "powerpc64le-linux-gnu"

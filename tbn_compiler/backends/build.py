@@ -24,7 +24,7 @@ import torch
 import tvm
 from tvm import relax, tirx
 
-from ..capture import as_input_tuple
+from ..capture import as_input_tuple, output_tree
 from ..inspect import inspect
 from ..targets import TargetSpec, resolve_target
 from . import schedules
@@ -184,6 +184,7 @@ def compile_graph(
             f"target {spec.name!r} (kind {spec.kind!r}) is not built by this backend; "
             "use 'llvm', 'cuda' or a Cortex-M preset"
         )
+    tree = output_tree(gm, inputs)
     imported: ImportResult = import_graph(gm, inputs)
     tvm_target = make_tvm_target(spec)
     executable = build_executable(imported.mod, tvm_target, tune)
@@ -193,6 +194,7 @@ def compile_graph(
         imported.inputs,
         imported.outputs,
         report=report,
+        output_tree=tree,
     )
 
 
