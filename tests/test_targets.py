@@ -113,3 +113,14 @@ def test_import_does_not_load_tvm() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_unknown_target_suggests_the_closest_names():
+    with pytest.raises(
+        ValueError, match=r"unknown target 'mps2-an368' \(did you mean 'mps2-an386'"
+    ):
+        resolve_target("mps2-an368")
+    with pytest.raises(ValueError, match=r"\(did you mean 'llvm'\?\)"):
+        resolve_target("LLVM")
+    with pytest.raises(ValueError, match=r"unknown target 'zzz'; known targets"):
+        resolve_target("zzz")

@@ -15,6 +15,7 @@ A ``tvm.target.Target`` object is passed through (recognised without importing T
 
 from __future__ import annotations
 
+import difflib
 import platform
 import re
 import shutil
@@ -183,7 +184,18 @@ def resolve_target(target: Any = None) -> TargetSpec:
     match = _CUDA_NAME.match(name)
     if match:
         return cuda_spec(match.group(1))
-    raise ValueError(f"unknown target {target!r}; known targets: {', '.join(known_targets())}")
+    raise ValueError(
+        f"unknown target {target!r}{_did_you_mean(target)}; known targets: {', '.join(known_targets())}"
+    )
+
+
+def _did_you_mean(name: str) -> str:
+    """ ", did you mean 'a' or 'b'?" for the closest known names (case-insensitive), or ""."""
+    by_lower = {n.lower(): n for n in [*_REGISTRY, *_ALIASES]}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {' or '.join(repr(by_lower[c]) for c in close)}?)"
 
 
 # --------------------------------------------------------------------------- builtin targets
