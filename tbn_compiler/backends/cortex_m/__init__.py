@@ -9,12 +9,13 @@ from ...targets import boards as _boards  # noqa: F401  (registers the board pre
 from .aot import AotError
 from .driver import compile_cortex_m, compile_graph_cortex_m, generate_sources
 from .module import CortexMModule, ModelTooLargeError, NotEmulatedError
-from .qemu import BuildError, RunError, ToolchainError, require_toolchain
+from .qemu import BuildError, KernelError, RunError, ToolchainError, require_toolchain
 
 __all__ = [
     "AotError",
     "BuildError",
     "CortexMModule",
+    "KernelError",
     "ModelTooLargeError",
     "NotEmulatedError",
     "RunError",

@@ -66,12 +66,14 @@ class Buffer:
 
 @dataclass
 class Step:
-    """One kernel call: the Relax name of the callee, its C name, and its arguments."""
+    """One kernel call: the Relax name of the callee, its C name, and its arguments (the
+    last ``outputs`` of them are the results it writes)."""
 
     func: str
     kernel: str
     args: list[Ref]
     workspace: int | None = None  # index of the workspace buffer, if any
+    outputs: int = 1
 
 
 @dataclass
@@ -166,7 +168,7 @@ class _Walker:
         kernel = self.kernel_names.setdefault(
             gv.name_hint, f"tbn_k{len(self.kernel_names)}_{gv.name_hint}"
         )
-        self.plan.steps.append(Step(gv.name_hint, kernel, refs + outs))
+        self.plan.steps.append(Step(gv.name_hint, kernel, refs + outs, outputs=len(outs)))
 
     def bind(self, binding: relax.Binding) -> None:
         if not isinstance(binding, relax.VarBinding):

@@ -36,29 +36,60 @@ def _state_names(gm: torch.nn.Module) -> dict[bytes, str | None]:
     return names
 
 
-def _per_layer(plan: aot.Plan, gm: torch.nn.Module) -> list[dict[str, Any]]:
-    """Weight bytes of each kernel call (a constant counts at its first use), with the
-    model layer its constants come from (tile/alphas/bias are stored unchanged, so
-    they are found by content; folded constants such as BatchNorm's are not: None)."""
+def _step_layers(plan: aot.Plan, gm: torch.nn.Module) -> list[tuple[list[int], str | None]]:
+    """Per kernel call: the constants it uses first (a constant counts at its first use)
+    and the model layer they come from (tile/alphas/bias are stored unchanged, so they
+    are found by content; folded constants such as BatchNorm's are not: None)."""
     names = _state_names(gm)
     seen: set[int] = set()
     rows = []
-    for i, step in enumerate(plan.steps):
+    for step in plan.steps:
         consts = [r.index for r in step.args if r.kind == "const" and r.index not in seen]
         seen.update(consts)
-        if not consts:
-            continue
         found = [names.get(plan.constants[c].array.tobytes()) for c in consts]
-        layer = next((n.rpartition(".")[0] or n for n in found if n), None)
-        rows.append(
-            {
-                "step": i,
-                "kernel": step.func,
-                "layer": layer,
-                "weights_bytes": sum(plan.constants[c].nbytes for c in consts),
-            }
-        )
+        rows.append((consts, next((n.rpartition(".")[0] or n for n in found if n), None)))
     return rows
+
+
+def _per_layer(plan: aot.Plan, layers: list[tuple[list[int], str | None]]) -> list[dict[str, Any]]:
+    """Weight bytes of each kernel call that brings constants, with their model layer."""
+    return [
+        {
+            "step": i,
+            "kernel": step.func,
+            "layer": layer,
+            "weights_bytes": sum(plan.constants[c].nbytes for c in consts),
+        }
+        for i, (step, (consts, layer)) in enumerate(zip(plan.steps, layers, strict=True))
+        if consts
+    ]
+
+
+def _arg_origin(plan: aot.Plan, ref: aot.Ref, step: int) -> str:
+    """Where an input of a kernel call comes from: "input", "const", "output" (the model
+    output, read back) or "step <k>" (the call that wrote it)."""
+    if ref.kind not in ("buffer", "output"):
+        return ref.kind
+    for k in range(step - 1, -1, -1):
+        if ref in plan.steps[k].args[-plan.steps[k].outputs :]:
+            return f"step {k}"
+    return ref.kind
+
+
+def step_table(plan: aot.Plan, layers: list[tuple[list[int], str | None]]) -> list[dict[str, Any]]:
+    """One row per kernel call: ``step``, ``kernel`` (C name), ``func`` (Relax function,
+    named after the ops it computes), ``layer`` (model layer of its weights or None) and
+    ``inputs`` (origin of each input argument, see :func:`_arg_origin`)."""
+    return [
+        {
+            "step": i,
+            "kernel": step.kernel,
+            "func": step.func,
+            "layer": layer,
+            "inputs": [_arg_origin(plan, r, i) for r in step.args[: -step.outputs]],
+        }
+        for i, (step, (_, layer)) in enumerate(zip(plan.steps, layers, strict=True))
+    ]
 
 
 def generate_sources(
@@ -78,7 +109,9 @@ def generate_sources(
         "include/tbn_model.h": emit.model_header(plan, name, weights),
         "src/tbn_kernels.h": emit.kernels_header(kernels_c),
         "src/tbn_kernels.c": kernels_c,
-        "src/tbn_model.c": emit.model_source(plan, emit.kernel_prototypes(kernels_c)),
+        "src/tbn_model.c": emit.model_source(
+            plan, emit.kernel_prototypes(kernels_c), frozenset(lower.fallible_kernels(kernels_c))
+        ),
     }
     return sources, plan
 
@@ -86,7 +119,10 @@ def generate_sources(
 def compile_graph_cortex_m(
     gm: torch.nn.Module, example_inputs: Any, target: Any, report: Any = None, fuse: bool = True
 ) -> CortexMModule:
-    """Compile an already rewritten graph for a Cortex-M preset."""
+    """Compile an already rewritten graph for a Cortex-M preset; the generated C is
+    compiled before this returns (see :meth:`CortexMModule.check_build`: the Arm
+    toolchain, else a host C compiler syntax check, else :class:`.qemu.ToolchainError`),
+    so a model whose C does not build fails here, naming the kernel and its model step."""
     inputs = example_tensors(example_inputs)
     spec: TargetSpec = resolve_target(target)
     if spec.kind != "cortex-m" or spec.board is None:
@@ -99,15 +135,23 @@ def compile_graph_cortex_m(
         )
     name = type(gm).__name__
     sources, plan = generate_sources(imported.mod, name, fuse=fuse)
+    layers = _step_layers(plan, gm)
     info = ModelInfo(
         imported.inputs,
         imported.outputs,
         sum(c.nbytes for c in plan.constants),
         plan.arena_bytes,
-        _per_layer(plan, gm),
+        _per_layer(plan, layers),
         report,
+        step_table(plan, layers),
     )
-    return CortexMModule(spec, sources, info)
+    cm = CortexMModule(spec, sources, info)
+    try:
+        cm.check_build()
+    except BaseException:
+        cm.close()
+        raise
+    return cm
 
 
 def compile_cortex_m(

@@ -14,18 +14,37 @@ Contract:
   a LIFO bump allocator over ``tbn_workspace_ptr`` (the entry point points it into the
   static arena before each call); :func:`workspace_bytes` says how much each kernel needs.
   The source is deterministic (same module -> byte-identical text).
+* Kernels can fail on bad data: a TIR assert (kept, not stripped) and the bounds check of
+  :func:`checked_take` set ``tbn_kernel_error`` (with ``tbn_kernel_error_text`` and, for
+  an index, ``tbn_kernel_error_detail`` = {index, bound}) and the kernel returns early;
+  the entry point tests the flag after each kernel for which :func:`fallible_kernels`
+  says so.
+* ``take`` with TVM's unchecked ("fast") mode, which reads out of bounds on a bad index
+  (e.g. an embedding id computed in the graph), is legalized by :func:`checked_take`:
+  the read is clamped into the table and an id outside ``[0, n)`` raises the error flag.
+* Non-finite float constants are written as ``__builtin_inff()`` / ``__builtin_nanf("")``
+  (TVM's C printer writes ``inff`` / ``nanf``, which are not C).
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import tvm
-from tvm import relax, s_tir, tirx
+from tvm import relax, s_tir, te, tirx, topi
 
 from ..build import mark_opaque
 
-__all__ = ["legalize", "lower_kernels", "kernels_c_source", "workspace_bytes", "WS_ALIGN"]
+__all__ = [
+    "legalize",
+    "lower_kernels",
+    "kernels_c_source",
+    "workspace_bytes",
+    "fallible_kernels",
+    "checked_take",
+    "WS_ALIGN",
+]
 
 WS_ALIGN = 8
 """Alignment (bytes) of every workspace block and arena buffer."""
@@ -39,7 +58,7 @@ def legalize(mod: tvm.IRModule, fuse: bool = True) -> tvm.IRModule:
     seq = [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps({"relax.take": _legalize_take}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
     ]
@@ -48,6 +67,37 @@ def legalize(mod: tvm.IRModule, fuse: bool = True) -> tvm.IRModule:
     seq += [relax.transform.DeadCodeElimination()]
     with tvm.transform.PassContext(opt_level=3):
         return tvm.transform.Sequential(seq)(mod)
+
+
+def checked_take(data: te.Tensor, indices: te.Tensor, axis: int | None) -> te.Tensor:
+    """``take`` that never reads outside ``data``: an index outside ``[0, n)`` reads row 0
+    and calls ``tbn_index_error(index, n)`` (C, defined by :func:`kernels_c_source`),
+    which sets the kernel error flag and returns 0."""
+    if axis is None:
+        data = topi.reshape(data, (math.prod(int(d) for d in data.shape),))
+        axis = 0
+    axis = axis % len(data.shape)
+    bound = data.shape[axis]
+    n_idx = len(indices.shape)
+
+    def element(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+        index = indices[i[axis : axis + n_idx]].astype("int64")
+        ok = tirx.all(index >= 0, index < tirx.IntImm("int64", int(bound)))
+        safe = tirx.Select(ok, index, tirx.IntImm("int64", 0))
+        value = data[(*i[:axis], safe, *i[axis + n_idx :])]
+        error = tirx.call_extern("int32", "tbn_index_error", index, bound.astype("int64"))
+        return tirx.if_then_else(ok, value, error.astype(data.dtype))
+
+    shape = [*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]]
+    return te.compute(shape, element, name="T_take")
+
+
+def _legalize_take(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    mode = str(call.attrs.mode)
+    axis = None if call.attrs.axis is None else int(call.attrs.axis)
+    if mode != "fast":  # "clip", "wrap", "nan": in bounds by construction
+        return bb.call_te(topi.take, call.args[0], call.args[1], axis, mode=mode)
+    return bb.call_te(checked_take, call.args[0], call.args[1], axis, primfunc_name_hint="take")
 
 
 def _tir_passes() -> list[tvm.transform.Pass]:
@@ -92,13 +142,10 @@ _ALLOC = re.compile(r"TVMBackendAllocWorkspace\(\d+, \d+, \(uint64_t\)(\d+)ULL")
 
 def workspace_bytes(kernels_c: str) -> dict[str, int]:
     """Kernel name -> sum of its (aligned) workspace allocations, from the C text."""
-    defs = list(_DEF.finditer(kernels_c))
-    result = {}
-    for i, m in enumerate(defs):
-        end = defs[i + 1].start() if i + 1 < len(defs) else len(kernels_c)
-        sizes = [int(n) for n in _ALLOC.findall(kernels_c, m.end(), end)]
-        result[m.group(1)] = sum((n + WS_ALIGN - 1) // WS_ALIGN * WS_ALIGN for n in sizes)
-    return result
+    return {
+        name: sum((int(n) + WS_ALIGN - 1) // WS_ALIGN * WS_ALIGN for n in _ALLOC.findall(body))
+        for name, body in _function_bodies(kernels_c).items()
+    }
 
 
 def lower_kernels(funcs: dict[str, tirx.PrimFunc]) -> tvm.IRModule:
@@ -111,7 +158,7 @@ def lower_kernels(funcs: dict[str, tirx.PrimFunc]) -> tvm.IRModule:
         }
     )
     mod = tirx.transform.BindTarget(target)(mod)
-    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
+    with tvm.transform.PassContext(opt_level=3):
         mod = tvm.transform.Sequential(_tir_passes())(mod)
         mod = tvm.IRModule({gv: _to_plain_pointers(f) for gv, f in mod.functions.items()})
         mod = tirx.transform.LowerTVMBuiltin()(mod)
@@ -120,6 +167,33 @@ def lower_kernels(funcs: dict[str, tirx.PrimFunc]) -> tvm.IRModule:
 
 
 _SHIM = """\
+/* Kernel errors: a kernel that meets invalid data (an index out of range, a failed
+ * check) sets tbn_kernel_error and returns early; tbn_model_run tests the flag. */
+int tbn_kernel_error;
+const char *tbn_kernel_error_text;
+long long tbn_kernel_error_detail[2];
+
+__attribute__((unused)) static int32_t tbn_index_error(int64_t index, int64_t bound) {
+  if (!tbn_kernel_error) {
+    tbn_kernel_error = 1;
+    tbn_kernel_error_text = "index out of range";
+    tbn_kernel_error_detail[0] = index;
+    tbn_kernel_error_detail[1] = bound;
+  }
+  return 0;
+}
+
+__attribute__((unused)) static void TVMFFIErrorSetRaisedFromCStrParts(const char *kind,
+                                                                      const char **parts,
+                                                                      int32_t n) {
+  (void)kind;
+  if (!tbn_kernel_error) {
+    tbn_kernel_error = 1;
+    tbn_kernel_error_text = n > 0 ? parts[0] : "check failed";
+    tbn_kernel_error_detail[0] = tbn_kernel_error_detail[1] = -1;
+  }
+}
+
 /* Workspace for kernel intermediates over 1 KiB: a LIFO bump allocator inside the
  * static arena (tbn_model.c points tbn_workspace_ptr at the kernel's block). */
 uint8_t *tbn_workspace_ptr;
@@ -145,6 +219,41 @@ _DROP = re.compile(
 )
 
 
+# TVM prints a non-finite float32 as inff / nanf (float64: inf / nan), optionally negated;
+# string literals (assert messages) are matched first and kept as they are.
+_NONFINITE = re.compile(r'("(?:[^"\\\n]|\\.)*")|(?<![\w.])(inf|nan)(f?)(?![\w.])')
+_C_NONFINITE = {
+    "inf": "__builtin_inf()",
+    "inff": "__builtin_inff()",
+    "nan": '__builtin_nan("")',
+    "nanf": '__builtin_nanf("")',
+}
+
+
+def _c_nonfinite(match: re.Match[str]) -> str:
+    string, what, suffix = match.groups()
+    return string if string is not None else _C_NONFINITE[what + suffix]
+
+
+def _function_bodies(kernels_c: str) -> dict[str, str]:
+    """Kernel name -> its C text (definition up to the next definition)."""
+    defs = list(_DEF.finditer(kernels_c))
+    return {
+        m.group(1): kernels_c[m.end() : defs[i + 1].start() if i + 1 < len(defs) else None]
+        for i, m in enumerate(defs)
+    }
+
+
+def fallible_kernels(kernels_c: str) -> set[str]:
+    """Names of the kernels that can set ``tbn_kernel_error`` (see module doc)."""
+    signals = ("tbn_index_error(", "TVMFFIErrorSetRaisedFromCStrParts(")
+    return {
+        name
+        for name, body in _function_bodies(kernels_c).items()
+        if any(s in body for s in signals)
+    }
+
+
 def kernels_c_source(mod: tvm.IRModule) -> str:
     """C text of all kernels of ``mod`` (from :func:`lower_kernels`), standalone."""
     target = tvm.target.Target(_C_TARGET)
@@ -154,6 +263,7 @@ def kernels_c_source(mod: tvm.IRModule) -> str:
     src = re.sub(r"^// tvm target:.*\n", "", src, flags=re.MULTILINE)
     # Every kernel is `void`; the error paths of the workspace calls return nothing.
     src = src.replace("return -1;", "return;")
+    src = _NONFINITE.sub(_c_nonfinite, src)
     head = (
         "/* Generated by tbn_compiler: model kernels, plain C pointer convention. */\n"
         "#include <stdint.h>\n#include <stdbool.h>\n#include <math.h>\n"

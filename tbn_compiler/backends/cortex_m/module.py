@@ -1,12 +1,21 @@
 """CortexMModule: the compiled static C program for one board, callable under QEMU.
 
-* ``cm.export(directory)`` writes the C project (see :mod:`.project`).
+* ``cm.check_build()`` (run by ``tbn.compile`` and ``cm.retarget``) compiles the generated
+  C: the library with ``arm-none-eabi-gcc`` when the toolchain is installed, else a
+  syntax-only compile with the host C compiler (see :mod:`.check`); with neither it raises
+  :class:`.qemu.ToolchainError`. It is never skipped. A build error names each failing
+  kernel and the model step it computes.
+* ``cm.export(directory)`` writes the C project (see :mod:`.project`); a non-empty
+  directory is refused unless ``overwrite=True``, which replaces a previous export whole.
 * ``cm.memory``: sizes from the real build (``arm-none-eabi-size`` of the library objects)
   plus the plan: ``weights_bytes``, ``code_bytes``, ``arena_bytes``, ``flash_bytes``,
   ``ram_bytes``, ``per_layer`` (weight bytes per kernel call and its model layer), board limits, and for
   emulated boards the whole firmware image (``firmware_*``, harness included).
 * ``cm(x)``: builds the firmware once, runs it in QEMU, returns a torch tensor;
-  ``cm.last_run`` holds ``instructions``, ``ticks``, ``wall_s`` and ``machine``.
+  ``cm.last_run`` holds ``instructions``, ``ticks``, ``wall_s`` and ``machine`` of the
+  latest finished run. Thread-safe: one lock guards the private build directory, the
+  lazy build and the memory report; QEMU runs proceed in parallel, each in its own
+  working directory. ``cm.close()`` must not race with calls in flight.
 * ``cm.retarget(board)``: the same generated C for another board (no recompilation).
 """
 
@@ -14,8 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import tempfile
+import threading
+import uuid
 import weakref
 from pathlib import Path
 from typing import Any
@@ -25,7 +37,7 @@ import torch
 
 from ...targets import TargetSpec, resolve_target
 from ..relax_import import TensorSpec
-from . import qemu
+from . import check, qemu
 from .project import project_files
 
 __all__ = ["CortexMModule", "ModelTooLargeError", "NotEmulatedError", "check_fit"]
@@ -57,7 +69,8 @@ def check_fit(spec: TargetSpec, flash_bytes: int, ram_bytes: int, what: str) -> 
 
 @dataclasses.dataclass
 class ModelInfo:
-    """What the generated program computes: I/O specs, per-layer and total weight bytes."""
+    """What the generated program computes: I/O specs, per-layer and total weight bytes,
+    and ``steps``, one row per kernel call (see :func:`.driver.step_table`)."""
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -65,6 +78,7 @@ class ModelInfo:
     arena_bytes: int
     per_layer: list[dict[str, Any]]
     report: Any = None
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class CortexMModule:
@@ -78,6 +92,7 @@ class CortexMModule:
         self.info = info
         self.files = project_files(spec.board, self.sources)
         self.last_run: dict[str, Any] | None = None
+        self._lock = threading.RLock()
         self._dir: Path | None = None
         self._built: set[str] = set()
         self._memory: dict[str, Any] | None = None
@@ -97,43 +112,87 @@ class CortexMModule:
     def report(self) -> Any:
         return self.info.report
 
-    def export(self, directory: str | Path) -> Path:
-        """Write the C project into ``directory`` (created); returns its path."""
+    def export(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the C project into ``directory``; returns its path. A directory that
+        exists and is not empty is refused (:class:`FileExistsError`) unless
+        ``overwrite``, which replaces it whole (no old sources or ``build/`` output
+        stay); ``overwrite`` refuses a directory that is not a previous export."""
         root = Path(directory)
-        for rel, text in self.files.items():
-            path = root / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"cannot export the C project to {root}: not a directory")
+        if root.is_dir() and any(root.iterdir()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"cannot export the C project to {root}: the directory is not empty; "
+                    "pass overwrite=True to replace a previous export, or pick a new directory"
+                )
+            if not (root / "include" / "tbn_model.h").is_file():
+                raise FileExistsError(
+                    f"cannot overwrite {root}: it is not a C project exported by "
+                    "tbn_compiler (no include/tbn_model.h); refusing to delete its contents"
+                )
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = root.parent / f".{root.name}.{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            _write_files(staging, self.files)
+            _replace_dir(staging, root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return root
 
     def retarget(self, target: Any) -> CortexMModule:
-        """The same generated C sources packaged for another Cortex-M preset."""
-        return CortexMModule(resolve_target(target), self.sources, self.info)
+        """The same generated C sources packaged for another Cortex-M preset (compile
+        checked for it, see :meth:`check_build`)."""
+        cm = CortexMModule(resolve_target(target), self.sources, self.info)
+        cm.check_build()
+        return cm
 
     def workdir(self) -> Path:
         """Private build directory holding the exported project (created on first use)."""
-        if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix=f"tbn_cm_{self.spec.name}_"))
-            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
-            self.export(self._dir)
-        return self._dir
+        with self._lock:
+            if self._dir is None:
+                self._dir = Path(tempfile.mkdtemp(prefix=f"tbn_cm_{self.spec.name}_"))
+                self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+                _write_files(self._dir, self.files)
+            return self._dir
 
     def build(self, firmware: bool = False) -> Path:
-        """Build the library (and the firmware) with the project's Makefile."""
+        """Build the library (and the firmware) with the project's Makefile; returns the
+        build directory. A compile error is a :class:`.qemu.BuildError` naming the
+        failing kernels and the model steps they compute."""
         target = "firmware" if firmware else "lib"
-        if target not in self._built:
-            if firmware and self.spec.board.qemu_machine is None:
-                raise NotEmulatedError(self._not_emulated())
-            qemu.build(self.workdir(), (target,))
-            self._built.add(target)
-            self._memory = None
-        return self.workdir() / "build"
+        with self._lock:
+            if target not in self._built:
+                if firmware and self.spec.board.qemu_machine is None:
+                    raise NotEmulatedError(self._not_emulated())
+                try:
+                    qemu.build(self.workdir(), (target,))
+                except qemu.BuildError as exc:
+                    raise qemu.BuildError(self._explain(str(exc))) from None
+                self._built.add(target)
+                self._memory = None
+            return self.workdir() / "build"
+
+    def check_build(self) -> str:
+        """Compile the generated C now (see module doc); returns the compiler used."""
+        if qemu.has_toolchain():
+            self.build()
+            return "arm-none-eabi-gcc"
+        try:
+            return check.syntax_check(self.sources)
+        except qemu.BuildError as exc:
+            raise qemu.BuildError(self._explain(str(exc))) from None
+
+    def _explain(self, log: str) -> str:
+        return check.explain_build_log(log, self.sources, self.info.steps, self.spec.name)
 
     def close(self) -> None:
         """Remove the private build directory."""
-        if self._dir is not None:
-            self._cleanup()
-            self._dir, self._built, self._memory = None, set(), None
+        with self._lock:
+            if self._dir is not None:
+                self._cleanup()
+                self._dir, self._built, self._memory = None, set(), None
 
     # ------------------------------------------------------------------ memory
 
@@ -141,9 +200,10 @@ class CortexMModule:
     def memory(self) -> dict[str, Any]:
         """Sizes in bytes from the real build (see module doc); raises
         :class:`.qemu.ToolchainError` without the Arm toolchain."""
-        if self._memory is None:
-            self._memory = self._measure()
-        return self._memory
+        with self._lock:
+            if self._memory is None:
+                self._memory = self._measure()
+            return self._memory
 
     def _measure(self) -> dict[str, Any]:
         build = self.build(firmware=self.spec.board.qemu_machine is not None)
@@ -177,22 +237,43 @@ class CortexMModule:
         )
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        """Run one inference in QEMU; ``args`` must match the example inputs' shapes."""
+        """Run one inference in QEMU; ``args`` must match the example inputs' shapes.
+        :class:`.qemu.KernelError` when a kernel met invalid data (e.g. an embedding id
+        computed in the graph is out of range), naming the step and its layer."""
         if self.spec.board.qemu_machine is None:
             raise NotEmulatedError(self._not_emulated())
         x = self._check_input(args)
-        self.memory  # noqa: B018  (builds the firmware and checks that the model fits)
-        build = self.build(firmware=True)
+        with self._lock:
+            self.memory  # noqa: B018  (builds the firmware and checks that the model fits)
+            elf = self.build(firmware=True) / "firmware.elf"
         spec = self.info.outputs[0]
-        res = qemu.run_firmware(
-            build.parent,
-            self.spec.board.qemu_machine,
-            self.spec.board.cpu,
-            x,
-            math.prod(spec.shape),
-        )
-        self.last_run = res.to_dict()
+        board = self.spec.board
+        try:
+            res = qemu.run_firmware(elf, board.qemu_machine, board.cpu, x, math.prod(spec.shape))
+        except qemu.KernelError as exc:
+            raise self._kernel_error(exc) from None
+        with self._lock:
+            self.last_run = res.to_dict()
         return torch.from_numpy(res.output.copy()).reshape(spec.shape)
+
+    def _kernel_error(self, exc: qemu.KernelError) -> qemu.KernelError:
+        """``exc`` with the step described in model terms."""
+        what = exc.reason
+        index, bound = exc.detail
+        if bound >= 0:
+            what += f": index {index} is not in [0, {bound})"
+        steps = self.info.steps
+        where = (
+            check.describe_step(steps, exc.step)
+            if 0 <= exc.step < len(steps)
+            else f"step {exc.step}"
+        )
+        return qemu.KernelError(
+            f"the model stopped at {where}: {what}",
+            exc.step,
+            exc.reason,
+            exc.detail,
+        )
 
     def _check_input(self, args: tuple[torch.Tensor, ...]) -> np.ndarray:
         if len(args) != len(self.inputs):
@@ -216,3 +297,22 @@ class CortexMModule:
 
 def _kib(kib: int | None) -> int | None:
     return None if kib is None else kib * 1024
+
+
+def _write_files(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def _replace_dir(new: Path, root: Path) -> None:
+    """Put directory ``new`` at ``root``; an old ``root`` is moved aside first, then
+    removed, so ``root`` never holds old and new files mixed."""
+    old = None
+    if root.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old.", dir=root.parent))
+        os.replace(root, old / root.name)
+    os.replace(new, root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -14,7 +14,8 @@ Layout written by :func:`project_files` (relative path -> text, deterministic)::
                             the CMSDK timer when present, prints outputs as hex bit patterns
 
 Harness output lines: ``TBN_TICKS <n>`` (timer ticks, 25 MHz virtual), ``TBN_OUT <hex>``
-per output float, ``TBN_RC <rc>``. ``make run`` runs the firmware in QEMU.
+per output float, on a failed run ``TBN_ERROR <message>`` and ``TBN_ERROR_DETAIL <index>
+<bound>``, then ``TBN_RC <rc>`` (the return code of ``tbn_model_run``). ``make run`` runs the firmware in QEMU.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from ...targets import BoardInfo
 __all__ = ["cpu_flags", "project_files", "OPT_FLAGS"]
 
 OPT_FLAGS = "-O2"
-_COMMON = "-std=gnu11 -ffunction-sections -fdata-sections -fno-strict-aliasing -Wall -Wno-unused-variable -Wno-unused-but-set-variable"
+_COMMON = (
+    "-std=gnu11 -ffunction-sections -fdata-sections -fno-strict-aliasing -Wall "
+    "-Wno-unused-variable -Wno-unused-but-set-variable -Werror=implicit-function-declaration"
+)
+"""No -ffast-math or -ffinite-math-only: kernels must keep IEEE NaN/inf semantics."""
 
 
 def cpu_flags(board: BoardInfo) -> list[str]:
@@ -233,6 +238,12 @@ int main(void) {
     uint32_t bits;
     memcpy(&bits, &tbn_output[i], sizeof bits);
     printf("TBN_OUT %%08lx\\n", (unsigned long)bits);
+  }
+  if (rc != 0) {
+    long long detail[2];
+    const char *why = tbn_model_error(detail);
+    printf("TBN_ERROR %%s\\n", why ? why : "unknown");
+    printf("TBN_ERROR_DETAIL %%lld %%lld\\n", detail[0], detail[1]);
   }
   printf("TBN_RC %%d\\n", rc);
   return rc;

@@ -4,9 +4,11 @@
   ``arm-none-eabi-gcc`` / newlib (``librdimon``) / ``qemu-system-arm`` are missing.
 * :func:`build` runs ``make`` in an exported project directory.
 * :func:`section_sizes` sums ``arm-none-eabi-size -A`` sections of the library objects.
-* :func:`run_firmware` writes ``input.bin``, runs the firmware under QEMU with
-  ``-icount shift=10`` and returns outputs (bit-exact) plus instruction count and wall time.
-  Instructions = CMSDK timer ticks / (0.025 * 2**shift) = ticks / 25.6.
+* :func:`run_firmware` runs a firmware image under QEMU with ``-icount shift=10`` in a
+  private working directory holding its ``input.bin`` (so concurrent runs of one image do
+  not share files) and returns outputs (bit-exact) plus instruction count and wall time.
+  Instructions = CMSDK timer ticks / (0.025 * 2**shift) = ticks / 25.6. A run whose
+  ``tbn_model_run`` reported invalid data raises :class:`KernelError`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +27,12 @@ __all__ = [
     "ToolchainError",
     "BuildError",
     "RunError",
+    "KernelError",
     "RunResult",
     "DEBIAN_PACKAGES",
     "ICOUNT_SHIFT",
     "require_toolchain",
+    "has_toolchain",
     "build",
     "section_sizes",
     "firmware_sizes",
@@ -49,6 +54,15 @@ class BuildError(RuntimeError):
 
 class RunError(RuntimeError):
     """The firmware did not run to completion under QEMU."""
+
+
+class KernelError(RunError):
+    """``tbn_model_run`` stopped: the kernel of ``step`` met invalid data (e.g. an index out
+    of range: ``detail`` = (index, bound)); ``reason`` is the firmware's message."""
+
+    def __init__(self, message: str, step: int, reason: str, detail: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.step, self.reason, self.detail = step, reason, detail
 
 
 @dataclass
@@ -86,6 +100,11 @@ def _missing(qemu: bool) -> tuple[str, ...]:
         if not Path(lib).is_absolute() or not Path(lib).exists():
             missing.append("newlib (librdimon.a)")
     return tuple(missing)
+
+
+def has_toolchain(qemu: bool = False) -> bool:
+    """True when the cross toolchain (and QEMU if asked) is installed."""
+    return not _missing(qemu)
 
 
 def require_toolchain(qemu: bool = False) -> None:
@@ -141,7 +160,7 @@ def firmware_sizes(elf: Path) -> dict[str, int]:
 
 
 def _parse(stdout: str, n_out: int) -> tuple[np.ndarray, int | None, int | None]:
-    words, ticks, rc = [], None, None
+    words, ticks, rc, reason, detail = [], None, None, "", (-1, -1)
     for line in stdout.splitlines():
         if line.startswith("TBN_OUT "):
             words.append(int(line.split()[1], 16))
@@ -149,6 +168,14 @@ def _parse(stdout: str, n_out: int) -> tuple[np.ndarray, int | None, int | None]
             ticks = int(line.split()[1])
         elif line.startswith("TBN_RC "):
             rc = int(line.split()[1])
+        elif line.startswith("TBN_ERROR_DETAIL "):
+            detail = (int(line.split()[1]), int(line.split()[2]))
+        elif line.startswith("TBN_ERROR "):
+            reason = line.split(" ", 1)[1]
+    if rc is not None and rc > 0 and reason:
+        raise KernelError(
+            f"the kernel of step {rc - 1} stopped the model: {reason}", rc - 1, reason, detail
+        )
     if rc != 0 or len(words) != n_out:
         raise RunError(f"firmware run failed (rc={rc}, {len(words)}/{n_out} outputs):\n{stdout}")
     out = np.array(words, dtype=np.uint32).view(np.float32)
@@ -157,12 +184,11 @@ def _parse(stdout: str, n_out: int) -> tuple[np.ndarray, int | None, int | None]
 
 
 def run_firmware(
-    directory: Path, machine: str, cpu: str, x: np.ndarray, n_out: int, timeout: float = 120
+    elf: Path, machine: str, cpu: str, x: np.ndarray, n_out: int, timeout: float = 120
 ) -> RunResult:
-    """Run ``build/firmware.elf`` of the project under QEMU on input ``x`` (float32)."""
+    """Run the firmware image ``elf`` under QEMU on input ``x`` (float32); safe to call
+    from several threads at once (each run has its own working directory)."""
     require_toolchain(qemu=True)
-    build_dir = directory / "build"
-    np.ascontiguousarray(x, dtype="<f4").tofile(build_dir / "input.bin")
     cmd = [
         "qemu-system-arm",
         "-M",
@@ -179,17 +205,19 @@ def run_firmware(
         "-icount",
         f"shift={ICOUNT_SHIFT},align=off,sleep=off",
         "-kernel",
-        "firmware.elf",
+        str(Path(elf).resolve()),
     ]
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd, cwd=build_dir, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise RunError(f"QEMU ({machine}) did not finish within {timeout} s") from exc
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
+    with tempfile.TemporaryDirectory(prefix="tbn_cm_run_") as cwd:
+        np.ascontiguousarray(x, dtype="<f4").tofile(Path(cwd) / "input.bin")
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RunError(f"QEMU ({machine}) did not finish within {timeout} s") from exc
+        wall = time.perf_counter() - start
+    if proc.returncode != 0 and "TBN_RC " not in proc.stdout:
         raise RunError(
             f"QEMU ({machine}) exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
         )

@@ -1,0 +1,203 @@
+"""Cortex-M robustness: generated C that builds for every op, build errors at compile time
+naming the kernel and its model step, thread safety, export safety, bounds-checked
+gathers. References are plain PyTorch (layers kept float with ``exclude=["*"]``)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tbn_compiler as tbn
+from tbn_compiler.backends.cortex_m import BuildError, ToolchainError, check, driver, qemu
+
+try:
+    qemu.require_toolchain(qemu=True)
+    _MISSING = None
+except ToolchainError as exc:
+    _MISSING = str(exc)
+
+needs_toolchain = pytest.mark.skipif(_MISSING is not None, reason=f"Arm toolchain: {_MISSING}")
+needs_host_cc = pytest.mark.skipif(check.host_compiler() is None, reason="no host C compiler")
+
+BOARD = "mps2-an386"
+FLOAT = tbn.TBNConfig(exclude=["*"])  # every layer stays float: the reference is plain torch
+TILED = tbn.TBNConfig(p=4, min_numel=0)  # Linear -> tile kernel (step 0), Hardswish -> step 1
+
+
+class MaskedLinear(nn.Module):
+    """A constant boolean mask (a ``bool`` kernel argument in C) after a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.register_buffer("mask", torch.rand(1, 16) > 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).masked_fill(self.mask, 0.0)
+
+
+class EmbeddingOfInput(nn.Module):
+    """Embedding ids computed in the graph from the float input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.emb(x.long())
+
+
+def _hardswish() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.Hardswish()).eval(), torch.randn(1, 16)
+
+
+@pytest.fixture(scope="module")
+def hardswish():
+    model, x = _hardswish()
+    cm = tbn.compile(model, (x,), target=BOARD, config=FLOAT)
+    yield cm, model
+    cm.close()
+
+
+@needs_toolchain
+def test_hardswish_builds_and_matches_torch(hardswish) -> None:
+    cm, model = hardswish
+    x = 4 * torch.randn(1, 16)  # reaches both clip bounds of hardswish
+    torch.testing.assert_close(cm(x), model(x).detach(), rtol=1e-5, atol=1e-6)
+
+
+@needs_toolchain
+def test_boolean_mask_builds_and_matches_torch() -> None:
+    torch.manual_seed(0)
+    model, x = MaskedLinear().eval(), torch.randn(1, 16)
+    cm = tbn.compile(model, (x,), target=BOARD, config=FLOAT)
+    try:
+        torch.testing.assert_close(cm(x), model(x).detach(), rtol=1e-5, atol=1e-6)
+    finally:
+        cm.close()
+
+
+def _break_second_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the generated C of the kernel called second invalid (an undeclared name)."""
+    original = driver.lower.kernels_c_source
+
+    def broken(mod):
+        src = original(mod)
+        definition = re.search(r"^TVM_DLL void tbn_k1_\w*\(.*\) \{\n", src, re.MULTILINE)
+        return src[: definition.end()] + "  tbn_no_such_name = 1;\n" + src[definition.end() :]
+
+    monkeypatch.setattr(driver.lower, "kernels_c_source", broken)
+
+
+def _assert_names_kernel_and_step(message: str) -> None:
+    assert "tbn_no_such_name" in message
+    line = next(ln for ln in message.splitlines() if "tbn_no_such_name" in ln and "in kernel" in ln)
+    # the kernel, its step, the fused ops it computes and the layer feeding it
+    assert "kernel tbn_k1_" in line and "step 1:" in line
+    assert "on step 0 (layer '0')" in line
+
+
+@needs_toolchain
+def test_compile_fails_with_the_kernel_when_c_does_not_build(monkeypatch) -> None:
+    model, x = _hardswish()
+    _break_second_kernel(monkeypatch)
+    with pytest.raises(BuildError) as err:
+        tbn.compile(model, (x,), target=BOARD, config=TILED)
+    _assert_names_kernel_and_step(str(err.value))
+
+
+@needs_host_cc
+def test_without_arm_gcc_the_host_compiler_checks_the_c(monkeypatch) -> None:
+    model, x = _hardswish()
+    monkeypatch.setattr(qemu, "has_toolchain", lambda qemu=False: False)
+    cm = tbn.compile(model, (x,), target=BOARD, config=TILED)  # good C passes the check
+    assert cm.check_build() == check.host_compiler()
+    _break_second_kernel(monkeypatch)
+    with pytest.raises(BuildError) as err:
+        tbn.compile(model, (x,), target=BOARD, config=TILED)
+    _assert_names_kernel_and_step(str(err.value))
+
+
+def test_without_any_c_compiler_compile_refuses(monkeypatch) -> None:
+    model, x = _hardswish()
+    monkeypatch.setattr(qemu, "has_toolchain", lambda qemu=False: False)
+    monkeypatch.setattr(check, "host_compiler", lambda: None)
+    with pytest.raises(ToolchainError, match="gcc-arm-none-eabi"):
+        tbn.compile(model, (x,), target=BOARD, config=FLOAT)
+
+
+@needs_toolchain
+def test_concurrent_calls_from_threads(hardswish) -> None:
+    cm, model = hardswish
+    torch.manual_seed(1)
+    inputs = [[torch.randn(1, 16) for _ in range(2)] for _ in range(4)]
+    results: dict[tuple[int, int], torch.Tensor] = {}
+    errors: list[BaseException] = []
+    cm.close()  # every thread finds the module unbuilt: the lazy build races too
+
+    def work(t: int) -> None:
+        try:
+            for c, x in enumerate(inputs[t]):
+                results[t, c] = cm(x)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for (t, c), y in results.items():
+        torch.testing.assert_close(y, model(inputs[t][c]).detach(), rtol=1e-5, atol=1e-6)
+    assert len(results) == 8 and cm.last_run["instructions"] > 0
+
+
+def test_export_refuses_a_non_empty_directory(hardswish, tmp_path: Path) -> None:
+    cm, _ = hardswish
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=str(tmp_path)):
+        cm.export(tmp_path)
+    with pytest.raises(FileExistsError, match="not a C project exported"):
+        cm.export(tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_export_overwrite_leaves_no_stale_output(hardswish, tmp_path: Path) -> None:
+    cm, _ = hardswish
+    root = cm.export(tmp_path / "proj")
+    (root / "build").mkdir()
+    (root / "build" / "tbn_model.o").write_bytes(b"old object")
+    (root / "src" / "old_kernels.c").write_text("/* from an older export */")
+    (root / "src" / "tbn_kernels.c").write_text("/* stale */")
+    cm.export(root, overwrite=True)
+    files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert files == set(cm.files)
+    assert (root / "src" / "tbn_kernels.c").read_text() == cm.files["src/tbn_kernels.c"]
+    assert not [p for p in tmp_path.iterdir() if p.name != "proj"]  # no staging left
+
+
+@needs_toolchain
+def test_embedding_ids_out_of_range_raise_and_never_read_outside() -> None:
+    torch.manual_seed(0)
+    model, x = EmbeddingOfInput().eval(), torch.tensor([[1.0, 2.0, 9.0]])
+    cm = tbn.compile(model, (x,), target=BOARD, config=FLOAT)
+    try:
+        torch.testing.assert_close(cm(x), model(x).detach())
+        for bad in (10.0, 300000.0, -3.0):
+            x_bad = torch.tensor([[1.0, bad, 2.0]])
+            with pytest.raises(IndexError):
+                model(x_bad)
+            with pytest.raises(qemu.KernelError) as err:
+                cm(x_bad)
+            msg = str(err.value)
+            assert f"index {int(bad)} is not in [0, 10)" in msg and "layer 'emb'" in msg
+        torch.testing.assert_close(cm(x), model(x).detach())  # the error flag is reset
+    finally:
+        cm.close()
