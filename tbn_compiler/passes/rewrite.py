@@ -116,12 +116,16 @@ def _plan(
     match: LayerMatch,
     owners: WeightOwners,
     shared_use: str | None,
+    unsupported: str | None,
     is_first: bool,
     is_last: bool,
 ) -> LayerPlan:
+    """One decision for a weight tensor, over every call that uses it: ``unsupported``
+    is the reason of a call the tile ops cannot compute, ``is_first``/``is_last`` whether
+    one of its calls is the first/last layer of the graph."""
     weight = get_attr_tensor(gm, match.weight)
-    if match.unsupported:
-        return LayerPlan(None, match.unsupported)
+    if unsupported:
+        return LayerPlan(None, unsupported)
     if shared_use:
         return LayerPlan(
             None, f"weight also used by {shared_use}, which is not a linear/conv layer; kept dense"
@@ -256,6 +260,10 @@ def tile_layers(
         for d in (dense_layer(gm, n) for n in nodes if n not in set(layer_nodes))
         if d is not None
     ]
+    calls = _calls_by_weight(gm, matches)
+    first_weight = _weight_key(gm, first, matches)
+    last_weight = _weight_key(gm, last, matches)
+    dense_weights: set[int] = set()
     done_weights: set[int] = set()
     for planned in matches:
         # Match again at rewrite time: an earlier replacement may have erased the node
@@ -268,11 +276,14 @@ def tile_layers(
         aliases = names if len(names) > 1 else ()
         key = id(weight)
         tiled = tiled_by_tensor.get(key)
+        if key in dense_weights:  # one decision per weight: every call stays dense
+            continue
         dense_reason = next((keep_dense[n] for n in names if n in keep_dense), None)
         if tiled is None and dense_reason is not None:
             skipped.append(
                 SkippedLayer(names[0], match.op, tuple(weight.shape), dense_reason, aliases)
             )
+            dense_weights.add(key)
             continue
         if tiled is None:
             plan = _plan(
@@ -281,13 +292,15 @@ def tile_layers(
                 match,
                 owners,
                 other_uses.get(key),
-                match.node is first,
-                match.node is last,
+                next((c.unsupported for c in calls[key] if c.unsupported), None),
+                key == first_weight,
+                key == last_weight,
             )
             if plan.p is None:
                 skipped.append(
                     SkippedLayer(names[0], match.op, tuple(weight.shape), plan.reason, aliases)
                 )
+                dense_weights.add(key)
                 continue
             packed = tiling.tile_weight(weight, weight, plan.p, cfg.alpha)
             tile_path, alphas_path = _register_tile_buffers(gm, match, packed)
@@ -311,6 +324,21 @@ def tile_layers(
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _calls_by_weight(gm: fx.GraphModule, matches: list[LayerMatch]) -> dict[int, list[LayerMatch]]:
+    """id(weight tensor) -> every matched call that uses it (a module called several
+    times, tied weights), in graph order."""
+    calls: dict[int, list[LayerMatch]] = {}
+    for m in matches:
+        calls.setdefault(id(get_attr_tensor(gm, m.weight)), []).append(m)
+    return calls
+
+
+def _weight_key(gm: fx.GraphModule, node: fx.Node | None, matches: list[LayerMatch]) -> int | None:
+    """id of the weight tensor a matched layer node uses; None for other nodes."""
+    match = next((m for m in matches if m.node is node), None)
+    return None if match is None else id(get_attr_tensor(gm, match.weight))
 
 
 def matches_in(gm: fx.GraphModule) -> list[LayerMatch]:
