@@ -1,0 +1,167 @@
+"""docs/errors.md is true: every row's bad input raises that exception with that message.
+
+Each row id maps to a trigger below; a row without a trigger, or a trigger without a row,
+fails the test. Triggers also check that the bad input changed nothing where that applies.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tbn_compiler as tbn
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+
+
+def doc_rows() -> dict[str, tuple[str, str]]:
+    """Row id -> (exception name, message) from the table in docs/errors.md."""
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or cells[0] in ("id", "") or set(cells[0]) <= {"-"}:
+            continue
+        rows[cells[0]] = (cells[3].strip("`"), cells[4])
+    return rows
+
+
+def message_pattern(message: str) -> str:
+    """The documented message as a regex: '…' matches any text."""
+    return ".*?".join(re.escape(part.strip()) for part in message.split("…"))
+
+
+# --------------------------------------------------------------------------- triggers
+
+X = torch.randn(2, 16)
+
+
+def _linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16)).eval()
+
+
+def _unchanged(model: nn.Module, fn: Callable[[], object]) -> Callable[[], object]:
+    """Run ``fn`` and check afterwards (also when it raised) that ``model`` is unchanged."""
+
+    def run():
+        before = copy.deepcopy(model.state_dict())
+        try:
+            return fn()
+        finally:
+            after = model.state_dict()
+            assert before.keys() == after.keys()
+            assert all(torch.equal(before[k], after[k]) for k in before)
+
+    return run
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled():
+    if "cm" not in _COMPILED:
+        _COMPILED["cm"] = tbn.compile(_linear(), X, config=tbn.TBNConfig(p=4, min_numel=0))
+    return _COMPILED["cm"]
+
+
+def _saved(tmp: Path) -> Path:
+    return _compiled().save(tmp / "model.tbn")
+
+
+def _edited(tmp: Path) -> Path:
+    src = _saved(tmp)
+    with zipfile.ZipFile(src) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members["metadata.json"] = members["metadata.json"].replace(b'"float32"', b'"float64"')
+    dst = tmp / "edited.tbn"
+    with zipfile.ZipFile(dst, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return dst
+
+
+def _truncated(tmp: Path) -> Path:
+    src = _saved(tmp)
+    dst = tmp / "truncated.tbn"
+    dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    return dst
+
+
+def _save_under_file(tmp: Path):
+    (tmp / "file").write_text("x")
+    _compiled().save(tmp / "file" / "model.tbn")
+
+
+def _strict_indivisible():
+    model = nn.Sequential(nn.Linear(7, 10)).eval()
+    return _unchanged(
+        model,
+        lambda: tbn.rewrite(model, torch.randn(2, 7), tbn.TBNConfig(p=4, min_numel=0, strict=True)),
+    )()
+
+
+TRIGGERS: dict[str, Callable[[Path], object]] = {
+    "model-not-module": lambda tmp: tbn.rewrite(lambda x: x, X),
+    "prepare-not-module": lambda tmp: tbn.prepare(lambda x: x),
+    "config-not-config": lambda tmp: tbn.rewrite(_linear(), X, {"p": 4}),
+    "config-p": lambda tmp: tbn.TBNConfig(p=0),
+    "config-layers": lambda tmp: tbn.TBNConfig(layers="fc"),
+    "config-alpha": lambda tmp: tbn.TBNConfig(alpha="mean"),
+    "config-exclude": lambda tmp: tbn.TBNConfig(exclude=[3]),
+    "strict-indivisible": lambda tmp: _strict_indivisible(),
+    "strict-unused-pattern": lambda tmp: tbn.rewrite(
+        _linear(), X, tbn.TBNConfig(min_numel=0, strict=True, exclude=["nope.*"])
+    ),
+    "inputs-type": lambda tmp: tbn.rewrite(_linear(), "x"),
+    "untraceable": lambda tmp: tbn.rewrite(_DataDependent(), X),
+    "inspect-type": lambda tmp: tbn.inspect(nn.Linear(2, 2)),
+    "target-unknown": lambda tmp: tbn.compile(_linear(), X, target="mps2-an368"),
+    "tune-cortex-m": lambda tmp: tbn.compile(
+        _linear(), X, target="mps2-an386", tune=tbn.Tuning(trials=1)
+    ),
+    "call-count": lambda tmp: _compiled()(X, X),
+    "call-shape": lambda tmp: _compiled()(torch.randn(3, 16)),
+    "call-dtype": lambda tmp: _compiled()(X.double()),
+    "call-not-tensor": lambda tmp: _compiled()([1.0] * 16),
+    "save-directory": lambda tmp: _compiled().save(tmp),
+    "save-unwritable": _save_under_file,
+    "load-missing": lambda tmp: tbn.load(tmp / "nope.tbn"),
+    "load-not-archive": lambda tmp: tbn.load(Path(shutil.copy(__file__, tmp / "x.tbn"))),
+    "load-edited": lambda tmp: tbn.load(_edited(tmp)),
+    "load-truncated": lambda tmp: tbn.load(_truncated(tmp)),
+}
+
+
+def test_every_row_has_a_trigger_and_every_trigger_a_row():
+    assert set(doc_rows()) == set(TRIGGERS)
+
+
+@pytest.mark.parametrize("row", sorted(doc_rows()))
+def test_row_is_true(row, tmp_path):
+    exc_name, message = doc_rows()[row]
+    if row not in TRIGGERS:
+        pytest.fail(f"no trigger for row {row!r}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(Exception) as info:  # noqa: B017,PT011 - the type is checked below
+        TRIGGERS[row](tmp_path)
+    names = [cls.__name__ for cls in type(info.value).__mro__]
+    assert exc_name == type(info.value).__name__, f"{row}: raised {names[0]}: {info.value}"
+    assert re.search(message_pattern(message), str(info.value), re.S), (
+        f"{row}: message {str(info.value)!r} does not match {message!r}"
+    )
+    if row.startswith("save-"):  # a failed save leaves nothing behind
+        after = sorted(p.name for p in tmp_path.iterdir())
+        assert after == before + (["file"] if row == "save-unwritable" else [])
