@@ -201,3 +201,62 @@ def test_embedding_ids_out_of_range_raise_and_never_read_outside() -> None:
         torch.testing.assert_close(cm(x), model(x).detach())  # the error flag is reset
     finally:
         cm.close()
+
+
+class DictOutput(nn.Module):
+    """Returns its logits in a dict, as many classification heads do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": torch.relu(self.fc(x))}
+
+
+@needs_toolchain
+def test_output_structure_and_saved_module(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = DictOutput().eval(), torch.randn(1, 8)
+    cm = tbn.compile(model, (x,), target=BOARD, config=FLOAT)
+    loaded = None
+    try:
+        y = cm(x)
+        assert isinstance(y, dict) and list(y) == ["logits"]
+        torch.testing.assert_close(y["logits"], model(x)["logits"].detach())
+        path = cm.save(tmp_path / "model.tbn")
+        assert [p.name for p in tmp_path.iterdir()] == ["model.tbn"]
+        loaded = tbn.load(path)
+        assert type(loaded) is type(cm) and loaded.target == cm.target
+        x2 = torch.randn(1, 8)
+        y2 = loaded(x2)
+        assert list(y2) == ["logits"]
+        torch.testing.assert_close(y2["logits"], model(x2)["logits"].detach())
+        assert loaded.files == cm.files and loaded.info.steps == cm.info.steps
+        assert loaded.report == str(cm.report)
+        mem, mem2 = cm.memory, loaded.memory
+        assert mem2 == mem
+        root = loaded.export(tmp_path / "proj")
+        assert (root / "src" / "tbn_model.c").read_text() == cm.files["src/tbn_model.c"]
+    finally:
+        cm.close()
+        if loaded is not None:
+            loaded.close()
+
+
+def test_saved_module_with_an_edited_source_is_refused(hardswish, tmp_path: Path) -> None:
+    import zipfile
+
+    from tbn_compiler.backends.archive import ArtifactError
+
+    cm, _ = hardswish
+    path = cm.save(tmp_path / "m.tbn")
+    edited = tmp_path / "edited.tbn"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(edited, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "sources/src/tbn_model.c":
+                data = data.replace(b"return 0;", b"return 1;")
+            dst.writestr(item, data)
+    with pytest.raises(ArtifactError, match="checksum mismatch for 'sources/src/tbn_model.c'"):
+        tbn.load(edited)

@@ -6,10 +6,13 @@
 """
 
 from ...targets import boards as _boards  # noqa: F401  (registers the board presets)
+from ..artifact import LOADERS as _LOADERS
 from .aot import AotError
 from .driver import compile_cortex_m, compile_graph_cortex_m, generate_sources
 from .module import CortexMModule, ModelTooLargeError, NotEmulatedError
 from .qemu import BuildError, KernelError, RunError, ToolchainError, require_toolchain
+
+_LOADERS["cortex-m"] = CortexMModule.from_archive  # tbn.load of a saved Cortex-M module
 
 __all__ = [
     "AotError",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import tvm
 
+from ...capture import output_tree
 from ...targets import TargetSpec, resolve_target
 from ..build import example_tensors
 from ..relax_import import import_graph
@@ -144,6 +145,7 @@ def compile_graph_cortex_m(
         _per_layer(plan, layers),
         report,
         step_table(plan, layers),
+        output_tree(gm, inputs),
     )
     cm = CortexMModule(spec, sources, info)
     try:

@@ -17,6 +17,23 @@
   lazy build and the memory report; QEMU runs proceed in parallel, each in its own
   working directory. ``cm.close()`` must not race with calls in flight.
 * ``cm.retarget(board)``: the same generated C for another board (no recompilation).
+* ``cm.save(path)`` writes ONE file (:func:`..archive.write_archive`: atomic, every
+  member and the metadata checksummed); ``tbn.load(path)`` (or
+  :meth:`CortexMModule.load`) gives back a module that runs, exports and measures like
+  the original. Saved form, format :data:`..artifact.FORMAT_NAME` version
+  :data:`..artifact.FORMAT_VERSION`:
+
+  - ``metadata.json``: ``format``, ``format_version``, ``versions``, ``target`` (the
+    :class:`TargetSpec` dict, kind ``"cortex-m"``, board included), ``inputs`` /
+    ``outputs`` (name, shape, dtype), ``output_tree`` (:class:`~tbn_compiler.capture.OutputTree`
+    JSON or null), ``report`` (text or null), ``weights_bytes``, ``arena_bytes``,
+    ``per_layer``, ``steps`` and ``sources`` (the member names below);
+  - ``sources/include/tbn_model.h``, ``sources/src/tbn_kernels.h``,
+    ``sources/src/tbn_kernels.c``, ``sources/src/tbn_model.c``: the generated C (the
+    build files and harness are regenerated for the board).
+
+``cm(x)`` returns what the model returns: the output tensor inside the model's output
+structure (a dict, nested tuples, a named tuple) when the module knows it.
 """
 
 from __future__ import annotations
@@ -35,7 +52,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...capture import OutputTree
 from ...targets import TargetSpec, resolve_target
+from ..archive import ArtifactError, read_archive, write_archive
+from ..artifact import FORMAT_NAME, FORMAT_VERSION, InputError
 from ..relax_import import TensorSpec
 from . import check, qemu
 from .project import project_files
@@ -79,6 +99,15 @@ class ModelInfo:
     per_layer: list[dict[str, Any]]
     report: Any = None
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    output_tree: OutputTree | None = None
+
+    def __post_init__(self) -> None:
+        tree = self.output_tree
+        if tree is not None and tree.num_leaves != len(self.outputs):
+            raise ValueError(
+                f"output tree has {tree.num_leaves} tensors, the program returns "
+                f"{len(self.outputs)}"
+            )
 
 
 class CortexMModule:
@@ -107,6 +136,23 @@ class CortexMModule:
     @property
     def outputs(self) -> list[TensorSpec]:
         return self.info.outputs
+
+    @property
+    def target(self) -> TargetSpec:
+        """The Cortex-M preset (same as ``spec``; the name compiled modules share)."""
+        return self.spec
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return self.info.inputs
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        return self.info.outputs
+
+    @property
+    def output_tree(self) -> OutputTree | None:
+        return self.info.output_tree
 
     @property
     def report(self) -> Any:
@@ -236,7 +282,7 @@ class CortexMModule:
             "'mps2-an500' or 'mps2-an385' to run it"
         )
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *args: torch.Tensor) -> Any:
         """Run one inference in QEMU; ``args`` must match the example inputs' shapes.
         :class:`.qemu.KernelError` when a kernel met invalid data (e.g. an embedding id
         computed in the graph is out of range), naming the step and its layer."""
@@ -254,7 +300,8 @@ class CortexMModule:
             raise self._kernel_error(exc) from None
         with self._lock:
             self.last_run = res.to_dict()
-        return torch.from_numpy(res.output.copy()).reshape(spec.shape)
+        y = torch.from_numpy(res.output.copy()).reshape(spec.shape)
+        return y if self.output_tree is None else self.output_tree.unflatten([y])
 
     def _kernel_error(self, exc: qemu.KernelError) -> qemu.KernelError:
         """``exc`` with the step described in model terms."""
@@ -277,22 +324,113 @@ class CortexMModule:
 
     def _check_input(self, args: tuple[torch.Tensor, ...]) -> np.ndarray:
         if len(args) != len(self.inputs):
-            raise TypeError(f"expected {len(self.inputs)} input(s), got {len(args)}")
+            raise InputError(f"expected {len(self.inputs)} input(s), got {len(args)}")
         x, spec = args[0], self.inputs[0]
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+            raise InputError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if tuple(x.shape) != spec.shape or x.dtype != torch.float32:
-            raise ValueError(
+            raise InputError(
                 f"input must be float32 of shape {spec.shape} (compiled shape), "
                 f"got {x.dtype} {tuple(x.shape)}"
             )
         return x.detach().cpu().contiguous().numpy()
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the module to ONE file (see module doc), atomically; returns the path.
+        :class:`..archive.ArtifactWriteError` names ``path`` when it cannot be written."""
+        members = {_SOURCES + rel: text.encode() for rel, text in sorted(self.sources.items())}
+        return write_archive(path, self._metadata(sorted(members)), members)
+
+    def _metadata(self, source_members: list[str]) -> dict[str, Any]:
+        info = self.info
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "versions": _versions(),
+            "target": self.spec.to_dict(),
+            "inputs": [s.to_dict() for s in info.inputs],
+            "outputs": [s.to_dict() for s in info.outputs],
+            "output_tree": None if info.output_tree is None else info.output_tree.to_json(),
+            "report": None if info.report is None else str(info.report),
+            "weights_bytes": info.weights_bytes,
+            "arena_bytes": info.arena_bytes,
+            "per_layer": info.per_layer,
+            "steps": info.steps,
+            "sources": source_members,
+        }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CortexMModule:
+        """Read a module written by :meth:`save` (checked by :func:`..archive.read_archive`)."""
+        meta, members = read_archive(path)
+        for key, want in (("format", FORMAT_NAME), ("format_version", FORMAT_VERSION)):
+            if meta.get(key) != want:
+                raise ArtifactError(f"{path}: {key} is {meta.get(key)!r}, expected {want!r}")
+        return cls.from_archive(Path(path), meta, members)
+
+    @classmethod
+    def from_archive(
+        cls, path: Path, meta: dict[str, Any], members: dict[str, bytes]
+    ) -> CortexMModule:
+        """The module held by an archive already read and checked (format, version,
+        checksums) by the caller: ``tbn.load`` dispatches here for targets of kind
+        ``"cortex-m"``. :class:`..archive.ArtifactError` naming ``path`` when the
+        metadata is malformed or a source member is missing."""
+        try:
+            spec = TargetSpec.from_dict(meta["target"])
+            if spec.kind != "cortex-m" or spec.board is None:
+                raise ValueError(f"target {spec.name!r} is not a Cortex-M board")
+            tree = meta.get("output_tree")
+            info = ModelInfo(
+                inputs=[TensorSpec.from_dict(d) for d in meta["inputs"]],
+                outputs=[TensorSpec.from_dict(d) for d in meta["outputs"]],
+                weights_bytes=int(meta["weights_bytes"]),
+                arena_bytes=int(meta["arena_bytes"]),
+                per_layer=list(meta["per_layer"]),
+                report=meta.get("report"),
+                steps=list(meta["steps"]),
+                output_tree=None if tree is None else OutputTree.from_json(tree),
+            )
+            names = list(meta["sources"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(
+                f"{path}: malformed metadata.json of a Cortex-M module "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        missing = [n for n in names if n not in members]
+        if missing or not names:
+            raise ArtifactError(f"{path}: not a complete Cortex-M module, missing {missing}")
+        try:
+            sources = {n.removeprefix(_SOURCES): members[n].decode() for n in names}
+        except UnicodeDecodeError as exc:
+            raise ArtifactError(f"{path}: a C source is not UTF-8 text ({exc})") from exc
+        return cls(spec, sources, info)
 
     def __repr__(self) -> str:
         return (
             f"CortexMModule(target={self.spec.name!r}, weights={self.info.weights_bytes} B, "
             f"arena={self.info.arena_bytes} B)"
         )
+
+
+_SOURCES = "sources/"
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    try:
+        tbn = metadata.version("tbn_compiler")
+    except metadata.PackageNotFoundError:
+        tbn = "unknown"
+    return {
+        "tbn_compiler": tbn,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
 
 
 def _kib(kib: int | None) -> int | None:
