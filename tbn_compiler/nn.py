@@ -18,7 +18,9 @@ groups, ...) and ``state_dict`` key of those layers is still there, plus ``score
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -34,7 +36,8 @@ __all__ = [
     "TILED_TYPES",
     "prepare",
     "plan_module",
-    "conv_padding_ints",
+    "ConvGeometry",
+    "conv_geometry",
     "layer_name",
     "WeightOwners",
     "weight_owners",
@@ -228,20 +231,61 @@ def weight_owners(model: nn.Module) -> dict[str, WeightOwners]:
     return owners
 
 
-def conv_padding_ints(layer_padding, kernel_size, dilation, stride) -> list[int] | None:
-    """Integer (symmetric) padding of a conv, or None when it cannot be expressed so
-    (``padding="same"`` with an even effective kernel needs asymmetric padding)."""
-    if isinstance(layer_padding, str):
-        if layer_padding == "valid":
-            return [0] * len(kernel_size)
-        pads = []
-        for k, d in zip(kernel_size, dilation, strict=True):
-            total = d * (k - 1)
-            if total % 2:
-                return None
-            pads.append(total // 2)
-        return pads
-    return [int(v) for v in layer_padding]
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Integer geometry of a conv as the tile ops take it: one value per spatial dim,
+    symmetric zero padding."""
+
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+            "groups": self.groups,
+        }
+
+
+def conv_geometry(
+    kernel_size: Sequence[int],
+    stride: int | Sequence[int] | None,
+    padding: str | int | Sequence[int] | None,
+    dilation: int | Sequence[int] | None,
+    groups: int | None,
+    padding_mode: str = "zeros",
+) -> tuple[ConvGeometry | None, str | None]:
+    """The one check of whether the tile ops can compute a conv: ``(geometry, None)``, or
+    ``(None, reason)`` when they cannot (padding modes other than zeros; ``padding="same"``
+    with an even effective kernel, which needs asymmetric padding, or with a stride).
+    Arguments as ``nn.Conv*d`` / ``F.conv*d`` take them; ints apply to every dim."""
+    spatial = len(kernel_size)
+
+    def per_dim(value, default: int) -> list[int]:
+        value = default if value is None else value
+        return [int(value)] * spatial if isinstance(value, int) else [int(v) for v in value]
+
+    strides, dilations = per_dim(stride, 1), per_dim(dilation, 1)
+    if padding_mode != "zeros":
+        return None, (
+            f"padding_mode={padding_mode!r} is not supported by the tile ops; kept dense "
+            "(use padding_mode='zeros')"
+        )
+    if padding == "valid":
+        pads = [0] * spatial
+    elif padding == "same":
+        if any(s != 1 for s in strides):
+            return None, "padding='same' with stride > 1 is not supported; kept dense"
+        totals = [d * (k - 1) for k, d in zip(kernel_size, dilations, strict=True)]
+        if any(t % 2 for t in totals):
+            return None, "padding='same' with an even kernel needs asymmetric padding; kept dense"
+        pads = [t // 2 for t in totals]
+    else:
+        pads = per_dim(padding, 0)
+    return ConvGeometry(strides, pads, dilations, int(groups or 1)), None
 
 
 def _float_type(module: nn.Module) -> type | None:
@@ -271,19 +315,16 @@ def plan_module(
     if plan.p is None:
         return plan
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        if module.padding_mode != "zeros":
-            return LayerPlan(
-                None,
-                f"padding_mode={module.padding_mode!r} is not supported by the "
-                "tile ops; kept dense (use padding_mode='zeros')",
-            )
-        if (
-            conv_padding_ints(module.padding, module.kernel_size, module.dilation, module.stride)
-            is None
-        ):
-            return LayerPlan(
-                None, "padding='same' with an even kernel needs asymmetric padding; kept dense"
-            )
+        _, reason = conv_geometry(
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.padding_mode,
+        )
+        if reason is not None:
+            return LayerPlan(None, reason)
     numel = module.weight.numel()
     if numel % plan.p:
         msg = (

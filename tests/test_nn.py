@@ -9,6 +9,7 @@ from models import MLP, ResidualCNN
 from reference import np_reconstruct
 
 import tbn_compiler as tbn
+from tbn_compiler.nn import conv_geometry
 
 
 def _reference_weight(layer):
@@ -138,3 +139,30 @@ def test_prepare_rejects_bad_input():
         tbn.prepare("model")
     with pytest.raises(TypeError, match="TBNConfig"):
         tbn.prepare(MLP(), {"p": 4})
+
+
+@pytest.mark.parametrize(
+    "kernel,dilation,padding", [((3, 5), (1, 2), "same"), ((3, 3), 1, "valid"), ((1, 3), 2, (0, 2))]
+)
+def test_conv_geometry_matches_torch_padding(kernel, dilation, padding):
+    geometry, reason = conv_geometry(kernel, 1, padding, dilation, 1)
+    assert reason is None
+    x, w = torch.randn(1, 2, 9, 9), torch.randn(3, 2, *kernel)
+    want = F.conv2d(x, w, padding=padding, dilation=dilation)
+    got = F.conv2d(
+        x, w, padding=geometry.padding, dilation=geometry.dilation, stride=geometry.stride
+    )
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "args,reason",
+    [
+        (((4, 4), 1, "same", 1, 1), "even kernel needs asymmetric padding"),
+        (((3, 3), 2, "same", 1, 1), "stride > 1"),
+        (((3, 3), 1, 1, 1, 1, "circular"), "padding_mode='circular'"),
+    ],
+)
+def test_conv_geometry_refusals(args, reason):
+    geometry, why = conv_geometry(*args)
+    assert geometry is None and reason in why

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops  # noqa: F401  (registers torch.ops.tbn.*)
-from ..nn import TiledConv1d, TiledConv2d, TiledLinear, conv_padding_ints
+from ..nn import TiledConv1d, TiledConv2d, TiledLinear, conv_geometry
 from ..tiling import PackedTile, reconstruct, unpack_bits
 
 __all__ = ["PackedLinear", "PackedConv", "convert", "packed_from_tiled"]
@@ -139,23 +139,22 @@ def packed_from_tiled(layer: nn.Module, packed: PackedTile | None = None) -> _Pa
     if isinstance(layer, TiledLinear):
         return PackedLinear(layer.in_features, layer.out_features, packed, layer.bias)
     if isinstance(layer, (TiledConv1d, TiledConv2d)):
-        if layer.padding_mode != "zeros":
-            raise ValueError(
-                f"{type(layer).__name__}: padding_mode={layer.padding_mode!r} "
-                "cannot be converted; use padding_mode='zeros'"
-            )
-        pads = conv_padding_ints(layer.padding, layer.kernel_size, layer.dilation, layer.stride)
-        if pads is None:
-            raise ValueError(
-                f"{type(layer).__name__}: padding='same' with an even kernel "
-                "cannot be converted to symmetric padding"
-            )
+        geometry, reason = conv_geometry(
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.padding_mode,
+        )
+        if geometry is None:
+            raise ValueError(f"{type(layer).__name__} cannot be converted: {reason}")
         return PackedConv(
             list(layer.weight.shape),
-            list(layer.stride),
-            pads,
-            list(layer.dilation),
-            layer.groups,
+            geometry.stride,
+            geometry.padding,
+            geometry.dilation,
+            geometry.groups,
             packed,
             layer.bias,
         )

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from ..nn import TILED_TYPES, conv_padding_ints, layer_name
+from ..nn import TILED_TYPES, conv_geometry, layer_name
 
 aten = torch.ops.aten
 
@@ -125,25 +125,13 @@ def match_linear_call(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
 
 
 def _conv_geometry(spatial: int, stride, padding, dilation, groups, weight: torch.Tensor):
-    def per_dim(v, default):
-        v = default if v is None else v
-        return [int(v)] * spatial if isinstance(v, int) else [int(x) for x in v]
-
-    kernel = list(weight.shape[2:])
-    dil = per_dim(dilation, 1)
-    pads = conv_padding_ints(
-        padding if isinstance(padding, str) else per_dim(padding, 0),
-        kernel,
-        dil,
-        per_dim(stride, 1),
-    )
-    geometry = dict(stride=per_dim(stride, 1), padding=pads, dilation=dil, groups=int(groups or 1))
-    reason = None
-    if pads is None:
-        reason = "padding='same' with an even kernel needs asymmetric padding; kept dense"
-    elif isinstance(padding, str) and padding == "same" and any(s != 1 for s in geometry["stride"]):
-        reason = "padding='same' with stride > 1 is not supported; kept dense"
-    return geometry, reason
+    """``(geometry dict, reason or None)`` of a functional/ATen conv (see
+    :func:`~tbn_compiler.nn.conv_geometry`); a refused conv still gets its per-dim
+    stride/dilation/groups for the report."""
+    geometry, reason = conv_geometry(list(weight.shape[2:]), stride, padding, dilation, groups)
+    if geometry is None:
+        return {"groups": int(groups or 1)}, reason
+    return geometry.as_dict(), None
 
 
 def _make_conv_matcher(spatial: int, aten_convolution: bool = False):
@@ -242,21 +230,21 @@ def match_module_call(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
     if base is nn.Linear:
         return LayerMatch(node, "linear", node.args[0], weight_path, bias, module_type=type(module))
     spatial = 1 if base is nn.Conv1d else 2
-    geometry, reason = _conv_geometry(
-        spatial, module.stride, module.padding, module.dilation, module.groups, module.weight
+    geometry, reason = conv_geometry(
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups,
+        module.padding_mode,
     )
-    if module.padding_mode != "zeros":
-        reason = (
-            f"padding_mode={module.padding_mode!r} is not supported by the tile ops; "
-            "kept dense (use padding_mode='zeros')"
-        )
     return LayerMatch(
         node,
         f"conv{spatial}d",
         node.args[0],
         weight_path,
         bias,
-        conv=geometry,
+        conv=None if geometry is None else geometry.as_dict(),
         module_type=type(module),
         unsupported=reason,
     )
