@@ -5,6 +5,7 @@ gathers. References are plain PyTorch (layers kept float with ``exclude=["*"]``)
 from __future__ import annotations
 
 import re
+import subprocess
 import threading
 from pathlib import Path
 
@@ -260,3 +261,17 @@ def test_saved_module_with_an_edited_source_is_refused(hardswish, tmp_path: Path
             dst.writestr(item, data)
     with pytest.raises(ArtifactError, match="checksum mismatch for 'sources/src/tbn_model.c'"):
         tbn.load(edited)
+
+
+@needs_toolchain
+def test_library_refuses_fast_math(hardswish, tmp_path: Path) -> None:
+    cm, _ = hardswish
+    root = cm.export(tmp_path / "proj")
+    ok = subprocess.run(["make", "-s", "-C", str(root), "lib"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(
+        ["make", "-s", "-C", str(root), "-B", "lib", "OPT=-O2 -ffast-math"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "without -ffast-math" in bad.stderr
