@@ -139,6 +139,20 @@ class TBNConfig:
             return LayerPlan(1, f"{numel} < min_numel={self.min_numel}: binary, p=1")
         return LayerPlan(self.p, "global p")
 
+    def divisible(self, plan: LayerPlan, name: str, numel: int, detail: str = "") -> LayerPlan:
+        """``plan`` when its ``p`` divides the layer's ``numel`` weights (or it keeps the
+        layer dense); else the layer is kept dense with the reason, or, in strict mode, a
+        ValueError naming the layer (``detail``: e.g. its op and weight shape) is raised."""
+        if plan.p is None or numel % plan.p == 0:
+            return plan
+        if self.strict:
+            where = f" ({detail})" if detail else ""
+            raise ValueError(
+                f"layer {name!r}{where}: {numel} weights not divisible by p={plan.p}; set a p "
+                "that divides it in TBNConfig.layers or exclude the layer"
+            )
+        return LayerPlan(None, f"{numel} weights not divisible by p={plan.p}")
+
     def check_patterns_used(self, names: Iterable[str]) -> None:
         """In strict mode, raise if a ``layers``/``exclude`` name or glob matches no layer."""
         if not self.strict:

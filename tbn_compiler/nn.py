@@ -325,16 +325,8 @@ def plan_module(
         )
         if reason is not None:
             return LayerPlan(None, reason)
-    numel = module.weight.numel()
-    if numel % plan.p:
-        msg = (
-            f"layer {name!r}: {numel} weights not divisible by p={plan.p}; "
-            f"choose a p that divides {numel} (TBNConfig.layers) or exclude the layer"
-        )
-        if cfg.strict:
-            raise ValueError(msg)
-        return LayerPlan(None, f"{numel} weights not divisible by p={plan.p}")
-    return plan
+    detail = f"{type(module).__name__}, weight {tuple(module.weight.shape)}"
+    return cfg.divisible(plan, name, module.weight.numel(), detail)
 
 
 def prepare(model: nn.Module, cfg: TBNConfig | None = None) -> nn.Module:

@@ -90,7 +90,9 @@ def test_prepare_skips_indivisible_or_raises_when_strict():
     qat = tbn.prepare(model, tbn.TBNConfig(p=2, min_numel=0))
     assert type(qat[0]) is nn.Linear and "not divisible by p=2" in qat.tbn_plan["0"].reason
     assert isinstance(qat[2], tbn.TiledLinear)
-    with pytest.raises(ValueError, match="'0': 15 weights not divisible by p=2"):
+    with pytest.raises(
+        ValueError, match=r"layer '0' \(Linear, weight \(3, 5\)\): 15 weights not divisible by p=2"
+    ):
         tbn.prepare(model, tbn.TBNConfig(p=2, min_numel=0, strict=True))
 
 

@@ -138,15 +138,8 @@ def _plan(
         is_last,
         aliases=owners.layer_names,
     )
-    if plan.p is None or weight.numel() % plan.p == 0:
-        return plan
-    if cfg.strict:
-        raise ValueError(
-            f"layer {owners.layer_names[0]!r} ({match.op}, weight {tuple(weight.shape)}): {weight.numel()} "
-            f"weights not divisible by p={plan.p}; set a p that divides it in TBNConfig.layers "
-            "or exclude the layer"
-        )
-    return LayerPlan(None, f"{weight.numel()} weights not divisible by p={plan.p}")
+    detail = f"{match.op}, weight {tuple(weight.shape)}"
+    return cfg.divisible(plan, owners.layer_names[0], weight.numel(), detail)
 
 
 def _emit_tile_op(gm: fx.GraphModule, match: LayerMatch, tiled: _Tiled) -> fx.Node:
