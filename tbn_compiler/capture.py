@@ -14,7 +14,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib
+import io
 import json
+import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -74,6 +76,22 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> f
     return ep.module()
 
 
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Keep torch.export's own reports of a failed attempt (the partial graph printed to
+    stderr, symbolic-shape log warnings, Python warnings) from the user's stderr: the
+    :class:`CaptureError` reports the failure instead."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _symbolic_trace(
     model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]
 ) -> fx.GraphModule:
@@ -99,8 +117,7 @@ def capture(
     args = as_input_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet_export():
             gm = _export(model, args, kwargs)
         gm.meta["tbn_capture"] = "torch.export"
         return gm

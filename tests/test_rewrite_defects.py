@@ -197,3 +197,15 @@ def test_every_linear_and_conv_is_reported(trace, monkeypatch):
     assert rows["up"]["status"] == "skipped" and "no tile op" in rows["up"]["reason"]
     ref = reference_model(model, {"fc.weight": 4})
     torch.testing.assert_close(gm(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_failed_capture_reports_only_through_the_error(capfd):
+    with pytest.raises(tbn.CaptureError, match="torch.export failed"):
+        tbn.rewrite(_DataDependent(), torch.randn(2, 3))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
