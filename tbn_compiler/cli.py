@@ -116,6 +116,18 @@ def positive_int(text: str) -> int:
     return _bounded_int(text, 1)
 
 
+def layer_rule(text: str) -> tuple[str, int | None]:
+    """argparse type: ``NAME=P`` (``P`` an int >= 1, or ``dense``) -> ``(name, p or None)``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=P, e.g. fc=2 or 'layers.*=dense', got {text!r}"
+        )
+    if value == "dense":
+        return name, None
+    return name, _bounded_int(value, 1)
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an int >= 0."""
     return _bounded_int(text, 0)
@@ -217,6 +229,14 @@ def _add_common_arguments(p: argparse.ArgumentParser) -> None:
         help="smaller layers use p=1 (default: 64000)",
     )
     p.add_argument("--exclude", action="append", default=[], help="layer name or glob kept dense")
+    p.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        type=layer_rule,
+        metavar="NAME=P",
+        help="p for one layer name or glob (P 'dense' keeps it dense); repeatable",
+    )
     p.add_argument("--strict", action="store_true", help="fail on layers p does not divide")
     # SUPPRESS: `tbnc --debug compile ...` must not be reset by the subcommand's default
     p.add_argument(
@@ -326,7 +346,13 @@ def _describe(exc: BaseException) -> str:
 
 
 def _config(args: argparse.Namespace) -> TBNConfig:
-    return TBNConfig(p=args.p, min_numel=args.min_numel, exclude=args.exclude, strict=args.strict)
+    return TBNConfig(
+        p=args.p,
+        min_numel=args.min_numel,
+        layers=dict(args.layer),
+        exclude=args.exclude,
+        strict=args.strict,
+    )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -103,6 +103,22 @@ def test_inspect_writes_json_and_dot(tmp_path, capsys):
     assert out_dot.read_text().startswith("digraph")
 
 
+def test_layer_rules_set_p_per_layer(tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    args = ["inspect", "models:MLP", "--shape", "2,64", "--p", "2", "--min-numel", "0"]
+    rules = ["--layer", "layers.1=8", "--layer", "layers.2=dense", "--json", str(out_json)]
+    code, _, err = run_tbnc(capsys, *args, *rules)
+    assert code == 0, err
+    rows = json.loads(out_json.read_text())["layers"]
+    assert [(r["name"], r["p"]) for r in rows] == [
+        ("layers.0", 2),
+        ("layers.1", 8),
+        ("layers.2", None),
+    ]
+    code, _, err = run_tbnc(capsys, *args, "--layer", "fc")
+    assert code == 2 and "expected NAME=P" in err
+
+
 def test_compile_llvm_writes_artifact_matching_reference(tmp_path, capsys):
     pytest.importorskip("tvm")
     import tbn_compiler as tbn
