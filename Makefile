@@ -6,7 +6,7 @@ TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.tbn-setup-stamp
 APT_PACKAGES := gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
 
-.PHONY: setup toolchain demo test lint bench clean
+.PHONY: setup toolchain demo test fuzz lint bench clean
 
 setup: $(STAMP) toolchain
 
@@ -34,6 +34,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The differential fuzzer alone: N random nets from seed SEED (`make test` runs seeds 0-59),
+# every 10th also on mps2-an386 in QEMU. A failure prints `make fuzz N=1 SEED=<seed>`.
+N ?= 1000
+SEED ?= 0
+fuzz: setup
+	FUZZ_N=$(N) FUZZ_SEED=$(SEED) $(PY) -m pytest -q tests/test_fuzz.py -k fuzz_net
 
 lint: setup
 	$(VENV)/bin/ruff check .

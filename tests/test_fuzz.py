@@ -1,13 +1,95 @@
-"""Regressions for defects found by the differential fuzzer, each minimal."""
+"""Differential fuzzer: random small nets (tests/fuzz_nets.py) rewritten and compiled.
+
+For each seed: the rewritten graph against the independent numpy reconstruction (and
+the report's decisions against the config), the llvm build against the rewritten graph,
+and for every 10th seed the mps2-an386 build in QEMU. ``FUZZ_SEED`` (default 0) and
+``FUZZ_N`` (default 60) choose the seeds; ``make fuzz N=1000 SEED=...`` runs more.
+A failure names its seed and the command that replays it.
+
+The tests after the fuzzer are regressions for defects it found, each minimal.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn as nn
+from fuzz_nets import assert_close, check_rewrite, make_case, replay_hint
 from reference import reference_model
 
 import tbn_compiler as tbn
+
+FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "0"))
+FUZZ_N = int(os.environ.get("FUZZ_N", "60"))
+SEEDS = range(FUZZ_SEED, FUZZ_SEED + FUZZ_N)
+QEMU_EVERY = 10
+
+
+def _arm_toolchain_missing() -> str | None:
+    from tbn_compiler.backends.cortex_m import ToolchainError, require_toolchain
+
+    try:
+        require_toolchain(qemu=True)
+    except ToolchainError as exc:
+        return str(exc)
+    return None
+
+
+@contextlib.contextmanager
+def _replayable(seed: int, case=None) -> Iterator[None]:
+    """Add the seed, the replay command and the net to any failure."""
+    try:
+        yield
+    except Exception as exc:
+        exc.add_note(case.describe() if case is not None else replay_hint(seed))
+        raise
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed{s}")
+def test_fuzz_net_llvm(seed: int) -> None:
+    """rewrite vs the numpy reconstruction, then llvm vs the rewritten graph."""
+    with _replayable(seed):
+        case = make_case(seed)
+    with _replayable(seed, case):
+        gm = check_rewrite(case)
+        cm = tbn.compile_graph(gm, case.inputs, target="llvm")
+        with torch.no_grad():
+            assert_close(cm(*case.inputs), gm(*case.inputs), "llvm vs rewrite")
+
+
+@pytest.mark.parametrize(
+    "seed", [s for s in SEEDS if s % QEMU_EVERY == 0], ids=lambda s: f"seed{s}"
+)
+def test_fuzz_net_cortex_m(seed: int) -> None:
+    """rewrite vs the numpy reconstruction, then mps2-an386 in QEMU vs the rewritten graph."""
+    missing = _arm_toolchain_missing()
+    if missing:
+        pytest.skip(f"Arm toolchain / QEMU: {missing}")
+    with _replayable(seed):
+        case = make_case(seed)
+    with _replayable(seed, case):
+        gm = check_rewrite(case)
+        cm = tbn.compile_graph(gm, case.inputs, target="mps2-an386")
+        try:
+            with torch.no_grad():
+                assert_close(cm(*case.inputs), gm(*case.inputs), "mps2-an386 vs rewrite")
+        finally:
+            cm.close()
+
+
+def test_seed_gives_the_same_net_config_and_input() -> None:
+    a, b = make_case(12345), make_case(12345)
+    assert str(a.model) == str(b.model) and a.config_kwargs == b.config_kwargs
+    assert torch.equal(a.inputs[0], b.inputs[0])
+    for (na, pa), (nb, pb) in zip(
+        a.model.state_dict().items(), b.model.state_dict().items(), strict=True
+    ):
+        assert na == nb and torch.equal(pa, pb)
+
 
 # --------------------------------------------------------------------------- regressions
 
