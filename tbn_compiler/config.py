@@ -86,15 +86,20 @@ class TBNConfig:
     # ------------------------------------------------------------------ per layer
 
     def excluded(
-        self, name: str, module_type: type | None, aliases: Sequence[str] = ()
+        self,
+        name: str,
+        module_type: type | tuple[type, ...] | None,
+        aliases: Sequence[str] = (),
     ) -> str | None:
         """The exclude entry that matches this layer (under ``name`` or any of its
-        ``aliases``: the other names of a shared weight), as text, or None."""
+        ``aliases``: the other names of a shared weight; by the type of any module
+        that owns the weight), as text, or None."""
         names = _all_names(name, aliases)
+        types = module_type if isinstance(module_type, tuple) else (module_type,)
         for item in self.exclude:
             if isinstance(item, str) and any(_name_matches(item, n) for n in names):
                 return item
-            if isinstance(item, type) and module_type is not None and issubclass(module_type, item):
+            if isinstance(item, type) and any(t is not None and issubclass(t, item) for t in types):
                 return item.__name__
         return None
 
@@ -114,7 +119,7 @@ class TBNConfig:
         self,
         name: str,
         numel: int,
-        module_type: type | None = None,
+        module_type: type | tuple[type, ...] | None = None,
         is_first: bool = False,
         is_last: bool = False,
         aliases: Sequence[str] = (),

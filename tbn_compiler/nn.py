@@ -201,11 +201,12 @@ def layer_name(weight_path: str) -> str:
 @dataclass(frozen=True)
 class WeightOwners:
     """Every attribute path under which one weight tensor is stored in the model (tied
-    weights have several, in registration order), and the type of the module that
-    owns its first path."""
+    weights have several, in registration order), the type of the module that owns
+    its first path, and the types of the modules that own any of its paths."""
 
     paths: tuple[str, ...]
     module_type: type | None
+    module_types: tuple[type, ...] = ()
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -224,9 +225,8 @@ def weight_owners(model: nn.Module) -> dict[str, WeightOwners]:
         by_tensor.setdefault(id(tensor), []).append(path)
     owners: dict[str, WeightOwners] = {}
     for paths in by_tensor.values():
-        owner_path = paths[0].rpartition(".")[0]
-        owner = model.get_submodule(owner_path) if owner_path else model
-        info = WeightOwners(tuple(paths), type(owner))
+        types = tuple(dict.fromkeys(type(model.get_submodule(p.rpartition(".")[0])) for p in paths))
+        info = WeightOwners(tuple(paths), types[0], types)
         owners.update(dict.fromkeys(paths, info))
     return owners
 

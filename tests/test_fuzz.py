@@ -157,3 +157,33 @@ def test_one_decision_per_weight_for_every_call(model_cls, x_shape, cfg, tiled) 
     rows = _statuses(gm)
     assert len({name for name, _ in rows}) == len(rows), rows
     assert {n for n, s in rows if s == "tiled"} == {k.rpartition(".")[0] for k in tiled}
+
+
+class _FunctionalTiedToLinear(nn.Module):
+    """One weight owned first by a plain module (used through F.linear), then tied into
+    an nn.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Module()
+        self.proj.weight = nn.Parameter(torch.randn(8, 8) * 0.3)
+        self.fc = nn.Linear(8, 8, bias=False)
+        self.fc.weight = self.proj.weight
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(torch.relu(nn.functional.linear(x, self.proj.weight))))
+
+
+def test_exclude_by_type_matches_any_module_owning_a_tied_weight() -> None:
+    """exclude=[nn.Linear] keeps a weight dense when an nn.Linear owns it, even if the
+    first module that owns it is not a Linear (only the first owner's type was checked)."""
+    torch.manual_seed(0)
+    model, x = _FunctionalTiedToLinear().eval(), torch.randn(2, 8)
+    gm = tbn.rewrite(model, (x,), tbn.TBNConfig(p=2, min_numel=0, exclude=[nn.Linear]))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    assert {r.name: r.status for r in tbn.inspect(gm).layers} == {
+        "proj": "skipped",
+        "head": "skipped",
+    }

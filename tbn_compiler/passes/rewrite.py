@@ -133,7 +133,7 @@ def _plan(
     plan = cfg.plan_layer(
         owners.layer_names[0],
         weight.numel(),
-        owners.module_type or match.module_type,
+        owners.module_types or match.module_type,
         is_first,
         is_last,
         aliases=owners.layer_names,
