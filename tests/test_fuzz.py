@@ -187,3 +187,39 @@ def test_exclude_by_type_matches_any_module_owning_a_tied_weight() -> None:
         "proj": "skipped",
         "head": "skipped",
     }
+
+
+def _features(seed: int) -> set[str]:
+    """What one generated net and config exercise, by name."""
+    case = make_case(seed)
+    cfg = case.config_kwargs
+    found = {type(m).__name__ for m in case.model.modules()}
+    for m in case.model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            found |= {f"padding_mode={m.padding_mode}", f"padding={m.padding}"}
+            found |= {"depthwise"} if m.groups == m.in_channels > 1 else set()
+            found |= {"grouped"} if 1 < m.groups < m.in_channels else set()
+            found |= {"stride"} if max(m.stride) > 1 else set()
+            found |= {"dilation"} if max(m.dilation) > 1 else set()
+    found |= {"tied weights"} if any(n.startswith("tied") for n in case.notes) else set()
+    found |= {f"p={cfg['p']}", f"alpha={cfg['alpha']}"}
+    found |= {k for k in ("keep_first", "keep_last", "strict", "layers") if cfg.get(k)}
+    found |= {"min_numel"} if cfg["min_numel"] else set()
+    found |= {"exclude type" if isinstance(e, type) else "exclude name" for e in case.excludes}
+    return found
+
+
+def test_default_seeds_cover_every_feature() -> None:
+    """The 60 nets `make test` runs exercise every layer form, block and config option."""
+    found = set().union(*(_features(s) for s in range(60)))
+    wanted = {
+        *("Linear", "Conv1d", "Conv2d", "FunctionalLinear", "FunctionalConv", "Matmul"),
+        *("BatchNorm1d", "BatchNorm2d", "ReLU", "GELU", "SiLU", "Act"),
+        *("Residual", "Concat", "Pool", "Reshape", "Flatten", "Twice", "tied weights"),
+        *("depthwise", "grouped", "stride", "dilation", "padding=same", "padding=valid"),
+        *(f"padding_mode={m}" for m in ("zeros", "reflect", "replicate", "circular")),
+        *(f"p={p}" for p in range(1, 9)),
+        *("alpha=per_tile", "alpha=single", "keep_first", "keep_last", "strict", "layers"),
+        *("min_numel", "exclude type", "exclude name"),
+    }
+    assert wanted <= found, f"not covered: {sorted(wanted - found)}"
