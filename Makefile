@@ -6,9 +6,9 @@ TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.tbn-setup-stamp
 APT_PACKAGES := gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
 
-.PHONY: setup toolchain demo test fuzz lint bench clean
+.PHONY: setup toolchain cuda-runtime demo test fuzz lint bench clean
 
-setup: $(STAMP) toolchain
+setup: $(STAMP) toolchain cuda-runtime
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,12 @@ toolchain:
 	else \
 		echo "note: $(APT_PACKAGES) missing and not root; Cortex-M parts will be skipped"; \
 	fi
+
+# TVM's CUDA runtime (libtvm_runtime_cuda.so) into the venv's tvm/lib, built from TVM's sources
+# ($$TVM_SOURCE_DIR or ../shared/third_party/tvm-cuda-runtime) when nvcc is found; a no-op when
+# up to date; one note line and nothing built without nvcc or sources.
+cuda-runtime: $(STAMP)
+	@$(PY) tbn_compiler/backends/cuda_runtime.py
 
 demo: setup
 	$(PY) examples/demo.py
