@@ -8,17 +8,25 @@ Artifact format (one zip file written by :func:`.archive.write_archive`: every m
   (tbn_compiler, tvm, torch, python), ``target`` (a :class:`TargetSpec` dict, with the
   exact TVM target used), ``inputs`` / ``outputs`` (name, shape, dtype), ``output_tree``
   (the model's output structure, :class:`~tbn_compiler.capture.OutputTree` JSON, or
-  null) and ``report`` (text or null).
+  null), ``report`` (text or null); for CUDA targets ``cuda_kernels`` (``"fatbin"``:
+  compiled for the target's architecture; ``"source"``: CUDA source, compiled where
+  loaded); for host-CPU code (``mcpu`` set) ``cpu_features`` (the compiling CPU's
+  feature flags, checked where TVM's compiler cannot name the CPU).
 * ``library.so``: the TVM library from ``export_library`` (Relax VM bytecode + kernels;
-  for CUDA the kernels as CUDA source, compiled when first loaded on a GPU).
+  for CUDA a fatbin, or source when nvcc was missing at compile time).
 * ``kernels.cu`` (CUDA targets only): the generated CUDA source, readable without a GPU.
+
+Loading and calling need TVM's runtime only (``TVM_USE_RUNTIME_LIB=1`` works: nothing
+here imports ``tvm.relax`` or TVM's compiler); for CUDA modules TVM's CUDA runtime
+(:mod:`.cuda_runtime`) is loaded explicitly.
 
 Cortex-M modules use the same container with their own members (see
 :mod:`.cortex_m.module`); :func:`load` gives back the right kind of module.
 
 :func:`load` refuses a file that is not such an archive, is truncated, misses a member,
 has another format or version, fails a checksum, or targets something that cannot run
-on this machine; each with an :class:`ArtifactError` saying which.
+on this machine (no GPU, another GPU architecture, another CPU); each with an
+:class:`ArtifactError` saying which.
 """
 
 from __future__ import annotations
@@ -34,12 +42,14 @@ from typing import Any
 
 import torch
 import tvm
-from tvm import relax
+import tvm_ffi
+from tvm.runtime.vm import VirtualMachine
 
 from ..capture import OutputTree
 from ..targets import TargetSpec, local_cuda_arch
+from . import cuda_runtime
 from .archive import ArtifactError, ArtifactWriteError, read_archive, write_archive
-from .relax_import import TensorSpec
+from .specs import TensorSpec
 
 __all__ = [
     "FORMAT_NAME",
@@ -48,6 +58,7 @@ __all__ = [
     "ArtifactWriteError",
     "InputError",
     "CompiledModule",
+    "host_cpu_features",
     "load",
 ]
 
@@ -75,8 +86,10 @@ class CompiledModule:
     a lock: 8 threads x 200 calls of a small MLP took 0.09 s with a VM per thread and
     0.14 s with one VM behind a lock).
     Attributes: ``target`` (:class:`TargetSpec`), ``input_specs`` / ``output_specs``
-    (:class:`TensorSpec` lists, flat) and ``report`` (``tbn_compiler.inspect`` of the
-    rewritten graph, or its text after :func:`load`).
+    (:class:`TensorSpec` lists, flat), ``report`` (``tbn_compiler.inspect`` of the
+    rewritten graph, or its text after :func:`load`), ``cuda_kernels`` (CUDA targets:
+    ``"fatbin"`` or ``"source"``, else None) and ``cpu_features`` (host-CPU code: the
+    compiling CPU's feature flags, else None).
     """
 
     def __init__(
@@ -89,6 +102,8 @@ class CompiledModule:
         library_bytes: bytes | None = None,
         cuda_source: str | None = None,
         output_tree: OutputTree | None = None,
+        cuda_kernels: str | None = None,
+        cpu_features: Sequence[str] | None = None,
     ) -> None:
         self._library = library
         self._library_bytes = library_bytes
@@ -98,6 +113,8 @@ class CompiledModule:
         self.output_specs = list(output_specs)
         self.report = report
         self.output_tree = output_tree
+        self.cuda_kernels = cuda_kernels
+        self.cpu_features = None if cpu_features is None else sorted(cpu_features)
         if output_tree is not None and output_tree.num_leaves != len(self.output_specs):
             raise ValueError(
                 f"output tree has {output_tree.num_leaves} tensors, the library returns "
@@ -122,7 +139,7 @@ class CompiledModule:
         if main is None:
             self._check_runnable()
             dev = tvm.cuda(0) if self.target.kind == "cuda" else tvm.cpu(0)
-            vm = relax.VirtualMachine(self._library, dev)
+            vm = VirtualMachine(self._library, dev)
             self._per_thread.vm, self._per_thread.main = vm, vm["main"]
             main = self._per_thread.main
         return main
@@ -207,6 +224,11 @@ class CompiledModule:
             return lib.read_bytes()
 
     def _metadata(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.target.kind == "cuda":
+            extra["cuda_kernels"] = self.cuda_kernels or "source"
+        if self.cpu_features is not None:
+            extra["cpu_features"] = self.cpu_features
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -216,6 +238,7 @@ class CompiledModule:
             "outputs": [s.to_dict() for s in self.output_specs],
             "output_tree": None if self.output_tree is None else self.output_tree.to_json(),
             "report": None if self.report is None else str(self.report),
+            **extra,
         }
 
 
@@ -303,25 +326,77 @@ def check_format(path: Path, meta: dict[str, Any]) -> None:
             raise ArtifactError(f"{path}: {_META} lacks {key!r}")
 
 
-def _check_target(path: Path, spec: TargetSpec) -> None:
+def _check_target(path: Path, spec: TargetSpec, cpu_features: Sequence[str] | None) -> None:
     reason = spec.runnable_here()
     if reason is None and spec.kind == "llvm":
-        reason = _cpu_mismatch(spec)
+        reason = _cpu_mismatch(spec, cpu_features)
+    if reason is None and spec.kind == "cuda":
+        reason = _gpu_mismatch(spec)
     if reason is not None:
         raise ArtifactError(f"{path}: target {spec.name!r} cannot run here: {reason}")
 
 
-def _cpu_mismatch(spec: TargetSpec) -> str | None:
+def _cpu_mismatch(spec: TargetSpec, cpu_features: Sequence[str] | None) -> str | None:
+    """Why code for ``spec``'s CPU cannot run here: the CPU name differs (where TVM's
+    compiler can name this CPU), else a feature flag of the compiling CPU is missing."""
     mcpu = spec.tvm_target.get("mcpu")
     if not mcpu:
         return None
-    here = str(tvm.target.codegen.llvm_get_system_cpu())
-    if mcpu != here:
+    here = _llvm_host_cpu()
+    if here is not None:
+        if mcpu == here:
+            return None
         return (
             f"code was generated for CPU {mcpu!r}, this machine is {here!r} "
             "(compile with target='llvm-generic' for portable code)"
         )
+    local = host_cpu_features()
+    if cpu_features is None or local is None:
+        return (
+            f"code was generated for CPU {mcpu!r}, and neither TVM's runtime nor the "
+            "artifact tell whether this CPU has its features (compile with "
+            "target='llvm-generic' for portable code)"
+        )
+    missing = sorted(set(cpu_features) - set(local))
+    if missing:
+        return (
+            f"code was generated for CPU {mcpu!r}, this CPU lacks its features "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} (compile with "
+            "target='llvm-generic' for portable code)"
+        )
     return None
+
+
+def _llvm_host_cpu() -> str | None:
+    """LLVM's name for this CPU; None where only TVM's runtime is loaded."""
+    if tvm_ffi.get_global_func("target.llvm_get_system_cpu", allow_missing=True) is None:
+        return None
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def host_cpu_features() -> list[str] | None:
+    """This CPU's feature flags as Linux reports them (``/proc/cpuinfo``), or None."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return sorted(set(value.split()))
+    return None
+
+
+def _gpu_mismatch(spec: TargetSpec) -> str | None:
+    """Why CUDA code for ``spec`` cannot run on this machine's GPU (another compute
+    capability), or None."""
+    here = local_cuda_arch()
+    if spec.arch is None or here is None or spec.arch == here:
+        return None
+    return (
+        f"its kernels were compiled for {spec.arch}, this GPU is {here} "
+        f"(compile again with target='cuda:{here}')"
+    )
 
 
 # loaders of other module kinds: target kind -> package that registers a loader on import
@@ -341,7 +416,12 @@ def load(path: str | os.PathLike, *, check_target: bool = True) -> Any:
     check_format(path, meta)
     kind = meta["target"].get("kind") if isinstance(meta["target"], dict) else None
     if kind in _OTHER_KINDS:
-        importlib.import_module(_OTHER_KINDS[kind])  # registers its loader
+        try:
+            importlib.import_module(_OTHER_KINDS[kind])  # registers its loader
+        except ModuleNotFoundError as exc:  # e.g. the deploy bundle's runtime part
+            raise ArtifactError(
+                f"{path}: {kind} modules need the full tbn_compiler package ({exc})"
+            ) from exc
         return LOADERS[kind](path, meta, members)
     try:
         spec = TargetSpec.from_dict(meta["target"])
@@ -349,6 +429,8 @@ def load(path: str | os.PathLike, *, check_target: bool = True) -> Any:
         outputs = [TensorSpec.from_dict(d) for d in meta["outputs"]]
         tree = meta.get("output_tree")
         output_tree = None if tree is None else OutputTree.from_json(tree)
+        cpu_features = meta.get("cpu_features")
+        cpu_features = None if cpu_features is None else [str(f) for f in cpu_features]
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: malformed {_META} ({type(exc).__name__}: {exc})") from exc
     if _LIB not in members:
@@ -356,23 +438,43 @@ def load(path: str | os.PathLike, *, check_target: bool = True) -> Any:
     library = members[_LIB]
     source = members.get(_CU)
     cuda_source = source.decode() if source is not None else None
+    cuda_kernels = meta.get("cuda_kernels", "source") if spec.kind == "cuda" else None
     rest = (spec, inputs, outputs, meta.get("report"), library, cuda_source, output_tree)
+    extra = {"cuda_kernels": cuda_kernels, "cpu_features": cpu_features}
     if check_target:
-        _check_target(path, spec)
+        _check_target(path, spec, cpu_features)
     elif spec.runnable_here() is not None:  # keep metadata and source; calls raise
-        return CompiledModule(None, *rest)
+        return CompiledModule(None, *rest, **extra)
+    if spec.kind == "cuda":
+        _prepare_cuda(path, cuda_kernels)
     try:
-        return CompiledModule(_load_library(path, library), *rest)
+        return CompiledModule(_load_library(path, library, spec), *rest, **extra)
     except ValueError as exc:
         raise ArtifactError(f"{path}: inconsistent {_META} ({exc})") from exc
 
 
-def _load_library(path: Path, library: bytes) -> tvm.runtime.Module:
+def _prepare_cuda(path: Path, cuda_kernels: str | None) -> None:
+    """Load TVM's CUDA runtime; refuse CUDA source where nothing can compile it."""
+    try:
+        cuda_runtime.load()
+    except cuda_runtime.CudaRuntimeError as exc:
+        raise ArtifactError(f"{path}: {exc}") from exc
+    compiler = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    if cuda_kernels != "fatbin" and compiler is None:
+        raise ArtifactError(
+            f"{path}: its CUDA kernels are source, not compiled (nvcc or TVM's CUDA runtime "
+            "was missing where it was compiled), and TVM's runtime alone cannot compile "
+            "them; compile the model again where `make setup` built TVM's CUDA runtime"
+        )
+
+
+def _load_library(path: Path, library: bytes, spec: TargetSpec) -> tvm.runtime.Module:
     with tempfile.TemporaryDirectory(prefix="tbn_load_") as tmp:
         lib = Path(tmp) / _LIB
         lib.write_bytes(library)
         try:
-            return tvm.runtime.load_module(str(lib))
+            with cuda_runtime.compile_arch(spec.arch):  # for CUDA source compiled on load
+                return tvm.runtime.load_module(str(lib))
         except Exception as exc:
             raise ArtifactError(
                 f"{path}: TVM could not load the library ({type(exc).__name__}: {exc})"

@@ -12,24 +12,36 @@
 5. ``tvm.compile`` and a :class:`.artifact.CompiledModule` around the executable.
 
 Shapes are static: the compiled module accepts inputs of the example inputs' shapes.
+
+CUDA kernels are compiled at build time, on any machine with ``nvcc`` (no GPU needed):
+with TVM's CUDA runtime loaded (:mod:`.cuda_runtime`) TVM's codegen hands the CUDA
+source to the global ``tvm_callback_cuda_compile``, which this module replaces by
+:func:`compile_cuda_source` (``nvcc -fatbin`` for the architecture of the target being
+built; TVM's own callback needs a target scope that ``tvm.compile`` does not open).
+Without ``nvcc`` or that runtime the kernels stay CUDA source, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import threading
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 
 from ..capture import as_input_tuple, output_tree
 from ..inspect import inspect
-from ..targets import TargetSpec, resolve_target
-from . import schedules
-from .artifact import CompiledModule
+from ..targets import DEFAULT_CUDA_ARCH, TargetSpec, local_cuda_arch, resolve_target
+from . import cuda_runtime, schedules
+from .artifact import CompiledModule, host_cpu_features
 from .relax_import import KERNEL_ATTR, ImportResult, import_graph
+from .specs import TensorSpec
 from .tuning import Tuning
 
 __all__ = [
@@ -40,6 +52,8 @@ __all__ = [
     "schedule_kernels",
     "mark_opaque",
     "build_executable",
+    "compile_cuda_source",
+    "prepare_cuda_codegen",
     "example_tensors",
 ]
 
@@ -152,6 +166,97 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
+# --------------------------------------------------------------------------- CUDA kernels
+
+_CALLBACK = "tvm_callback_cuda_compile"
+_CALLBACK_LOCK = threading.Lock()
+_callback_registered = False
+
+
+def prepare_cuda_codegen() -> str:
+    """Set this process up to compile CUDA kernels at build time. Returns ``"fatbin"``
+    when TVM's CUDA runtime is loaded and :func:`compile_cuda_source` is TVM's compile
+    callback, else ``"source"`` (kernels stay CUDA source) with a RuntimeWarning saying
+    why. Build inside :func:`.cuda_runtime.compile_arch` to choose the architecture."""
+    if not cuda_runtime.is_loaded():
+        reason = None
+        if shutil.which("nvcc") is None:
+            reason = "nvcc is not on PATH"
+        else:
+            try:
+                cuda_runtime.load()
+            except cuda_runtime.CudaRuntimeError as exc:
+                reason = str(exc)
+        if reason is not None:
+            warnings.warn(
+                f"CUDA kernels are kept as source, not compiled ({reason}); such a module "
+                "needs a CUDA compiler wherever it is loaded",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return "source"
+    _register_cuda_callback()
+    return "fatbin"
+
+
+def _register_cuda_callback() -> None:
+    global _callback_registered
+    with _CALLBACK_LOCK:
+        if not _callback_registered:
+            tvm_ffi.register_global_func(_CALLBACK, compile_cuda_source, override=True)
+            _callback_registered = True
+
+
+def compile_cuda_source(code: str) -> bytes:
+    """TVM's ``tvm_callback_cuda_compile``: ``nvcc -fatbin`` for the architecture set by
+    :func:`.cuda_runtime.compile_arch`, else that of the current CUDA target scope, else
+    the local GPU's or the default (``sm_90``), with a RuntimeWarning."""
+    from tvm.support import nvcc
+
+    arch = cuda_runtime.current_compile_arch() or _scoped_cuda_arch()
+    if arch is None:
+        arch = local_cuda_arch() or DEFAULT_CUDA_ARCH
+        warnings.warn(
+            f"CUDA kernels built outside tbn_compiler.compile and outside a CUDA target "
+            f"scope are compiled for {arch}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if shutil.which("nvcc") is None:
+        raise RuntimeError(
+            "cannot compile CUDA kernels: nvcc is not on PATH (TVM's CUDA runtime is "
+            "loaded in this process, so TVM compiles kernels when it builds them)"
+        )
+    with tvm.target.Target({"kind": "cuda", "arch": arch}):
+        return bytes(nvcc.compile_cuda(code, target_format="fatbin", arch=arch, compiler="nvcc"))
+
+
+def _scoped_cuda_arch() -> str | None:
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "cuda":
+        return None
+    arch = target.attrs.get("arch")
+    return str(arch) if arch else None
+
+
+def _target_arch(spec: TargetSpec, target: tvm.target.Target) -> str | None:
+    """The CUDA architecture to compile kernels for (None: not a CUDA target)."""
+    if target.kind.name != "cuda":
+        return None
+    if spec.arch:
+        return str(spec.arch)
+    arch = target.attrs.get("arch")
+    return str(arch) if arch else None
+
+
+def _runtime_specs(specs: Sequence[Any]) -> list[TensorSpec]:
+    """Input/output specs as the runtime-side :class:`.specs.TensorSpec`."""
+    return [TensorSpec(s.name, tuple(s.shape), s.dtype) for s in specs]
+
+
+# --------------------------------------------------------------------------- compile
+
+
 def example_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     """Example inputs as a tuple of tensors (compiled modules take tensors only)."""
     inputs = as_input_tuple(example_inputs)
@@ -187,14 +292,19 @@ def compile_graph(
     tree = output_tree(gm, inputs)
     imported: ImportResult = import_graph(gm, inputs)
     tvm_target = make_tvm_target(spec)
-    executable = build_executable(imported.mod, tvm_target, tune)
+    cuda_kernels = prepare_cuda_codegen() if spec.kind == "cuda" else None
+    with cuda_runtime.compile_arch(_target_arch(spec, tvm_target)):
+        executable = build_executable(imported.mod, tvm_target, tune)
+    features = host_cpu_features() if spec.tvm_target.get("mcpu") else None
     return CompiledModule(
         executable.mod,
         spec,
-        imported.inputs,
-        imported.outputs,
+        _runtime_specs(imported.inputs),
+        _runtime_specs(imported.outputs),
         report=report,
         output_tree=tree,
+        cuda_kernels=cuda_kernels,
+        cpu_features=features if spec.kind == "llvm" else None,
     )
 
 
