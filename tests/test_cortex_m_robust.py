@@ -134,9 +134,10 @@ def test_without_any_c_compiler_compile_refuses(monkeypatch) -> None:
 
 
 @needs_toolchain
-def test_concurrent_calls_from_threads(hardswish) -> None:
-    cm, model = hardswish
+def test_concurrent_calls_from_threads() -> None:
     torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh()).eval()
+    cm = tbn.compile(model, (torch.randn(1, 16),), target=BOARD, config=FLOAT)
     inputs = [[torch.randn(1, 16) for _ in range(2)] for _ in range(4)]
     results: dict[tuple[int, int], torch.Tensor] = {}
     errors: list[BaseException] = []
@@ -154,6 +155,7 @@ def test_concurrent_calls_from_threads(hardswish) -> None:
         th.start()
     for th in threads:
         th.join()
+    cm.close()
     assert not errors, errors
     for (t, c), y in results.items():
         torch.testing.assert_close(y, model(inputs[t][c]).detach(), rtol=1e-5, atol=1e-6)
@@ -184,22 +186,51 @@ def test_export_overwrite_leaves_no_stale_output(hardswish, tmp_path: Path) -> N
     assert not [p for p in tmp_path.iterdir() if p.name != "proj"]  # no staging left
 
 
+def _check_bad_ids(cm, model: nn.Module, good: torch.Tensor, expect: str) -> None:
+    """Good ids match torch; each bad id raises in torch and a KernelError here whose
+    message holds ``expect`` (formatted with the id); the next good call works again."""
+    torch.testing.assert_close(cm(good), model(good).detach())
+    for bad in (10.0, 300000.0, -3.0):
+        x_bad = torch.tensor([[1.0, bad, 2.0]])
+        with pytest.raises(IndexError):
+            model(x_bad)
+        with pytest.raises(qemu.KernelError) as err:
+            cm(x_bad)
+        assert expect.format(id=int(bad)) in str(err.value), str(err.value)
+    torch.testing.assert_close(cm(good), model(good).detach())  # the error flag is reset
+
+
 @needs_toolchain
-def test_embedding_ids_out_of_range_raise_and_never_read_outside() -> None:
+def test_embedding_ids_out_of_range_raise() -> None:
     torch.manual_seed(0)
     model, x = EmbeddingOfInput().eval(), torch.tensor([[1.0, 2.0, 9.0]])
     cm = tbn.compile(model, (x,), target=BOARD, config=FLOAT)
     try:
-        torch.testing.assert_close(cm(x), model(x).detach())
-        for bad in (10.0, 300000.0, -3.0):
-            x_bad = torch.tensor([[1.0, bad, 2.0]])
-            with pytest.raises(IndexError):
-                model(x_bad)
-            with pytest.raises(qemu.KernelError) as err:
-                cm(x_bad)
-            msg = str(err.value)
-            assert f"index {int(bad)} is not in [0, 10)" in msg and "layer 'emb'" in msg
-        torch.testing.assert_close(cm(x), model(x).detach())  # the error flag is reset
+        _check_bad_ids(cm, model, x, "layer 'emb'")
+    finally:
+        cm.close()
+
+
+class IndexSelectOfInput(nn.Module):
+    """A gather TVM lowers to an unchecked ``take``: rows of a table picked by ids
+    computed in the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table.index_select(0, x.long().flatten())
+
+
+@needs_toolchain
+def test_gather_index_out_of_range_raises_and_never_reads_outside() -> None:
+    torch.manual_seed(0)
+    model, x = IndexSelectOfInput().eval(), torch.tensor([[1.0, 2.0, 9.0]])
+    cm = tbn.compile(model, (x,), target=BOARD, config=FLOAT)
+    try:
+        assert "tbn_index_error(" in cm.sources["src/tbn_kernels.c"]
+        _check_bad_ids(cm, model, x, "index {id} is not in [0, 10)")
     finally:
         cm.close()
 
