@@ -40,21 +40,37 @@ Kernel kinds (``func.attrs["tbn_kernel"]``, used by :func:`.schedules.schedule_f
     the row start (blocks ``small``/``acc``/``out``; convs over ``patches``).
     Otherwise a plain modulo-indexed reduction (block ``acc``, or ``out`` without bias).
 
+``embedding``
+    Not a tile op: the checked row gather that replaces ``aten.embedding`` (see
+    :func:`embedding_primfunc`). It asserts every id is in range (an ``IndexError``
+    where the target can raise from a kernel) and never reads out of bounds where it
+    cannot (ids clamped, rows of bad ids set to NaN).
+
+Two TE computes (not kernels: no kind, fused and scheduled like TVM's own ops) keep
+torch's NaN semantics where TVM's ``max``/``min`` lose it: :func:`clamp_te` and
+:func:`max_pool_te`.
+
 Every reduction block is named ``small`` or ``acc`` (or ``out`` when it is the last
 stage); ``xpad`` is the zero-padded conv input.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from tvm import te, tirx
+from tvm.script import tirx as T
 
 from tbn_compiler.tiling import WORD_BITS, is_aligned, row_length
 
 __all__ = [
     "tiled_linear_primfunc",
     "tiled_conv_primfunc",
+    "embedding_primfunc",
+    "clamp_te",
+    "max_pool_te",
+    "pool_output_size",
     "kernel_kind",
     "n_words",
     "KERNEL_ATTR",
@@ -88,14 +104,14 @@ def n_words(length: int) -> int:
     return (length + WORD_BITS - 1) // WORD_BITS
 
 
-def _bit_mask(tile: te.Tensor, flat) -> tirx.PrimExpr:
+def _bit_mask(tile: te.Tensor, flat) -> tirx.Expr:
     """uint32 sign mask of tile element ``flat``: 0 for a ``+1`` bit, 0x80000000 for ``-1``."""
     word = tile[tirx.floordiv(flat, WORD_BITS)]
     bit = tirx.floormod(flat, WORD_BITS).astype("uint32")
     return (((word >> bit) & _u32(1)) ^ _u32(1)) << _u32(31)
 
 
-def _flip(x: tirx.PrimExpr, mask: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+def _flip(x: tirx.Expr, mask: tirx.Expr, dtype: str) -> tirx.Expr:
     """``x`` with its sign flipped where ``mask`` (uint32, 0 or 0x80000000) is set."""
     if dtype == "float32":
         return tirx.reinterpret(dtype, tirx.reinterpret("uint32", x) ^ mask)
@@ -115,7 +131,7 @@ def _sign_lut() -> te.Tensor:
     )
 
 
-def _lut_mask(lut: te.Tensor, word: tirx.PrimExpr, byte, bit) -> tirx.PrimExpr:
+def _lut_mask(lut: te.Tensor, word: tirx.Expr, byte, bit) -> tirx.Expr:
     """Sign mask of bit ``8 * byte + bit`` of ``word`` via the lookup table."""
     b = (word >> (byte * 8).astype("uint32")) & _u32(255)
     return lut[b.astype("int64"), bit]
@@ -145,7 +161,7 @@ def _inputs(
     return x, tile, alphas, bias
 
 
-def _add_bias(value: tirx.PrimExpr, bias: te.Tensor | None, ch) -> tirx.PrimExpr:
+def _add_bias(value: tirx.Expr, bias: te.Tensor | None, ch) -> tirx.Expr:
     return value if bias is None else value + bias[ch]
 
 
@@ -213,12 +229,12 @@ class _RowTable:
         self.axes = [self.kw, self.kb, self.kl]
 
     @property
-    def q(self) -> tirx.PrimExpr:
+    def q(self) -> tirx.Expr:
         if self.words:
             return self.kw * WORD_BITS + self.kb * 8 + self.kl
         return self.kw * 8 + self.kl
 
-    def mask(self, tile: te.Tensor, row) -> tirx.PrimExpr:
+    def mask(self, tile: te.Tensor, row) -> tirx.Expr:
         """Sign mask of tile row ``row`` at position :attr:`q`."""
         if self.words:
             word = tile[row * (self.row_len // WORD_BITS) + self.kw]
@@ -294,7 +310,7 @@ def _linear_in_out_aligned(x, tile, alphas, bias, m: int, k: int, n: int, p: int
 
 def _general_weight(
     tile, alphas, row_start, within, length: int, row_len: int, p: int
-) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+) -> tuple[tirx.Expr, tirx.Expr]:
     """``(alpha, sign mask)`` of flat weight ``row_start + within`` (``within < row_len``).
 
     When a chunk holds at least a row (``L >= row_len``) a row meets at most two chunks:
@@ -346,7 +362,7 @@ def _with_bias(acc: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
     return te.compute(acc.shape, lambda i, j: acc[i, j] + bias[j], name="out")
 
 
-def _realigned_word(tile: te.Tensor, row_start, q0, length: int) -> tirx.PrimExpr:
+def _realigned_word(tile: te.Tensor, row_start, q0, length: int) -> tirx.Expr:
     """uint32 whose bit ``b`` is the tile bit of flat weight ``row_start + q0 + b``.
 
     Needs ``L >= 32`` (at most one wrap to the tile start inside a word)."""
@@ -365,7 +381,7 @@ def _realigned_word(tile: te.Tensor, row_start, q0, length: int) -> tirx.PrimExp
     return tirx.Select(rem < WORD_BITS, wrapped, word)
 
 
-def _row_alpha(alphas, row_start, q, length: int, p: int) -> tirx.PrimExpr:
+def _row_alpha(alphas, row_start, q, length: int, p: int) -> tirx.Expr:
     """Alpha of flat weight ``row_start + q`` when a row meets at most two chunks."""
     chunk = tirx.floordiv(row_start, length)
     nxt = alphas[tirx.min(chunk + 1, p - 1)]
@@ -513,12 +529,12 @@ class _ConvGeom:
     ) -> None:
         self.cg, self.ksize, self.stride, self.dilation = cg, ksize, stride, dilation
 
-    def reduce_axes(self) -> tuple[te.IterVar, list[te.IterVar]]:
+    def reduce_axes(self) -> tuple[tirx.IterVar, list[tirx.IterVar]]:
         rc = te.reduce_axis((_i64(0), _i64(self.cg)), name="rc")
         taps = [te.reduce_axis((_i64(0), _i64(k)), name=f"r{a}") for a, k in enumerate(self.ksize)]
         return rc, taps
 
-    def flat(self, filt, rc, taps) -> tirx.PrimExpr:
+    def flat(self, filt, rc, taps) -> tirx.Expr:
         """Flat weight index of ``(filt, rc, *taps)`` in the ``(cout, cg, *k)`` layout."""
         e = filt * self.cg + rc
         for t, k in zip(taps, self.ksize, strict=True):
@@ -608,7 +624,7 @@ def _positions_to_nchw(small: te.Tensor, out_shape: list[int], value) -> te.Tens
     return te.compute(_shape(out_shape), out, name="out")
 
 
-def _lut_axes(words: int) -> tuple[te.IterVar, te.IterVar, te.IterVar]:
+def _lut_axes(words: int) -> tuple[tirx.IterVar, tirx.IterVar, tirx.IterVar]:
     return (
         te.reduce_axis((_i64(0), _i64(words)), name="kw"),
         te.reduce_axis((_i64(0), _i64(4)), name="kb"),
@@ -696,3 +712,124 @@ def _conv_general(
     return te.compute(
         _shape(out_shape), lambda b, co, *sp: acc[(b, co, *sp)] + bias[co], name="out"
     )
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def embedding_primfunc(
+    n: int, vocab: int, dim: int, id_dtype: str, dtype: str, message: str
+) -> tirx.PrimFunc:
+    """Checked row gather ``out[i, :] = weight[ids[i], :]`` (``aten.embedding``).
+
+    Buffers: ``ids (n,) id_dtype``, ``weight (vocab, dim) dtype``, ``out (n, dim) dtype``.
+    Each element first asserts ``0 <= ids[i] < vocab`` (error kind ``IndexError``,
+    text ``message``): host targets raise it to the caller. The read itself never
+    leaves the table whatever the ids: it uses the id clamped into ``[0, vocab)``,
+    and a bad id's row is NaN (``row + NaN``; ``+ 0.0`` otherwise), so code built
+    without asserts (CUDA kernels, bare-metal C) yields visibly invalid rows instead
+    of reading outside ``weight``. The clamp is outside any select on the range test,
+    so the simplifier cannot drop it. Kind ``embedding``; a single block ``embedding``.
+    """
+    if min(n, vocab, dim) < 1:
+        raise ValueError(f"embedding needs non-empty ids and table, got {n} ids, {vocab}x{dim}")
+    rows, n64, d64 = _i64(vocab), _i64(n), _i64(dim)
+    lo, hi = tirx.const(0, id_dtype), tirx.const(vocab, id_dtype)
+    last, zero64 = _i64(vocab - 1), _i64(0)
+    ok_pad, bad_pad = tirx.const(0.0, dtype), tirx.const(float("nan"), dtype)
+
+    @T.prim_func(private=True, s_tir=True)
+    def gather(
+        ids: T.Buffer((n64,), id_dtype),
+        weight: T.Buffer((rows, d64), dtype),
+        out: T.Buffer((n64, d64), dtype),
+    ):
+        for i, j in T.grid(n64, d64):
+            with T.sblock("embedding"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                T.Assert(lo <= ids[vi] and ids[vi] < hi, message, error_kind="IndexError")
+                out[vi, vj] = weight[
+                    T.max(T.min(T.Cast("int64", ids[vi]), last), zero64), vj
+                ] + T.Select(lo <= ids[vi] and ids[vi] < hi, ok_pad, bad_pad)
+
+    return gather.with_attr(KERNEL_ATTR, "embedding")
+
+
+# --------------------------------------------------------------------------- NaN-keeping ops
+
+
+def clamp_te(x: te.Tensor, low: float | None, high: float | None) -> te.Tensor:
+    """``torch.clamp(x, low, high)`` elementwise (``None``: unbounded side), NaN kept:
+    ``v < low ? low : v`` then ``v > high ? high : v`` (comparisons with NaN are false;
+    TVM's ``max``/``min`` compile to selects that drop it)."""
+
+    def value(*i: tirx.Expr) -> tirx.Expr:
+        v = x[i]
+        if low is not None:
+            lo = tirx.const(low, x.dtype)
+            v = tirx.Select(v < lo, lo, v)
+        if high is not None:
+            hi = tirx.const(high, x.dtype)
+            v = tirx.Select(v > hi, hi, v)
+        return v
+
+    return te.compute(x.shape, value, name="clamp")
+
+
+def pool_output_size(
+    size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool
+) -> int:
+    """Output length of a pooling window walk, as torch computes it."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1  # the last window must start inside the input or its left padding
+    return out
+
+
+def _nan_max(acc: tirx.Expr, v: tirx.Expr) -> tirx.Expr:
+    """Max that keeps a NaN of either side (commutative, associative)."""
+    return tirx.Select(tirx.Or(acc > v, tirx.isnan(acc)), acc, v)
+
+
+def max_pool_te(
+    x: te.Tensor,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+) -> te.Tensor:
+    """``max_pool{1,2,3}d`` over the last ``len(kernel)`` dims of ``x`` (any leading
+    dims), torch's semantics: ``-inf`` padding, ``ceil_mode`` windows, and a window
+    holding a NaN gives NaN. Stage ``pad`` (the padded input) then reduction ``pool``."""
+    nd = len(kernel)
+    lead = [int(d) for d in x.shape[: len(x.shape) - nd]]
+    size = [int(d) for d in x.shape[len(x.shape) - nd :]]
+    out = [
+        pool_output_size(size[a], kernel[a], stride[a], padding[a], dilation[a], ceil_mode)
+        for a in range(nd)
+    ]
+    if any(d <= 0 for d in out):
+        raise ValueError(f"max pooling output would be empty: {out}")
+    # right padding also covers the windows that ceil_mode adds
+    padded = [
+        max(size[a] + 2 * padding[a], (out[a] - 1) * stride[a] + dilation[a] * (kernel[a] - 1) + 1)
+        for a in range(nd)
+    ]
+    low = tirx.const(-math.inf, x.dtype)
+
+    def pad(*idx: tirx.Expr) -> tirx.Expr:
+        src = [v - padding[a] for a, v in enumerate(idx[len(lead) :])]
+        inside = tirx.all(*[tirx.all(v >= 0, v < size[a]) for a, v in enumerate(src)])
+        return tirx.if_then_else(inside, x[(*idx[: len(lead)], *src)], low)
+
+    xp = te.compute(_shape(lead + padded), pad, name="pad")
+    reducer = te.comm_reducer(_nan_max, lambda dtype: tirx.const(-math.inf, dtype), "nan_max")
+    taps = [te.reduce_axis((_i64(0), _i64(k)), name=f"k{a}") for a, k in enumerate(kernel)]
+
+    def window(*idx: tirx.Expr) -> tirx.Expr:
+        pos = [o * stride[a] + taps[a] * dilation[a] for a, o in enumerate(idx[len(lead) :])]
+        return reducer(xp[(*idx[: len(lead)], *pos)], axis=taps)
+
+    return te.compute(_shape(lead + out), window, name="pool")

@@ -9,6 +9,22 @@ Contract of :func:`import_graph`:
   ``relax.call_tir`` to the PrimFunc from :mod:`tbn_compiler.backends.kernels`, tagged
   with the attribute :data:`KERNEL_ATTR` (set by the kernel builders) so later steps
   can find and schedule it.
+* Ops whose TVM converters break torch's semantics go through :data:`CONVERTERS` too
+  (:data:`SEMANTIC_CONVERTERS`):
+
+  - NaN propagates, as in torch, through ``relu``/``relu6``/``hardtanh``/``clamp*``,
+    elementwise ``maximum``/``minimum``, the reductions ``amax``/``amin``/``max``/``min``
+    (with ``dim``: values and indices) and max pooling. TVM lowers these to ``max``/
+    ``min``, which compile to NaN-dropping selects (LLVM) or ``fmaxf`` (CUDA); ours are
+    compare-and-select forms that keep a NaN operand (:func:`.kernels.clamp_te`,
+    :func:`.kernels.max_pool_te`) or add a NaN flag reduction.
+  - ``embedding`` is a checked gather (:func:`.kernels.embedding_primfunc`): an id
+    outside ``[0, rows)`` raises ``IndexError`` naming the node on host targets and is
+    never read out of bounds anywhere.
+  - ``scaled_dot_product_attention`` honours ``scale``, ``is_causal``, ``enable_gqa``,
+    float masks of any broadcastable rank and 2-D/3-D/4-D inputs.
+  - Refused with :class:`UnsupportedOpError` naming the node: attention with
+    ``dropout_p > 0`` and the index output of ``max_pool*_with_indices``.
 * Every other op goes through TVM's frontend. An op it cannot import raises
   :class:`UnsupportedOpError` naming the fx node and the op.
 * Packed tiles (uint32), alphas and biases are buffers of the graph and end up bound as
@@ -18,10 +34,12 @@ Contract of :func:`import_graph`:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import tvm
 from torch import fx
@@ -33,6 +51,7 @@ from . import kernels
 __all__ = [
     "KERNEL_ATTR",
     "CONVERTERS",
+    "SEMANTIC_CONVERTERS",
     "TensorSpec",
     "ImportResult",
     "GraphImportError",
@@ -202,10 +221,363 @@ def _ints(values: Sequence[Any]) -> list[int]:
     return [int(v) for v in values]
 
 
+# --------------------------------------------------------------------------- torch semantics
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` (or keyword ``name``) of ``node`` as written in the graph."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _refuse(node: fx.Node, what: str) -> UnsupportedOpError:
+    """The error for an argument of ``node`` that the import cannot honour."""
+    return UnsupportedOpError(f"node {node.name!r}{_node_origin(node)} ({_op_name(node)}): {what}")
+
+
+def _value(importer: Any, arg: Any) -> Any:
+    """A graph argument as a Relax expression (fx nodes) or a Python value."""
+    return importer.env[arg] if isinstance(arg, fx.Node) else arg
+
+
+def _dtype(expr: relax.Expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def _is_float(expr: Any) -> bool:
+    return isinstance(expr, relax.Expr) and _dtype(expr).startswith(("float", "bfloat"))
+
+
+def _scalar(value: float, like: relax.Expr) -> tvm.ir.Constant:
+    return relax.const(value, _dtype(like))
+
+
+def _nan_maximum(a: relax.Expr, b: relax.Expr) -> relax.Expr:
+    """``torch.maximum``: NaN if either operand is NaN."""
+    return relax.op.where(relax.op.logical_or(relax.op.greater(a, b), relax.op.isnan(a)), a, b)
+
+
+def _nan_minimum(a: relax.Expr, b: relax.Expr) -> relax.Expr:
+    """``torch.minimum``: NaN if either operand is NaN."""
+    return relax.op.where(relax.op.logical_or(relax.op.less(a, b), relax.op.isnan(a)), a, b)
+
+
+def _clamp_scalars(bb: Any, x: relax.Expr, low: Any, high: Any) -> relax.Expr:
+    """``torch.clamp(x, low, high)`` with number bounds (None: unbounded), NaN kept."""
+    if not _is_float(x):
+        lo = -math.inf if low is None else low
+        hi = math.inf if high is None else high
+        return bb.emit(relax.op.clip(x, lo, hi))
+    if any(b is not None and math.isnan(b) for b in (low, high)):
+        return bb.emit(relax.op.add(x, _scalar(math.nan, x)))  # torch: all NaN
+    low, high = (None if b is None else float(b) for b in (low, high))
+    return bb.emit_te(kernels.clamp_te, x, low, high, primfunc_name_hint="clamp")
+
+
+def convert_relu(node: fx.Node, importer: Any) -> relax.Expr:
+    """``relu``: ``x < 0 ? 0 : x`` (one compare and select, NaN kept)."""
+    return _clamp_scalars(importer.block_builder, importer.env[node.args[0]], 0.0, None)
+
+
+def convert_relu6(node: fx.Node, importer: Any) -> relax.Expr:
+    return _clamp_scalars(importer.block_builder, importer.env[node.args[0]], 0.0, 6.0)
+
+
+def convert_hardtanh(node: fx.Node, importer: Any) -> relax.Expr:
+    low, high = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
+    return _clamp_scalars(importer.block_builder, importer.env[node.args[0]], low, high)
+
+
+def convert_clamp(node: fx.Node, importer: Any) -> relax.Expr:
+    """``clamp`` / ``clamp_min`` / ``clamp_max`` with number or tensor bounds."""
+    name = _op_name(node)
+    x, bb = importer.env[node.args[0]], importer.block_builder
+    if name.startswith("clamp_min"):
+        low, high = _value(importer, node.args[1]), None
+    elif name.startswith("clamp_max"):
+        low, high = None, _value(importer, node.args[1])
+    else:
+        low, high = (_value(importer, _arg(node, i, k)) for i, k in ((1, "min"), (2, "max")))
+    if not any(isinstance(b, relax.Expr) for b in (low, high)):
+        return _clamp_scalars(bb, x, low, high)
+    if not _is_float(x):
+        raise GraphImportError(f"node {node.name!r}: clamp with tensor bounds needs floats")
+    for bound, combine in ((low, _nan_maximum), (high, _nan_minimum)):
+        if bound is not None:
+            b = bound if isinstance(bound, relax.Expr) else _scalar(bound, x)
+            x = bb.emit(combine(x, relax.op.astype(b, _dtype(x))))
+    return x
+
+
+def _convert_binary_extreme(largest: bool) -> Converter:
+    """``maximum`` / ``minimum`` / ``max.other`` / ``min.other``: NaN-propagating."""
+    combine, stock = (
+        (_nan_maximum, relax.op.maximum) if largest else (_nan_minimum, relax.op.minimum)
+    )
+
+    def convert(node: fx.Node, importer: Any) -> relax.Expr:
+        a, b = (_value(importer, v) for v in node.args[:2])
+        if not (_is_float(a) and _is_float(b) and _dtype(a) == _dtype(b)):
+            fn = torch.maximum if largest else torch.minimum
+            return importer._binary_op(stock, fn)(node)
+        return importer.block_builder.emit(combine(a, b))
+
+    return convert
+
+
+def _reduce_axes(dim: Any) -> list[int] | None:
+    """Torch ``dim`` (int, list, empty list or None) as Relax reduction axes."""
+    if dim is None:
+        return None
+    dims = [int(dim)] if isinstance(dim, int) else [int(d) for d in dim]
+    return dims or None
+
+
+def _nan_flag(x: relax.Expr, axis: list[int] | None, keepdims: bool) -> relax.Expr:
+    """NaN where the reduced slice of ``x`` holds a NaN, else 0 (sum of the NaNs)."""
+    nans = relax.op.where(relax.op.isnan(x), x, _scalar(0.0, x))
+    return relax.op.sum(nans, axis, keepdims)
+
+
+def _extreme(bb: Any, x: relax.Expr, axis: Any, keepdims: bool, largest: bool) -> relax.Expr:
+    """``amax`` / ``amin`` over ``axis``: NaN when the slice holds a NaN, as in torch."""
+    reduce = relax.op.max if largest else relax.op.min
+    y = bb.emit(reduce(x, axis, keepdims))
+    if not _is_float(x):
+        return y
+    return bb.emit(relax.op.add(y, _nan_flag(x, axis, keepdims)))
+
+
+def _convert_reduce_extreme(largest: bool) -> Converter:
+    """``amax`` / ``amin`` (``dim``, ``keepdim``) and ``max()`` / ``min()`` (all)."""
+
+    def convert(node: fx.Node, importer: Any) -> relax.Expr:
+        x = importer.env[node.args[0]]
+        axis = _reduce_axes(_arg(node, 1, "dim"))
+        keepdims = bool(_arg(node, 2, "keepdim", False))
+        return _extreme(importer.block_builder, x, axis, keepdims, largest)
+
+    return convert
+
+
+def _convert_extreme_dim(largest: bool) -> Converter:
+    """``max.dim`` / ``min.dim``: (values, indices); a NaN wins (its first index), else
+    the first extreme, as torch on CPU."""
+    arg = relax.op.argmax if largest else relax.op.argmin
+
+    def convert(node: fx.Node, importer: Any) -> relax.Expr:
+        x, bb = importer.env[node.args[0]], importer.block_builder
+        dim, keepdims = int(node.args[1]), bool(_arg(node, 2, "keepdim", False))
+        values = _extreme(bb, x, [dim], keepdims, largest)
+        index = bb.emit(arg(x, dim, keepdims))
+        if _is_float(x):
+            first_nan = relax.op.argmax(relax.op.astype(relax.op.isnan(x), "int32"), dim, keepdims)
+            index = bb.emit(relax.op.where(relax.op.isnan(values), first_nan, index))
+        return bb.emit(relax.Tuple([values, index]))
+
+    return convert
+
+
+def _uses_only_first_output(node: fx.Node) -> bool:
+    return all(
+        u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0
+        for u in node.users
+    )
+
+
+def _pool_params(node: fx.Node, nd: int) -> tuple[list[int], ...]:
+    """(kernel, stride, padding, dilation) of a ``max_pool*`` node, ``nd`` values each
+    (torch allows one value for all dims; an empty stride means the kernel size)."""
+
+    def ints(value: Any, default: list[int]) -> list[int]:
+        values = [int(value)] if isinstance(value, int) else [int(v) for v in value or []]
+        values = values or default
+        return values * nd if len(values) == 1 else values
+
+    kernel = ints(node.args[1], [1])
+    stride = ints(_arg(node, 2, "stride", []), kernel)
+    return (
+        kernel,
+        stride,
+        ints(_arg(node, 3, "padding", 0), [0]),
+        ints(_arg(node, 4, "dilation", 1), [1]),
+    )
+
+
+def _convert_max_pool(nd: int, with_indices: bool) -> Converter:
+    """``max_pool{nd}d[_with_indices]`` by :func:`.kernels.max_pool_te` (a window holding
+    a NaN gives NaN, as in torch). The indices of ``with_indices`` are not computed: a
+    graph that uses them is refused."""
+
+    def convert(node: fx.Node, importer: Any) -> relax.Expr:
+        if with_indices and not _uses_only_first_output(node):
+            raise _refuse(node, "the indices output is not supported (only the pooled values)")
+        x, bb = importer.env[node.args[0]], importer.block_builder
+        if not _is_float(x):
+            raise _refuse(node, f"max pooling of {_dtype(x)} tensors")
+        kernel, stride, padding, dilation = _pool_params(node, nd)
+        ceil_mode = bool(_arg(node, 5, "ceil_mode", False))
+        out = bb.emit_te(
+            kernels.max_pool_te,
+            x,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+            primfunc_name_hint=f"max_pool{nd}d",
+        )
+        if not with_indices:
+            return out
+        return bb.emit(relax.Tuple([out, relax.op.zeros_like(out, "int64")]))
+
+    return convert
+
+
+def convert_embedding(node: fx.Node, importer: Any) -> relax.Expr:
+    """``embedding(weight, ids)``: the checked gather of :func:`.kernels.embedding_primfunc`
+    (``padding_idx`` and the other arguments only concern gradients)."""
+    weight, ids = importer.env[node.args[0]], importer.env[node.args[1]]
+    bb = importer.block_builder
+    rows, dim = _static_shape(weight, "embedding table", node)
+    shape = _static_shape(ids, "ids", node)
+    id_dtype = _dtype(ids)
+    if not id_dtype.startswith(("int", "uint")):
+        raise GraphImportError(
+            f"node {node.name!r}: embedding ids must be integers, got {id_dtype}"
+        )
+    n = math.prod(shape)
+    message = (
+        f"index out of range in self: embedding {node.name!r}{_node_origin(node)} has "
+        f"{rows} rows, every id must be in [0, {rows - 1}]"
+    )
+    func = kernels.embedding_primfunc(n, rows, dim, id_dtype, _dtype(weight), message)
+    gv = _add_kernel(importer, func, "embedding")
+    flat = ids if len(shape) == 1 else bb.emit(relax.op.reshape(ids, (n,)))
+    out_type = relax.TensorType((n, dim), _dtype(weight))
+    y = bb.emit(relax.call_tir(gv, [flat, weight], out_type))
+    return y if len(shape) == 1 else bb.emit(relax.op.reshape(y, (*shape, dim)))
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _as_4d(bb: Any, x: relax.Expr, rank: int) -> relax.Expr:
+    """An attention operand of rank 2 ``(L, E)`` / 3 ``(N, L, E)`` / 4 as ``(B, H, L, E)``."""
+    if rank == 4:
+        return x
+    return bb.emit(relax.op.expand_dims(x, [1] if rank == 3 else [0, 1]))
+
+
+def _attention_bias(bb: Any, node: fx.Node, mask: relax.Expr, rank: int, dtype: str) -> relax.Expr:
+    """A float mask broadcastable to the scores ``(..., L, S)`` of rank ``rank``, as 4-D."""
+    shape = _static_shape(mask, "attention mask", node)
+    if len(shape) > rank:
+        raise _refuse(node, f"mask of rank {len(shape)} for inputs of rank {rank}")
+    if not _is_float(mask):
+        raise _refuse(node, f"mask of dtype {_dtype(mask)} (expected bool or float)")
+    if len(shape) < rank:
+        mask = bb.emit(relax.op.reshape(mask, (1,) * (rank - len(shape)) + shape))
+    if _dtype(mask) != dtype:
+        mask = bb.emit(relax.op.astype(mask, dtype))
+    return _as_4d(bb, mask, rank)
+
+
+def _causal_bias(length: int, source: int, dtype: str) -> tvm.ir.Constant:
+    """``(1, 1, L, S)``: 0 where key ``j <= i`` (torch's top-left ``tril``), -inf above."""
+    allowed = np.tril(np.ones((length, source), dtype=bool))
+    return relax.const(np.where(allowed, 0.0, -np.inf).astype(dtype)[None, None], dtype)
+
+
+def _match_kv_heads(bb: Any, node: fx.Node, k: relax.Expr, heads: int, gqa: bool) -> relax.Expr:
+    """``k`` / ``v`` with ``heads`` heads: repeated per group when ``enable_gqa``."""
+    kv_heads = int(k.ty.shape[1])
+    if kv_heads == heads:
+        return k
+    if not gqa or heads % kv_heads:
+        raise _refuse(
+            node, f"{heads} query heads and {kv_heads} key/value heads (enable_gqa={gqa})"
+        )
+    return bb.emit(relax.op.repeat(k, heads // kv_heads, axis=1))
+
+
+def convert_sdpa(node: fx.Node, importer: Any) -> relax.Expr:
+    """``scaled_dot_product_attention`` with all of torch's arguments honoured or refused:
+    ``softmax(q k^T * scale + mask [+ causal]) v``, ``scale`` default ``1/sqrt(E)``."""
+    bb = importer.block_builder
+    q, k, v = (importer.env[a] for a in node.args[:3])
+    mask = _value(importer, _arg(node, 3, "attn_mask"))
+    dropout_p = float(_arg(node, 4, "dropout_p", 0.0))
+    is_causal = bool(_arg(node, 5, "is_causal", False))
+    scale = _arg(node, 6, "scale")
+    gqa = bool(_arg(node, 7, "enable_gqa", False))
+    if dropout_p != 0.0:
+        raise _refuse(
+            node,
+            f"dropout_p={dropout_p} drops at random (torch does so even in eval mode); "
+            "pass dropout_p=0.0 for inference",
+        )
+    shapes = [_static_shape(t, name, node) for t, name in ((q, "query"), (k, "key"), (v, "value"))]
+    rank = len(shapes[0])
+    if rank not in (2, 3, 4) or any(len(s) != rank for s in shapes):
+        raise _refuse(node, f"inputs of shapes {shapes} (expected equal ranks 2, 3 or 4)")
+    q4, k4, v4 = (_as_4d(bb, t, rank) for t in (q, k, v))
+    (b, h, length, e), (bk, _, source, ek), (bv, _, sv, ev) = (
+        _static_shape(t, "attention input", node) for t in (q4, k4, v4)
+    )
+    if not (b == bk == bv and e == ek and source == sv):
+        raise _refuse(node, f"query/key/value shapes {shapes} do not match")
+    k4, v4 = (_match_kv_heads(bb, node, t, h, gqa) for t in (k4, v4))
+    dtype = _dtype(q)
+    bias = None if mask is None else _attention_bias(bb, node, mask, rank, dtype)
+    if is_causal:
+        causal = _causal_bias(length, source, dtype)
+        bias = causal if bias is None else bb.emit(relax.op.add(bias, causal))
+    bsnh = [bb.emit(relax.op.permute_dims(t, [0, 2, 1, 3])) for t in (q4, k4, v4)]
+    out = bb.emit(
+        relax.op.nn.attention(*bsnh, bias=bias, scale=None if scale is None else float(scale))
+    )
+    out = bb.emit(relax.op.permute_dims(out, [0, 2, 1, 3]))  # (B, H, L, Ev)
+    return bb.emit(relax.op.reshape(out, (*shapes[0][:-2], length, ev)))
+
+
+SEMANTIC_CONVERTERS: dict[str, Converter] = {
+    "relu.default": convert_relu,
+    "relu_.default": convert_relu,
+    "relu6.default": convert_relu6,
+    "relu6_.default": convert_relu6,
+    "hardtanh.default": convert_hardtanh,
+    "hardtanh_.default": convert_hardtanh,
+    "clamp.default": convert_clamp,
+    "clamp.Tensor": convert_clamp,
+    "clamp_min.default": convert_clamp,
+    "clamp_max.default": convert_clamp,
+    "maximum.default": _convert_binary_extreme(True),
+    "minimum.default": _convert_binary_extreme(False),
+    "max.other": _convert_binary_extreme(True),
+    "min.other": _convert_binary_extreme(False),
+    "amax.default": _convert_reduce_extreme(True),
+    "amin.default": _convert_reduce_extreme(False),
+    "max.default": _convert_reduce_extreme(True),
+    "min.default": _convert_reduce_extreme(False),
+    "max.dim": _convert_extreme_dim(True),
+    "min.dim": _convert_extreme_dim(False),
+    "max_pool1d.default": _convert_max_pool(1, False),
+    "max_pool2d.default": _convert_max_pool(2, False),
+    "max_pool3d.default": _convert_max_pool(3, False),
+    "max_pool2d_with_indices.default": _convert_max_pool(2, True),
+    "max_pool3d_with_indices.default": _convert_max_pool(3, True),
+    "embedding.default": convert_embedding,
+    "scaled_dot_product_attention.default": convert_sdpa,
+}
+"""Ops whose TVM converters break torch's semantics (see the module docstring)."""
+
 CONVERTERS: dict[str, Converter] = {
     "tiled_linear.default": convert_tiled_linear,
     "tiled_conv1d.default": _convert_tiled_conv(1),
     "tiled_conv2d.default": _convert_tiled_conv(2),
+    **SEMANTIC_CONVERTERS,
 }
 """Op name as ``from_exported_program`` sees it (``target.__name__``) -> converter."""
 

@@ -20,11 +20,18 @@ plain ``"llvm"`` means generic x86-64 (SSE2) and runs these kernels about 2x slo
 * Direct convs (filters not whole words, depthwise): output width is the vector,
   ``fr`` filters per register block, one scalar sign per filter tap.
 * Anything else: parallel over outputs, serial reduction.
+* ``embedding`` (checked row gather): serial. Its range assert must stay out of
+  parallel loops: an assert failing inside a parallel task is not reported and
+  leaves the output unwritten.
 
 CUDA: a warp per tile row for the table-driven products (lanes over packed words,
 warp-shuffle reduction, row blocks on ``threadIdx.y``); one output per thread for
 the other stages. Sign table, padding and im2col are inlined (bit tests on
-registers, no intermediate copies).
+registers, no intermediate copies). CUDA kernels cannot raise, so their asserts
+(the embedding range check) are dropped; the kernels stay in bounds without them.
+
+A schedule step TVM refuses raises :class:`ScheduleError` (a ``RuntimeError``);
+the optional steps of :func:`parallelize_generic` catch exactly that.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from collections.abc import Callable, Sequence
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
 from .kernels import kernel_kind
@@ -47,6 +55,7 @@ KINDS = (
     "linear_general",
     "conv_aligned",
     "conv_general",
+    "embedding",
 )
 
 _REDUCE = 2  # IterVar.CommReduce
@@ -70,11 +79,12 @@ def schedule_for(
     kind = kind or kernel_kind(func)
     if kind not in KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; expected one of {KINDS}")
-    sch = Schedule(func)
     name = target.kind.name
     if name == "cuda":
+        sch = Schedule(_without_asserts(func))
         _CUDA[kind](sch, int(target.attrs.get("max_num_threads", 1024)))
     elif name in ("llvm", "c"):
+        sch = Schedule(func)
         _CPU[kind](sch)
     else:
         raise ValueError(f"no tbn schedules for target kind {name!r}")
@@ -82,6 +92,11 @@ def schedule_for(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _without_asserts(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` without its assert statements (device code has no way to raise)."""
+    return tirx.transform.SkipAssert()(tvm.IRModule({"main": func}))["main"]
 
 
 def _extent(sch: Schedule, loop) -> int:
@@ -100,7 +115,7 @@ def _block(sch: Schedule, name: str):
     """The block called ``name``, or ``None``."""
     try:
         return sch.get_sblock(name)
-    except RuntimeError:  # s_tir ScheduleError: no such block
+    except ScheduleError:  # no such block
         return None
 
 
@@ -189,7 +204,7 @@ def _try_vector_reduction(sch: Schedule, block, min_work: int, lanes: int = 8):
         _, inner = trial.split(trial.get_loops(block)[-1], [None, lanes])
         rf = trial.rfactor(inner, factor_axis=len(spatial))
         trial.vectorize(trial.get_loops(rf)[-1])
-    except (RuntimeError, tvm.TVMError):  # s_tir ScheduleError: not a plain reduction
+    except ScheduleError:  # not a plain reduction
         return sch, None
     return trial, rf
 
@@ -214,7 +229,7 @@ def _try_parallel_prefix(sch: Schedule, block, min_work: int) -> Schedule | None
     try:
         loops = trial.get_loops(block)[:n]
         trial.parallel(trial.fuse(*loops) if n > 1 else loops[0])
-    except (RuntimeError, tvm.TVMError):  # s_tir ScheduleError: not a data-parallel prefix
+    except ScheduleError:  # not a data-parallel prefix
         return None
     return trial
 
@@ -373,12 +388,17 @@ def _cpu_conv(sch: Schedule) -> None:
         _cpu_elementwise(sch, sch.get_sblock("out"))
 
 
+def _cpu_serial(sch: Schedule) -> None:
+    """Leave the kernel as built (serial loops)."""
+
+
 _CPU: dict[str, Callable[[Schedule], None]] = {
     "linear_aligned": _cpu_linear_aligned,
     "linear_in_out_aligned": _cpu_linear_in_out_aligned,
     "linear_general": _cpu_linear_general,
     "conv_aligned": _cpu_conv,
     "conv_general": _cpu_conv,
+    "embedding": _cpu_serial,
 }
 
 
@@ -451,10 +471,15 @@ def _cuda_conv(sch: Schedule, threads: int) -> None:
         _cuda_generic(sch, threads)
 
 
+def _cuda_embedding(sch: Schedule, threads: int) -> None:
+    _cuda_flat(sch, sch.get_sblock("embedding"), threads)
+
+
 _CUDA: dict[str, Callable[[Schedule, int], None]] = {
     "linear_aligned": _cuda_table_product,
     "linear_in_out_aligned": _cuda_generic,
     "linear_general": lambda sch, threads: _cuda_table_product(sch, threads, unroll=False),
     "conv_aligned": _cuda_conv,
     "conv_general": _cuda_conv,
+    "embedding": _cuda_embedding,
 }
