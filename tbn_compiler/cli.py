@@ -1,4 +1,4 @@
-"""``tbnc``: command-line access to inspect and compile.
+"""``tbnc``: command-line access to inspect, compile and the deploy bundle.
 
 A model is named as ``package.module:factory`` (a callable returning an
 ``nn.Module``, or an ``nn.Module`` instance), importable from the current directory;
@@ -7,6 +7,7 @@ example inputs are random float tensors of the given shapes::
     tbnc inspect mypkg.models:resnet18 --shape 1,3,32,32 --p 4 --json report.json
     tbnc compile mypkg.models:resnet18 --shape 1,3,32,32 --target llvm -o model.tbn
     tbnc compile mypkg.models:resnet18 --shape 1,3,32,32 --target mps2-an386 -o model.tbn
+    tbnc deploy-bundle bundle/ --archive    # what a host needs beside torch to run artifacts
 
 Before the (slow) rewrite and compile, ``tbnc`` checks what it can cheaply: the
 arguments, the target name, that every output path can be written (its directory is
@@ -23,11 +24,11 @@ Every error is ONE line on stderr, ``tbnc: error: <what is wrong>``; no tracebac
   the model cannot take, a configuration the rewrite refuses (``--strict`` with a
   layer ``p`` does not divide), an unknown target (with the closest known names),
   an output that cannot be written, a model the compiler cannot capture or import,
-  a missing toolchain. These are the exception classes of :func:`user_error_types`:
-  :class:`UsageError`, ``ValueError`` (so also ``ArtifactError``, ``InputError``,
-  ``ModelTooLargeError``), ``TypeError``, ``ImportError``, ``OSError``,
-  :class:`~tbn_compiler.capture.CaptureError`, ``GraphImportError`` and
-  ``ToolchainError``.
+  a missing toolchain, a deploy bundle that cannot be written. These are the exception
+  classes of :func:`user_error_types`: :class:`UsageError`, ``ValueError`` (so also
+  ``ArtifactError``, ``InputError``, ``ModelTooLargeError``), ``TypeError``,
+  ``ImportError``, ``OSError``, :class:`~tbn_compiler.capture.CaptureError`,
+  ``GraphImportError``, ``ToolchainError`` and ``BundleError``.
 * ``1``: any other exception, an internal error: one line naming the exception,
   then ``run with --debug for the traceback``.
 * ``130``: interrupted (Ctrl-C).
@@ -80,6 +81,7 @@ _MESSAGE_LIMIT = 800  # characters of an error message shown on the one line
 _BACKEND_USER_ERRORS = (
     ("tbn_compiler.backends.relax_import", "GraphImportError"),
     ("tbn_compiler.backends.cortex_m.qemu", "ToolchainError"),
+    ("tbn_compiler.backends.deploy", "BundleError"),
 )
 
 
@@ -177,12 +179,23 @@ examples:
 
 {targets}"""
 
+_BUNDLE_EXAMPLE = """\
+example:
+  tbnc deploy-bundle bundle/ --archive
+  # on the GPU host (Python, torch and numpy installed; an NVIDIA driver, no CUDA toolkit):
+  . bundle/env.sh && python -c "import tbn_compiler as tbn; print(tbn.load('model.tbn'))"
+
+DIR holds TVM's runtime (no compiler) with its CUDA runtime, apache-tvm-ffi for this
+Python, and tbn_compiler's load/call part."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``tbnc`` parser: subcommands ``inspect`` and ``compile``."""
+    """The ``tbnc`` parser: subcommands ``inspect``, ``compile`` and ``deploy-bundle``."""
     parser = _Parser(prog="tbnc", description="Tiled Bit Network compiler")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,compile}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{inspect,compile,deploy-bundle}"
+    )
     for name, fn, doc, epilog in [
         (
             "inspect",
@@ -209,7 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_p.add_argument("--dot", metavar="PATH", help="write the graph as Graphviz DOT")
     compile_p.add_argument("--target", default="llvm", help="target name (default: llvm)")
     compile_p.add_argument("-o", "--output", metavar="PATH", required=True, help="artifact file")
+    _add_bundle_parser(sub)
     return parser
+
+
+def _add_bundle_parser(sub: argparse._SubParsersAction) -> None:
+    doc = "write what a host needs beside torch to load and run artifacts (TVM's runtime only)"
+    p = sub.add_parser(
+        "deploy-bundle",
+        help=doc,
+        description=doc,
+        epilog=_BUNDLE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("directory", metavar="DIR", help="where to write it (new or empty)")
+    p.add_argument("--archive", action="store_true", help="also write DIR.tar.xz")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
+    )
+    p.set_defaults(fn=cmd_deploy_bundle)
 
 
 def _add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -385,6 +416,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(cm.report)
     cm.save(args.output)
     print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def cmd_deploy_bundle(args: argparse.Namespace) -> int:
+    """Write the deploy bundle into ``DIR`` and print its size (and the archive's)."""
+    from .backends.deploy import write_bundle  # no TVM import: only files are copied
+
+    print(write_bundle(args.directory, archive=args.archive).summary())
     return EXIT_OK
 
 

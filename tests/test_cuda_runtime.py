@@ -351,17 +351,24 @@ def test_runtime_only_cuda_without_a_gpu_fails_clearly(model, runtime_only) -> N
 
 @needs_nvcc
 def test_deploy_bundle_runs_an_artifact_with_only_its_packages(
-    model, llvm_artifact, runtime_library, tmp_path
+    model, llvm_artifact, runtime_library, tmp_path, capsys
 ) -> None:
-    from tbn_compiler.backends.deploy import write_bundle
+    from tbn_compiler import cli
 
-    bundle = write_bundle(tmp_path / "bundle")
+    assert cli.main(["deploy-bundle", str(tmp_path / "bundle")]) == 0
+    printed = capsys.readouterr().out.strip()
     python = tmp_path / "bundle" / "python"
     assert (python / "tvm" / "lib" / cuda_runtime.LIBRARY).is_file()
     assert not (python / "tvm" / "lib" / "libtvm_compiler.so").exists()
     assert not list(python.rglob("libcuda.so*"))  # never the stand-in driver
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    assert manifest["bytes"] < 40e6 and bundle.size >= manifest["bytes"]
+    files = [p for p in (tmp_path / "bundle").rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    assert (
+        printed == f"deploy bundle {tmp_path / 'bundle'}: {len(files)} files, {size / 1e6:.1f} MB"
+    )
+    assert size < 40e6
+    assert cli.main(["deploy-bundle", str(tmp_path / "bundle")]) == 2  # not empty
+    assert "is not an empty directory" in capsys.readouterr().err
     env = {"PYTHONPATH": str(python)}
     report = _run_runtime_only(tmp_path, [llvm_artifact], model[2], env, textwrap.dedent(_BLOCKER))
     _assert_close(torch.load(report["outputs"]["llvm"]), model[3])

@@ -96,7 +96,7 @@ export TVM_USE_RUNTIME_LIB=1
 
 _README = """tbn_compiler deploy bundle: load and run compiled modules with TVM's runtime only.
 
-Needs on the host: Python {dotted} ({python_impl}), torch, numpy; for CUDA modules an
+Needs on the host: Python {python} ({implementation}), torch, numpy; for CUDA modules an
 NVIDIA driver (no CUDA toolkit: the artifacts hold compiled kernels).
 
     . ./env.sh
@@ -104,7 +104,7 @@ NVIDIA driver (no CUDA toolkit: the artifacts hold compiled kernels).
 
 python/tvm: TVM {tvm} without its compiler, with libtvm_runtime_cuda.so
 python/tvm_ffi: apache-tvm-ffi {tvm_ffi}
-python/tbn_compiler: tbn_compiler {tbn} (load, CompiledModule, ArtifactError, InputError)
+python/tbn_compiler: tbn_compiler {tbn_compiler} (load, CompiledModule, ArtifactError, InputError)
 """
 
 
@@ -223,9 +223,9 @@ def _versions() -> dict[str, str]:
     return {
         "tvm": _dist_version("apache-tvm"),
         "tvm_ffi": _dist_version("apache-tvm-ffi"),
-        "tbn": _dist_version("tbn_compiler"),
-        "dotted": platform.python_version().rsplit(".", 1)[0],
-        "python_impl": sys.implementation.name,
+        "tbn_compiler": _dist_version("tbn_compiler"),
+        "python": platform.python_version().rsplit(".", 1)[0],
+        "implementation": sys.implementation.name,
     }
 
 
