@@ -4,6 +4,7 @@ gathers. References are plain PyTorch (layers kept float with ``exclude=["*"]``)
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import tbn_compiler as tbn
 from tbn_compiler.backends.cortex_m import BuildError, ToolchainError, check, driver, qemu
@@ -306,3 +308,62 @@ def test_library_refuses_fast_math(hardswish, tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode != 0 and "without -ffast-math" in bad.stderr
+
+
+class NanOps(nn.Module):
+    """The ops whose NaN results torch defines: clamps, extremes, max pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        pooled = F.max_pool1d(x.unsqueeze(1), 2).flatten(1)
+        return torch.cat(
+            [
+                F.relu(y),
+                F.hardtanh(x, 0.0, 100.0),
+                F.relu6(x),
+                x.clamp(-0.5, 0.5),
+                torch.maximum(x, y),
+                torch.minimum(y, x),
+                pooled,
+                x.amax(dim=1, keepdim=True),
+                x.amin(dim=1, keepdim=True),
+            ],
+            1,
+        )
+
+
+@needs_toolchain
+@pytest.mark.parametrize("board", ["mps2-an386", "mps2-an385"])  # hard and soft float
+def test_nan_follows_torch(board: str) -> None:
+    torch.manual_seed(0)
+    model, x = NanOps().eval(), torch.randn(1, 8)
+    cm = tbn.compile(model, (x,), target=board, config=FLOAT)
+    try:
+        for nan_at in ([1, 4], [0, 1, 2, 3, 4, 5, 6, 7]):
+            x_nan = torch.randn(1, 8)
+            x_nan[0, nan_at] = math.nan
+            ref = model(x_nan).detach()
+            assert ref.isnan().any()
+            torch.testing.assert_close(cm(x_nan), ref, equal_nan=True)
+    finally:
+        cm.close()
+
+
+@needs_toolchain
+def test_nan_through_a_tiled_linear_and_relu() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU()).eval()
+    x = torch.randn(1, 16)
+    x[0, 3] = math.nan
+    gm = tbn.rewrite(model, (x,), TILED)
+    cm = tbn.compile(model, (x,), target=BOARD, config=TILED)
+    try:
+        ref = gm(x).detach()
+        assert ref.isnan().all()  # every output mixes in the NaN input
+        torch.testing.assert_close(cm(x), ref, equal_nan=True)
+    finally:
+        cm.close()
