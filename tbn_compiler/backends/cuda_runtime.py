@@ -230,6 +230,8 @@ def _plan() -> _Plan | str:
             "nvcc not found (set CUDA_HOME or put nvcc on PATH); TVM's CUDA runtime not "
             "built: CUDA targets keep their kernels as source"
         )
+    if _cxx() is None:
+        return "no C++ compiler (g++) found; TVM's CUDA runtime not built"
     sources = find_sources()
     if sources is None:
         return (
@@ -301,6 +303,8 @@ def build(force: bool = False) -> BuildResult:
         return BuildResult("up to date", f"{plan.library} is up to date", plan.library)
     start = time.monotonic()
     plan.state_dir.mkdir(parents=True, exist_ok=True)
+    if plan.driver is not None:  # never keep a stand-in beside a real driver
+        (plan.state_dir / DRIVER).unlink(missing_ok=True)
     driver = plan.driver or _build_stand_in(plan.state_dir / DRIVER)
     with tempfile.TemporaryDirectory(prefix="tbn_cuda_build_") as tmp:
         objects = _compile_objects(plan, Path(tmp))
@@ -322,6 +326,10 @@ def build(force: bool = False) -> BuildResult:
         f"linked against {against}",
         plan.library,
     )
+
+
+def _cxx() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
 def _build_stand_in(out: Path) -> Path:
@@ -356,7 +364,7 @@ def _source_tree(plan: _Plan, tmp: Path) -> Path:
 
 def _compile_objects(plan: _Plan, tmp: Path) -> list[Path]:
     """Compile the sources in parallel; objects go to ``tmp``."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
+    cxx = _cxx() or "c++"
     flags = [*_CXXFLAGS, *_include_flags(plan, _source_tree(plan, tmp))]
     jobs = []
     for rel in SOURCES:
@@ -378,7 +386,7 @@ def _link(plan: _Plan, objects: list[Path], driver: Path, out: Path) -> Path:
     """Link with ``--no-undefined`` (every symbol must resolve against libtvm_runtime,
     libtvm_ffi, the static CUDA runtime and the driver) and keep the driver as a
     dependency even though nothing at link time seems to need it."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
+    cxx = _cxx() or "c++"
     cmd = [
         cxx,
         "-shared",
