@@ -21,7 +21,11 @@ tvm = pytest.importorskip("tvm")
 
 import tbn_compiler as tbn  # noqa: E402
 from tbn_compiler.backends import kernels, schedules  # noqa: E402
-from tbn_compiler.backends.relax_import import UnsupportedOpError  # noqa: E402
+from tbn_compiler.backends.relax_import import (  # noqa: E402
+    UnsupportedOpError,
+    check_index_inputs,
+    import_graph,
+)
 
 pytestmark = pytest.mark.tvm
 
@@ -181,6 +185,34 @@ def test_embedding_kernel_without_asserts_stays_in_bounds() -> None:
     got = out.numpy()
     np.testing.assert_array_equal(got[[0, 4]], weight[[3, 9]])
     assert np.isnan(got[1:4]).all()
+
+
+class WrappedIds(nn.Module):
+    """Ids reshaped before one embedding, computed (always valid) for another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.pos = nn.Embedding(7, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids.view(-1, 5)) + self.pos(ids.reshape(-1, 5) % 7)
+
+
+def test_index_input_checks_raise_where_torch_raises() -> None:
+    """Targets whose kernels cannot raise (CUDA) check id inputs before the call: the
+    check raises exactly when torch does, with the kernel's message."""
+    model, ids = WrappedIds().eval(), torch.randint(0, 50, (10,))
+    checks = import_graph(model, (ids,)).index_checks
+    assert [(c["input"], c["rows"]) for c in checks] == [("ids", 50)]  # not the computed ids
+    check_index_inputs(checks, {"ids": ids})
+    for bad in (50, -1, 10**8):
+        ids_bad = ids.clone()
+        ids_bad[7] = bad
+        with pytest.raises(IndexError, match="index out of range in self"):
+            model(ids_bad)
+        with pytest.raises(IndexError, match=r"index out of range.*'emb'.*50 rows"):
+            check_index_inputs(checks, {"ids": ids_bad})
 
 
 # --------------------------------------------------------------------------- attention

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,7 @@ from tvm import relax
 from tvm.relax.frontend.torch import exported_program_translator as ept
 
 from . import kernels
+from .specs import TensorSpec
 
 __all__ = [
     "KERNEL_ATTR",
@@ -58,6 +59,8 @@ __all__ = [
     "UnsupportedOpError",
     "import_graph",
     "export_graph",
+    "index_input_checks",
+    "check_index_inputs",
 ]
 
 KERNEL_ATTR = kernels.KERNEL_ATTR
@@ -72,36 +75,19 @@ class UnsupportedOpError(GraphImportError):
     """TVM's frontend cannot import an op of the graph."""
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of one graph input or output (JSON-friendly)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # torch dtype name without "torch.", e.g. "float32"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]))
-
-    @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
-        return cls(
-            name, tuple(int(d) for d in tensor.shape), str(tensor.dtype).removeprefix("torch.")
-        )
-
-
 @dataclass
 class ImportResult:
-    """The Relax module plus the user-facing signature of its ``main``."""
+    """The Relax module plus the user-facing signature of its ``main``.
+
+    ``index_checks`` (JSON-friendly, see :func:`index_input_checks`) lets a caller
+    check id inputs before running the module, for targets whose kernels cannot raise
+    (CUDA): :func:`check_index_inputs` raises the same ``IndexError`` as the kernel."""
 
     mod: tvm.IRModule
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     kernels: list[str]  # names of the tbn kernel PrimFuncs in ``mod``
+    index_checks: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- converters
@@ -435,6 +421,14 @@ def _convert_max_pool(nd: int, with_indices: bool) -> Converter:
     return convert
 
 
+def _embedding_message(node: fx.Node, rows: int) -> str:
+    """The ``IndexError`` text for a bad id of embedding ``node`` (torch's words first)."""
+    return (
+        f"index out of range in self: embedding {node.name!r}{_node_origin(node)} has "
+        f"{rows} rows, every id must be in [0, {rows - 1}]"
+    )
+
+
 def convert_embedding(node: fx.Node, importer: Any) -> relax.Expr:
     """``embedding(weight, ids)``: the checked gather of :func:`.kernels.embedding_primfunc`
     (``padding_idx`` and the other arguments only concern gradients)."""
@@ -448,10 +442,7 @@ def convert_embedding(node: fx.Node, importer: Any) -> relax.Expr:
             f"node {node.name!r}: embedding ids must be integers, got {id_dtype}"
         )
     n = math.prod(shape)
-    message = (
-        f"index out of range in self: embedding {node.name!r}{_node_origin(node)} has "
-        f"{rows} rows, every id must be in [0, {rows - 1}]"
-    )
+    message = _embedding_message(node, rows)
     func = kernels.embedding_primfunc(n, rows, dim, id_dtype, _dtype(weight), message)
     gv = _add_kernel(importer, func, "embedding")
     flat = ids if len(shape) == 1 else bb.emit(relax.op.reshape(ids, (n,)))
@@ -741,6 +732,61 @@ def integer_bool_operands(ep: torch.export.ExportedProgram) -> None:
     ep.graph_module.recompile()
 
 
+# ops that only move or repeat values: every id an embedding sees is an input element
+_VALUE_PRESERVING = {
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.squeeze.dim,
+    torch.ops.aten.squeeze.dims,
+    torch.ops.aten.flatten.using_ints,
+    torch.ops.aten.permute.default,
+    torch.ops.aten.transpose.int,
+    torch.ops.aten.expand.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.alias.default,
+}
+
+
+def _source_input(node: Any, user_inputs: set[str]) -> str | None:
+    """The user input whose elements are exactly the values of ``node``, if any."""
+    while isinstance(node, fx.Node):
+        if node.op == "placeholder":
+            return node.name if node.name in user_inputs else None
+        if node.op != "call_function" or node.target not in _VALUE_PRESERVING:
+            return None
+        node = node.args[0]
+    return None
+
+
+def index_input_checks(ep: torch.export.ExportedProgram) -> list[dict[str, Any]]:
+    """``{"input", "rows", "message"}`` for each embedding whose ids are a user input
+    (possibly reshaped): every element of that input must be in ``[0, rows)``."""
+    user_inputs = {str(n) for n in ep.graph_signature.user_inputs}
+    checks = []
+    for node in ep.graph.nodes:
+        if node.target is not torch.ops.aten.embedding.default:
+            continue
+        source = _source_input(node.args[1], user_inputs)
+        rows = int(node.args[0].meta["val"].shape[0])
+        if source is not None:
+            checks.append(
+                {"input": source, "rows": rows, "message": _embedding_message(node, rows)}
+            )
+    return checks
+
+
+def check_index_inputs(checks: Sequence[dict[str, Any]], inputs: dict[str, torch.Tensor]) -> None:
+    """Raise ``IndexError`` (the embedding kernel's message) when an input named by
+    :func:`index_input_checks` holds an id outside ``[0, rows)``. Pure torch, on the
+    inputs' device: a few reductions and one synchronisation."""
+    for check in checks:
+        ids = inputs[check["input"]]
+        if ids.numel() and bool(((ids < 0) | (ids >= check["rows"])).any()):
+            raise IndexError(check["message"])
+
+
 def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> ImportResult:
     """Relax module for ``gm`` at the shapes of ``example_inputs`` (see module docstring)."""
     inputs = list(example_inputs)
@@ -769,4 +815,4 @@ def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) ->
     names = [gv.name_hint for gv, f in mod.functions.items() if f.attrs and KERNEL_ATTR in f.attrs]
     user_names = list(ep.graph_signature.user_inputs)
     in_specs = [TensorSpec.of(str(n), t) for n, t in zip(user_names, inputs, strict=True)]
-    return ImportResult(mod, in_specs, _output_specs(ep), sorted(names))
+    return ImportResult(mod, in_specs, _output_specs(ep), sorted(names), index_input_checks(ep))
