@@ -26,6 +26,7 @@ pytest.importorskip("tvm")
 
 import tbn_compiler as tbn  # noqa: E402
 from tbn_compiler.backends import artifact, cuda_runtime  # noqa: E402
+from tbn_compiler.backends.specs import check_index_inputs  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -344,6 +345,51 @@ def test_runtime_only_cuda_without_a_gpu_fails_clearly(model, runtime_only) -> N
             _assert_close(torch.load(entry["output"]), model[3])
     if gpu is None:
         assert "cuda" in runtime_only["cuda_module_kinds"]
+
+
+class Embedded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    torch.manual_seed(0)
+    model, ids = Embedded().eval(), torch.randint(0, 50, (2, 5))
+    target = "cuda" if torch.cuda.is_available() else "llvm"
+    cm = tbn.compile(model, (ids,), target=target, config=CFG)
+    return model, cm, tbn.load(cm.save(tmp_path_factory.mktemp("emb") / "emb.tbn")), ids
+
+
+@pytest.mark.parametrize("bad", [50, -1])
+def test_index_checks_travel_with_the_artifact(embedded, bad: int) -> None:
+    model, cm, loaded, ids = embedded
+    assert loaded.index_checks == cm.index_checks and len(cm.index_checks) == 1
+    ids_bad = ids.clone()
+    ids_bad[1, 3] = bad
+    with pytest.raises(IndexError, match="index out of range in self"):
+        model(ids_bad)  # torch's behaviour, the reference
+    check_index_inputs(loaded.index_checks, {loaded.input_specs[0].name: ids})
+    with pytest.raises(IndexError, match=r"index out of range.*'emb'.*50 rows"):
+        check_index_inputs(loaded.index_checks, {loaded.input_specs[0].name: ids_bad})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_module_refuses_bad_ids_like_the_host_kernel(embedded) -> None:
+    model, _cm, loaded, ids = embedded
+    with torch.no_grad():
+        ref = tbn.rewrite(model, (ids,), CFG)(ids)
+    _assert_close(loaded(ids.cuda()), ref)
+    ids_bad = ids.clone()
+    ids_bad[0, 0] = 50
+    with pytest.raises(IndexError, match=r"index out of range.*'emb'.*50 rows"):
+        loaded(ids_bad.cuda())
 
 
 # --------------------------------------------------------------------------- deploy bundle

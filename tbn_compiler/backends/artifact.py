@@ -11,7 +11,9 @@ Artifact format (one zip file written by :func:`.archive.write_archive`: every m
   null), ``report`` (text or null); for CUDA targets ``cuda_kernels`` (``"fatbin"``:
   compiled for the target's architecture; ``"source"``: CUDA source, compiled where
   loaded); for host-CPU code (``mcpu`` set) ``cpu_features`` (the compiling CPU's
-  feature flags, checked where TVM's compiler cannot name the CPU).
+  feature flags, checked where TVM's compiler cannot name the CPU); ``index_checks``
+  (gather ids given as inputs: input name, valid range, the kernel's message; checked
+  before each call on CUDA, whose kernels cannot raise).
 * ``library.so``: the TVM library from ``export_library`` (Relax VM bytecode + kernels;
   for CUDA a fatbin, or source when nvcc was missing at compile time).
 * ``kernels.cu`` (CUDA targets only): the generated CUDA source, readable without a GPU.
@@ -49,7 +51,7 @@ from ..capture import OutputTree
 from ..targets import TargetSpec, local_cuda_arch
 from . import cuda_runtime
 from .archive import ArtifactError, ArtifactWriteError, read_archive, write_archive
-from .specs import TensorSpec
+from .specs import TensorSpec, check_index_inputs
 
 __all__ = [
     "FORMAT_NAME",
@@ -88,8 +90,10 @@ class CompiledModule:
     Attributes: ``target`` (:class:`TargetSpec`), ``input_specs`` / ``output_specs``
     (:class:`TensorSpec` lists, flat), ``report`` (``tbn_compiler.inspect`` of the
     rewritten graph, or its text after :func:`load`), ``cuda_kernels`` (CUDA targets:
-    ``"fatbin"`` or ``"source"``, else None) and ``cpu_features`` (host-CPU code: the
-    compiling CPU's feature flags, else None).
+    ``"fatbin"`` or ``"source"``, else None), ``cpu_features`` (host-CPU code: the
+    compiling CPU's feature flags, else None) and ``index_checks`` (see
+    :func:`.specs.check_index_inputs`: on CUDA a bad gather id given as input raises
+    the ``IndexError`` a host kernel raises).
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class CompiledModule:
         output_tree: OutputTree | None = None,
         cuda_kernels: str | None = None,
         cpu_features: Sequence[str] | None = None,
+        index_checks: Sequence[dict[str, Any]] = (),
     ) -> None:
         self._library = library
         self._library_bytes = library_bytes
@@ -115,6 +120,7 @@ class CompiledModule:
         self.output_tree = output_tree
         self.cuda_kernels = cuda_kernels
         self.cpu_features = None if cpu_features is None else sorted(cpu_features)
+        self.index_checks = [dict(c) for c in index_checks]
         if output_tree is not None and output_tree.num_leaves != len(self.output_specs):
             raise ValueError(
                 f"output tree has {output_tree.num_leaves} tensors, the library returns "
@@ -171,6 +177,9 @@ class CompiledModule:
     def __call__(self, *inputs: torch.Tensor) -> Any:
         main = self._function()
         self.check_inputs(inputs)
+        if self.index_checks and self.target.kind == "cuda":  # host kernels raise themselves
+            named = {s.name: t for s, t in zip(self.input_specs, inputs, strict=True)}
+            check_index_inputs(self.index_checks, named)
         args = [tvm.runtime.from_dlpack(_dlpack_ready(t)) for t in inputs]
         result = _to_torch(main(*args))
         if self.output_tree is None:
@@ -238,6 +247,7 @@ class CompiledModule:
             "outputs": [s.to_dict() for s in self.output_specs],
             "output_tree": None if self.output_tree is None else self.output_tree.to_json(),
             "report": None if self.report is None else str(self.report),
+            "index_checks": self.index_checks,
             **extra,
         }
 
@@ -431,6 +441,7 @@ def load(path: str | os.PathLike, *, check_target: bool = True) -> Any:
         output_tree = None if tree is None else OutputTree.from_json(tree)
         cpu_features = meta.get("cpu_features")
         cpu_features = None if cpu_features is None else [str(f) for f in cpu_features]
+        index_checks = [dict(c) for c in meta.get("index_checks", [])]
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: malformed {_META} ({type(exc).__name__}: {exc})") from exc
     if _LIB not in members:
@@ -440,7 +451,11 @@ def load(path: str | os.PathLike, *, check_target: bool = True) -> Any:
     cuda_source = source.decode() if source is not None else None
     cuda_kernels = meta.get("cuda_kernels", "source") if spec.kind == "cuda" else None
     rest = (spec, inputs, outputs, meta.get("report"), library, cuda_source, output_tree)
-    extra = {"cuda_kernels": cuda_kernels, "cpu_features": cpu_features}
+    extra = {
+        "cuda_kernels": cuda_kernels,
+        "cpu_features": cpu_features,
+        "index_checks": index_checks,
+    }
     if check_target:
         _check_target(path, spec, cpu_features)
     elif spec.runnable_here() is not None:  # keep metadata and source; calls raise

@@ -305,6 +305,7 @@ def compile_graph(
         output_tree=tree,
         cuda_kernels=cuda_kernels,
         cpu_features=features if spec.kind == "llvm" else None,
+        index_checks=imported.index_checks,
     )
 
 

@@ -1,17 +1,19 @@
 """Input/output descriptions of compiled modules (runtime-safe: no TVM import).
 
 :class:`TensorSpec` is shared by the compiler (:mod:`.relax_import` fills it in) and the
-load/call path (:mod:`.artifact`), which must run with TVM's runtime alone.
+load/call path (:mod:`.artifact`), which must run with TVM's runtime alone; so is
+:func:`check_index_inputs`, which checks gather ids given as inputs before a call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["TensorSpec"]
+__all__ = ["TensorSpec", "check_index_inputs"]
 
 
 @dataclass(frozen=True)
@@ -34,3 +36,16 @@ class TensorSpec:
         return cls(
             name, tuple(int(d) for d in tensor.shape), str(tensor.dtype).removeprefix("torch.")
         )
+
+
+def check_index_inputs(checks: Sequence[Mapping[str, Any]], inputs: Mapping[str, Any]) -> None:
+    """Raise ``IndexError`` (the gather kernel's message) when an input named by a check
+    of :func:`.relax_import.index_input_checks` holds an id outside ``[low, high)``
+    (``[0, rows)`` in checks that give ``rows``). Pure torch, on the inputs' device: a
+    few reductions and one synchronisation. For targets whose kernels cannot raise
+    (CUDA); runtime-safe, unlike :mod:`.relax_import`."""
+    for check in checks:
+        ids = inputs[check["input"]]
+        low, high = check.get("low", 0), check.get("high", check.get("rows"))
+        if ids.numel() and bool(((ids < low) | (ids >= high)).any()):
+            raise IndexError(check["message"])
