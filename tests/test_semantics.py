@@ -171,20 +171,45 @@ def embedded():
     return model, cm, ids
 
 
-def test_embedding_kernel_without_asserts_stays_in_bounds() -> None:
+def test_gather_kernel_without_asserts_stays_in_bounds() -> None:
     """Where asserts are compiled out (CUDA kernels, bare-metal C), the gather clamps its
     read and gives NaN rows for bad ids instead of reading outside the table."""
-    weight = np.arange(40, dtype="float32").reshape(10, 4)
+    weight = np.arange(40, dtype="float32").reshape(1, 10, 4)
     ids = np.array([3, 10, -1, 10**9, 9], dtype="int64")
-    func = kernels.embedding_primfunc(5, 10, 4, "int64", "float32", "bad id")
+    func = kernels.gather_primfunc(1, 10, 4, 5, "int64", "float32", "bad id")
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
         lib = tvm.compile(mod, "llvm")
-    out = tvm.runtime.empty((5, 4), "float32")
-    lib["main"](tvm.runtime.tensor(ids), tvm.runtime.tensor(weight), out)
-    got = out.numpy()
-    np.testing.assert_array_equal(got[[0, 4]], weight[[3, 9]])
+    out = tvm.runtime.empty((1, 5, 4), "float32")
+    lib["main"](tvm.runtime.tensor(weight), tvm.runtime.tensor(ids), out)
+    got = out.numpy()[0]
+    np.testing.assert_array_equal(got[[0, 4]], weight[0, [3, 9]])
     assert np.isnan(got[1:4]).all()
+
+
+class Gathers(nn.Module):
+    """``index_select`` along a middle dim and ``x[ids]`` / ``x[:, ids]`` indexing
+    (negative ids count from the end there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(3, 10, 4))
+
+    def forward(self, ids: torch.Tensor, pick: torch.Tensor):
+        return self.table.index_select(1, ids), self.table[:, pick], self.table[pick % 3]
+
+
+def test_index_select_and_indexing_check_ids() -> None:
+    model = Gathers().eval()
+    ids, pick = torch.tensor([0, 9, 4]), torch.tensor([[1, -10], [-1, 9]])
+    cm = tbn.compile_graph(model, (ids, pick), "llvm")
+    _assert_same(cm(ids, pick), model(ids, pick))
+    for bad_ids, bad_pick in (([0, 10, 1], [[1, 2], [3, 4]]), ([0, 1, 2], [[1, -11], [3, 4]])):
+        args = (torch.tensor(bad_ids), torch.tensor(bad_pick))
+        with pytest.raises((IndexError, RuntimeError)):  # torch's index_select: RuntimeError
+            model(*args)
+        with pytest.raises(IndexError, match=r"index out of (range|bounds).*dim 1 of size 10"):
+            cm(*args)
 
 
 class WrappedIds(nn.Module):
@@ -204,7 +229,7 @@ def test_index_input_checks_raise_where_torch_raises() -> None:
     check raises exactly when torch does, with the kernel's message."""
     model, ids = WrappedIds().eval(), torch.randint(0, 50, (10,))
     checks = import_graph(model, (ids,)).index_checks
-    assert [(c["input"], c["rows"]) for c in checks] == [("ids", 50)]  # not the computed ids
+    assert [(c["input"], c["low"], c["high"]) for c in checks] == [("ids", 0, 50)]  # not pos
     check_index_inputs(checks, {"ids": ids})
     for bad in (50, -1, 10**8):
         ids_bad = ids.clone()
@@ -310,7 +335,7 @@ class CudaMix(nn.Module):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found on PATH")
 def test_cuda_source_with_checked_and_nan_ops_compiles() -> None:
-    """Device code cannot raise: the embedding's range assert is left out of the CUDA
+    """Device code cannot raise: the gather's range assert is left out of the CUDA
     kernels (which stay in bounds), and the NaN-keeping forms compile with nvcc."""
     from tvm.support import nvcc
 
@@ -318,7 +343,7 @@ def test_cuda_source_with_checked_and_nan_ops_compiles() -> None:
     cfg = tbn.TBNConfig(p=4, min_numel=0)
     cm = tbn.compile(CudaMix().eval(), inputs, target="cuda:sm_90", config=cfg)
     src = cm.cuda_source()
-    assert "tbn_embedding" in src and "TVMFFIError" not in src
+    assert "tbn_gather" in src and "TVMFFIError" not in src
     with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm"):
         cubin = nvcc.compile_cuda(src, target_format="cubin", arch="sm_90", compiler="nvcc")
     assert len(cubin) > 0

@@ -40,11 +40,11 @@ Kernel kinds (``func.attrs["tbn_kernel"]``, used by :func:`.schedules.schedule_f
     the row start (blocks ``small``/``acc``/``out``; convs over ``patches``).
     Otherwise a plain modulo-indexed reduction (block ``acc``, or ``out`` without bias).
 
-``embedding``
-    Not a tile op: the checked row gather that replaces ``aten.embedding`` (see
-    :func:`embedding_primfunc`). It asserts every id is in range (an ``IndexError``
-    where the target can raise from a kernel) and never reads out of bounds where it
-    cannot (ids clamped, rows of bad ids set to NaN).
+``gather``
+    Not a tile op: the checked gather that replaces ``embedding``, ``index_select``
+    and ``x[ids]`` (see :func:`gather_primfunc`). It asserts every id is in range (an
+    ``IndexError`` where the target can raise from a kernel) and never reads out of
+    bounds where it cannot (ids clamped, values of bad ids set to NaN).
 
 Two TE computes (not kernels: no kind, fused and scheduled like TVM's own ops) keep
 torch's NaN semantics where TVM's ``max``/``min`` lose it: :func:`clamp_te` and
@@ -67,7 +67,7 @@ from tbn_compiler.tiling import WORD_BITS, is_aligned, row_length
 __all__ = [
     "tiled_linear_primfunc",
     "tiled_conv_primfunc",
-    "embedding_primfunc",
+    "gather_primfunc",
     "clamp_te",
     "max_pool_te",
     "pool_output_size",
@@ -714,45 +714,68 @@ def _conv_general(
     )
 
 
-# --------------------------------------------------------------------------- embedding
+# --------------------------------------------------------------------------- gather
 
 
-def embedding_primfunc(
-    n: int, vocab: int, dim: int, id_dtype: str, dtype: str, message: str
+def gather_primfunc(
+    pre: int,
+    rows: int,
+    post: int,
+    n: int,
+    id_dtype: str,
+    dtype: str,
+    message: str,
+    wrap_negative: bool = False,
 ) -> tirx.PrimFunc:
-    """Checked row gather ``out[i, :] = weight[ids[i], :]`` (``aten.embedding``).
+    """Checked gather along the middle axis: ``out[a, i, b] = data[a, ids[i], b]``
+    (``embedding``, ``index_select``, ``x[ids]``).
 
-    Buffers: ``ids (n,) id_dtype``, ``weight (vocab, dim) dtype``, ``out (n, dim) dtype``.
-    Each element first asserts ``0 <= ids[i] < vocab`` (error kind ``IndexError``,
-    text ``message``): host targets raise it to the caller. The read itself never
-    leaves the table whatever the ids: it uses the id clamped into ``[0, vocab)``,
-    and a bad id's row is NaN (``row + NaN``; ``+ 0.0`` otherwise), so code built
-    without asserts (CUDA kernels, bare-metal C) yields visibly invalid rows instead
-    of reading outside ``weight``. The clamp is outside any select on the range test,
-    so the simplifier cannot drop it. Kind ``embedding``; a single block ``embedding``.
+    Buffers: ``data (pre, rows, post) dtype``, ``ids (n,) id_dtype``,
+    ``out (pre, n, post) dtype``. Valid ids are ``[0, rows)``, or ``[-rows, rows)`` with
+    ``wrap_negative`` (``-1`` is the last row, as in torch indexing). Each element first
+    asserts its id is valid (error kind ``IndexError``, text ``message``): host targets
+    raise it to the caller. The read itself never leaves ``data`` whatever the ids: it
+    uses the id clamped into ``[0, rows)``, and for float data a bad id's values are NaN
+    (``value + NaN``; ``+ 0.0`` otherwise), so code built without asserts (CUDA kernels,
+    bare-metal C) yields visibly invalid values instead of reading out of bounds. The
+    clamp is outside any select on the range test, so the simplifier cannot drop it.
+    Kind ``gather``; a single block ``gather``.
     """
-    if min(n, vocab, dim) < 1:
-        raise ValueError(f"embedding needs non-empty ids and table, got {n} ids, {vocab}x{dim}")
-    rows, n64, d64 = _i64(vocab), _i64(n), _i64(dim)
-    lo, hi = tirx.const(0, id_dtype), tirx.const(vocab, id_dtype)
-    last, zero64 = _i64(vocab - 1), _i64(0)
-    ok_pad, bad_pad = tirx.const(0.0, dtype), tirx.const(float("nan"), dtype)
+    if min(pre, rows, post, n) < 1:
+        raise ValueError(f"gather needs non-empty data and ids, got {n} ids into {rows} rows")
+    low, high = tirx.const(-rows if wrap_negative else 0, id_dtype), tirx.const(rows, id_dtype)
+    is_float = dtype.startswith(("float", "bfloat"))
+
+    def valid(i: tirx.Expr) -> tirx.Expr:
+        return tirx.all(low <= i, i < high)
+
+    def row(i: tirx.Expr) -> tirx.Expr:
+        r = i.astype("int64")
+        if wrap_negative:
+            r = tirx.Select(r < 0, r + rows, r)
+        return tirx.max(tirx.min(r, _i64(rows - 1)), _i64(0))
+
+    def checked(i: tirx.Expr, value: tirx.Expr) -> tirx.Expr:
+        if not is_float:
+            return value
+        nan = tirx.const(float("nan"), dtype)
+        return value + tirx.Select(valid(i), tirx.const(0.0, dtype), nan)
+
+    p64, r64, q64, n64 = (_i64(v) for v in (pre, rows, post, n))
 
     @T.prim_func(private=True, s_tir=True)
     def gather(
+        data: T.Buffer((p64, r64, q64), dtype),
         ids: T.Buffer((n64,), id_dtype),
-        weight: T.Buffer((rows, d64), dtype),
-        out: T.Buffer((n64, d64), dtype),
+        out: T.Buffer((p64, n64, q64), dtype),
     ):
-        for i, j in T.grid(n64, d64):
-            with T.sblock("embedding"):
-                vi, vj = T.axis.remap("SS", [i, j])
-                T.Assert(lo <= ids[vi] and ids[vi] < hi, message, error_kind="IndexError")
-                out[vi, vj] = weight[
-                    T.max(T.min(T.Cast("int64", ids[vi]), last), zero64), vj
-                ] + T.Select(lo <= ids[vi] and ids[vi] < hi, ok_pad, bad_pad)
+        for a, i, b in T.grid(p64, n64, q64):
+            with T.sblock("gather"):
+                va, vi, vb = T.axis.remap("SSS", [a, i, b])
+                T.Assert(valid(ids[vi]), message, error_kind="IndexError")
+                out[va, vi, vb] = checked(ids[vi], data[va, row(ids[vi]), vb])
 
-    return gather.with_attr(KERNEL_ATTR, "embedding")
+    return gather.with_attr(KERNEL_ATTR, "gather")
 
 
 # --------------------------------------------------------------------------- NaN-keeping ops

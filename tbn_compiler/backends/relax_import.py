@@ -18,9 +18,9 @@ Contract of :func:`import_graph`:
     ``min``, which compile to NaN-dropping selects (LLVM) or ``fmaxf`` (CUDA); ours are
     compare-and-select forms that keep a NaN operand (:func:`.kernels.clamp_te`,
     :func:`.kernels.max_pool_te`) or add a NaN flag reduction.
-  - ``embedding`` is a checked gather (:func:`.kernels.embedding_primfunc`): an id
-    outside ``[0, rows)`` raises ``IndexError`` naming the node on host targets and is
-    never read out of bounds anywhere.
+  - ``embedding``, ``index_select`` and ``x[ids]`` are a checked gather
+    (:func:`.kernels.gather_primfunc`): a bad id raises ``IndexError`` naming the node on
+    host targets and is never read out of bounds anywhere.
   - ``scaled_dot_product_attention`` honours ``scale``, ``is_causal``, ``enable_gqa``,
     float masks of any broadcastable rank and 2-D/3-D/4-D inputs.
   - Refused with :class:`UnsupportedOpError` naming the node: attention with
@@ -421,34 +421,77 @@ def _convert_max_pool(nd: int, with_indices: bool) -> Converter:
     return convert
 
 
-def _embedding_message(node: fx.Node, rows: int) -> str:
-    """The ``IndexError`` text for a bad id of embedding ``node`` (torch's words first)."""
-    return (
-        f"index out of range in self: embedding {node.name!r}{_node_origin(node)} has "
-        f"{rows} rows, every id must be in [0, {rows - 1}]"
-    )
+@dataclass(frozen=True)
+class _Gather:
+    """A gather of the graph: ``data`` indexed by the integer tensor ``ids`` along
+    ``dim`` (``rows`` long); ``ids`` may be negative (from the end) when ``wrap``."""
+
+    data: fx.Node
+    ids: fx.Node
+    dim: int
+    rows: int
+    wrap: bool
+    message: str
 
 
-def convert_embedding(node: fx.Node, importer: Any) -> relax.Expr:
-    """``embedding(weight, ids)``: the checked gather of :func:`.kernels.embedding_primfunc`
-    (``padding_idx`` and the other arguments only concern gradients)."""
-    weight, ids = importer.env[node.args[0]], importer.env[node.args[1]]
-    bb = importer.block_builder
-    rows, dim = _static_shape(weight, "embedding table", node)
-    shape = _static_shape(ids, "ids", node)
+def _single_index(indices: Sequence[Any]) -> tuple[int, fx.Node] | None:
+    """``(dim, ids)`` of ``x[..., ids]`` indexing (one integer tensor, the rest None)."""
+    given = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if len(given) != 1 or not isinstance(given[0][1], fx.Node):
+        return None
+    dtype = getattr(given[0][1].meta.get("val"), "dtype", None)
+    return given[0] if dtype in (torch.int64, torch.int32) else None
+
+
+def _gather_of(node: fx.Node) -> _Gather | None:
+    """The gather ``node`` performs (``embedding``, ``index_select``, single-tensor
+    ``index``), or None for any other node."""
+    aten = torch.ops.aten
+    where = f"{node.name!r}{_node_origin(node)}"
+    if node.target is aten.embedding.default:
+        data, ids, dim, wrap = node.args[0], node.args[1], 0, False
+    elif node.target is aten.index_select.default:
+        data, dim, ids, wrap = node.args[0], int(node.args[1]), node.args[2], False
+    elif node.target is aten.index.Tensor and (found := _single_index(node.args[1])):
+        data, (dim, ids), wrap = node.args[0], found, True
+    else:
+        return None
+    shape = data.meta["val"].shape
+    dim %= len(shape)
+    rows = int(shape[dim])
+    if node.target is aten.embedding.default:
+        text = f"index out of range in self: embedding {where} has {rows} rows"
+    elif wrap:
+        text = f"index out of bounds: indexing {where} along dim {dim} of size {rows}"
+    else:
+        text = f"index out of range in self: index_select {where} along dim {dim} of size {rows}"
+    low = -rows if wrap else 0
+    return _Gather(data, ids, dim, rows, wrap, f"{text}, every id must be in [{low}, {rows - 1}]")
+
+
+def convert_gather(node: fx.Node, importer: Any) -> relax.Expr:
+    """``embedding`` / ``index_select`` / ``x[ids]`` as the checked gather of
+    :func:`.kernels.gather_primfunc` (embedding's other arguments only concern
+    gradients). Other ``index`` forms go to TVM's converter."""
+    g = _gather_of(node)
+    if g is None:
+        return importer.stock_convert_map[_op_name(node)](node)
+    data, ids, bb = importer.env[g.data], importer.env[g.ids], importer.block_builder
+    shape = _static_shape(data, "gathered tensor", node)
+    id_shape = _static_shape(ids, "ids", node)
     id_dtype = _dtype(ids)
     if not id_dtype.startswith(("int", "uint")):
-        raise GraphImportError(
-            f"node {node.name!r}: embedding ids must be integers, got {id_dtype}"
-        )
-    n = math.prod(shape)
-    message = _embedding_message(node, rows)
-    func = kernels.embedding_primfunc(n, rows, dim, id_dtype, _dtype(weight), message)
-    gv = _add_kernel(importer, func, "embedding")
-    flat = ids if len(shape) == 1 else bb.emit(relax.op.reshape(ids, (n,)))
-    out_type = relax.TensorType((n, dim), _dtype(weight))
-    y = bb.emit(relax.call_tir(gv, [flat, weight], out_type))
-    return y if len(shape) == 1 else bb.emit(relax.op.reshape(y, (*shape, dim)))
+        raise _refuse(node, f"ids of dtype {id_dtype} (expected integers)")
+    pre, post, n = math.prod(shape[: g.dim]), math.prod(shape[g.dim + 1 :]), math.prod(id_shape)
+    func = kernels.gather_primfunc(
+        pre, g.rows, post, n, id_dtype, _dtype(data), g.message, wrap_negative=g.wrap
+    )
+    gv = _add_kernel(importer, func, "gather")
+    data3 = bb.emit(relax.op.reshape(data, (pre, g.rows, post)))
+    ids1 = bb.emit(relax.op.reshape(ids, (n,)))
+    y = bb.emit(relax.call_tir(gv, [data3, ids1], relax.TensorType((pre, n, post), _dtype(data))))
+    selected = (n,) if node.target is torch.ops.aten.index_select.default else id_shape
+    return bb.emit(relax.op.reshape(y, (*shape[: g.dim], *selected, *shape[g.dim + 1 :])))
 
 
 # --------------------------------------------------------------------------- attention
@@ -559,7 +602,9 @@ SEMANTIC_CONVERTERS: dict[str, Converter] = {
     "max_pool3d.default": _convert_max_pool(3, False),
     "max_pool2d_with_indices.default": _convert_max_pool(2, True),
     "max_pool3d_with_indices.default": _convert_max_pool(3, True),
-    "embedding.default": convert_embedding,
+    "embedding.default": convert_gather,
+    "index_select.default": convert_gather,
+    "index.Tensor": convert_gather,
     "scaled_dot_product_attention.default": convert_sdpa,
 }
 """Ops whose TVM converters break torch's semantics (see the module docstring)."""
@@ -594,6 +639,7 @@ class _Importer(ept.ExportedProgramImporter):
     """TVM's importer whose converters report the fx node they failed on."""
 
     def update_convert_map(self, custom_convert_map: dict[str, Callable]) -> None:
+        self.stock_convert_map = dict(self.convert_map)  # TVM's own, for fallbacks
         super().update_convert_map(custom_convert_map)
         self.convert_map = {k: _guarded(k, fn) for k, fn in self.convert_map.items()}
 
@@ -761,29 +807,27 @@ def _source_input(node: Any, user_inputs: set[str]) -> str | None:
 
 
 def index_input_checks(ep: torch.export.ExportedProgram) -> list[dict[str, Any]]:
-    """``{"input", "rows", "message"}`` for each embedding whose ids are a user input
-    (possibly reshaped): every element of that input must be in ``[0, rows)``."""
+    """``{"input", "low", "high", "message"}`` for each gather (:func:`convert_gather`)
+    whose ids are a user input (possibly reshaped): every element of that input must be
+    in ``[low, high)``."""
     user_inputs = {str(n) for n in ep.graph_signature.user_inputs}
     checks = []
     for node in ep.graph.nodes:
-        if node.target is not torch.ops.aten.embedding.default:
-            continue
-        source = _source_input(node.args[1], user_inputs)
-        rows = int(node.args[0].meta["val"].shape[0])
+        g = _gather_of(node) if node.op == "call_function" else None
+        source = None if g is None else _source_input(g.ids, user_inputs)
         if source is not None:
-            checks.append(
-                {"input": source, "rows": rows, "message": _embedding_message(node, rows)}
-            )
+            low = -g.rows if g.wrap else 0
+            checks.append({"input": source, "low": low, "high": g.rows, "message": g.message})
     return checks
 
 
 def check_index_inputs(checks: Sequence[dict[str, Any]], inputs: dict[str, torch.Tensor]) -> None:
-    """Raise ``IndexError`` (the embedding kernel's message) when an input named by
-    :func:`index_input_checks` holds an id outside ``[0, rows)``. Pure torch, on the
+    """Raise ``IndexError`` (the gather kernel's message) when an input named by
+    :func:`index_input_checks` holds an id outside ``[low, high)``. Pure torch, on the
     inputs' device: a few reductions and one synchronisation."""
     for check in checks:
         ids = inputs[check["input"]]
-        if ids.numel() and bool(((ids < 0) | (ids >= check["rows"])).any()):
+        if ids.numel() and bool(((ids < check["low"]) | (ids >= check["high"])).any()):
             raise IndexError(check["message"])
 
 

@@ -20,7 +20,7 @@ plain ``"llvm"`` means generic x86-64 (SSE2) and runs these kernels about 2x slo
 * Direct convs (filters not whole words, depthwise): output width is the vector,
   ``fr`` filters per register block, one scalar sign per filter tap.
 * Anything else: parallel over outputs, serial reduction.
-* ``embedding`` (checked row gather): serial. Its range assert must stay out of
+* ``gather`` (checked gather): serial. Its range assert must stay out of
   parallel loops: an assert failing inside a parallel task is not reported and
   leaves the output unwritten.
 
@@ -28,7 +28,7 @@ CUDA: a warp per tile row for the table-driven products (lanes over packed words
 warp-shuffle reduction, row blocks on ``threadIdx.y``); one output per thread for
 the other stages. Sign table, padding and im2col are inlined (bit tests on
 registers, no intermediate copies). CUDA kernels cannot raise, so their asserts
-(the embedding range check) are dropped; the kernels stay in bounds without them.
+(the gather range check) are dropped; the kernels stay in bounds without them.
 
 A schedule step TVM refuses raises :class:`ScheduleError` (a ``RuntimeError``);
 the optional steps of :func:`parallelize_generic` catch exactly that.
@@ -55,7 +55,7 @@ KINDS = (
     "linear_general",
     "conv_aligned",
     "conv_general",
-    "embedding",
+    "gather",
 )
 
 _REDUCE = 2  # IterVar.CommReduce
@@ -398,7 +398,7 @@ _CPU: dict[str, Callable[[Schedule], None]] = {
     "linear_general": _cpu_linear_general,
     "conv_aligned": _cpu_conv,
     "conv_general": _cpu_conv,
-    "embedding": _cpu_serial,
+    "gather": _cpu_serial,
 }
 
 
@@ -471,8 +471,8 @@ def _cuda_conv(sch: Schedule, threads: int) -> None:
         _cuda_generic(sch, threads)
 
 
-def _cuda_embedding(sch: Schedule, threads: int) -> None:
-    _cuda_flat(sch, sch.get_sblock("embedding"), threads)
+def _cuda_gather(sch: Schedule, threads: int) -> None:
+    _cuda_flat(sch, sch.get_sblock("gather"), threads)
 
 
 _CUDA: dict[str, Callable[[Schedule, int], None]] = {
@@ -481,5 +481,5 @@ _CUDA: dict[str, Callable[[Schedule, int], None]] = {
     "linear_general": lambda sch, threads: _cuda_table_product(sch, threads, unroll=False),
     "conv_aligned": _cuda_conv,
     "conv_general": _cuda_conv,
-    "embedding": _cuda_embedding,
+    "gather": _cuda_gather,
 }
