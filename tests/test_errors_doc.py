@@ -113,6 +113,70 @@ def _strict_indivisible():
     )()
 
 
+class _Embedded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+def _bad_embedding_id():
+    ids = torch.randint(0, 50, (2, 5))
+    cm = tbn.compile(_Embedded().eval(), ids, config=tbn.TBNConfig(p=4, min_numel=0))
+    ids[0, 0] = 50
+    cm(ids)
+
+
+class _Dropped(nn.Module):
+    def forward(self, q):
+        return nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+
+
+class _FFT(nn.Module):
+    def forward(self, x):
+        return torch.fft.rfft(x).abs()
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y, 2 * y
+
+
+def _cuda_module():
+    return tbn.compile(_linear(), X, target="cuda:sm_90", config=tbn.TBNConfig(p=4, min_numel=0))
+
+
+def _needs(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not found")
+
+
+def _cortex_m(target: str = "mps2-an386"):
+    return tbn.compile(_linear(), X, target=target, config=tbn.TBNConfig(p=4, min_numel=0))
+
+
+def _export_into_non_empty(tmp: Path):
+    (tmp / "keep.txt").write_text("mine")
+    try:
+        _cortex_m().export(tmp)
+    finally:
+        assert sorted(p.name for p in tmp.iterdir()) == ["keep.txt"]
+
+
+def _no_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    _needs("nvcc")
+
+
 TRIGGERS: dict[str, Callable[[Path], object]] = {
     "model-not-module": lambda tmp: tbn.rewrite(lambda x: x, X),
     "prepare-not-module": lambda tmp: tbn.prepare(lambda x: x),
@@ -142,6 +206,15 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "load-not-archive": lambda tmp: tbn.load(Path(shutil.copy(__file__, tmp / "x.tbn"))),
     "load-edited": lambda tmp: tbn.load(_edited(tmp)),
     "load-truncated": lambda tmp: tbn.load(_truncated(tmp)),
+    "embedding-id": lambda tmp: _bad_embedding_id(),
+    "sdpa-dropout": lambda tmp: tbn.compile(_Dropped(), torch.randn(1, 2, 4, 8)),
+    "op-unsupported": lambda tmp: tbn.compile(_FFT(), torch.randn(2, 8)),
+    "cuda-no-gpu": lambda tmp: (_no_gpu(), _cuda_module()(X)),
+    "cuda-load-no-gpu": lambda tmp: (_no_gpu(), tbn.load(_cuda_module().save(tmp / "c.tbn"))),
+    "cm-multi-output": lambda tmp: tbn.compile(_TwoOutputs().eval(), X, target="mps2-an386"),
+    "cm-input": lambda tmp: (_needs("arm-none-eabi-gcc"), _cortex_m()(X.double())),
+    "cm-not-emulated": lambda tmp: (_needs("arm-none-eabi-gcc"), _cortex_m("stm32f746g-disco")(X)),
+    "cm-export-not-empty": lambda tmp: (_needs("arm-none-eabi-gcc"), _export_into_non_empty(tmp)),
 }
 
 
@@ -165,3 +238,5 @@ def test_row_is_true(row, tmp_path):
     if row.startswith("save-"):  # a failed save leaves nothing behind
         after = sorted(p.name for p in tmp_path.iterdir())
         assert after == before + (["file"] if row == "save-unwritable" else [])
+    if row == "cuda-load-no-gpu":  # the saved file is kept; nothing else is written
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tbn"]
