@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from tbn_compiler import targets
+from tbn_compiler.backends.protocol import backend_for
 from tbn_compiler.targets import BoardInfo, TargetSpec, register_target, resolve_target
+
+HAS_TVM = importlib.util.find_spec("tvm") is not None
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,17 +94,25 @@ def test_register_board_preset() -> None:
     assert resolve_target("test-an386") is spec
     assert "test-board-an386" in targets.known_targets()
     assert TargetSpec.from_dict(spec.to_dict()) == spec
-    assert "does not run in this process" in spec.runnable_here()
+    if HAS_TVM:  # the Cortex-M backend runs boards that QEMU emulates
+        assert backend_for("cortex-m").runnable_here(spec) is None
     with pytest.raises(ValueError, match="already registered"):
         register_target("test-board-an386", spec)
 
 
+@pytest.mark.skipif(not HAS_TVM, reason="the backends need apache-tvm")
 def test_runnable_here() -> None:
-    assert resolve_target("llvm").runnable_here() is None
+    def reason(spec):
+        return backend_for(spec.kind).runnable_here(spec)
+
+    assert reason(resolve_target("llvm")) is None
     foreign = TargetSpec("x", "llvm", {"kind": "llvm", "mtriple": "powerpc64le-linux-gnu"})
-    assert "powerpc64le" in foreign.runnable_here()
-    cuda = resolve_target("cuda:sm_80").runnable_here()
+    assert "powerpc64le" in reason(foreign)
+    cuda = reason(resolve_target("cuda:sm_80"))
     assert (cuda is None) == (targets.local_cuda_arch() is not None)
+    assert "build only" in reason(resolve_target("stm32f746g-disco"))
+    with pytest.raises(ValueError, match="no backend builds target kind 'fpga'"):
+        backend_for("fpga")
 
 
 def test_import_does_not_load_tvm() -> None:

@@ -33,7 +33,6 @@ on this machine (no GPU, another GPU architecture, another CPU); each with an
 
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import tempfile
@@ -48,9 +47,17 @@ import tvm_ffi
 from tvm.runtime.vm import VirtualMachine
 
 from ..capture import OutputTree
-from ..targets import TargetSpec, local_cuda_arch
+from ..targets import TargetSpec, host_arch, local_cuda_arch, norm_arch
 from . import cuda_runtime
 from .archive import ArtifactError, ArtifactWriteError, read_archive, write_archive
+from .protocol import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    Backend,
+    InputError,
+    backend_for,
+    register_backend,
+)
 from .specs import TensorSpec, check_index_inputs
 
 __all__ = [
@@ -60,19 +67,16 @@ __all__ = [
     "ArtifactWriteError",
     "InputError",
     "CompiledModule",
+    "cuda_runnable_here",
     "host_cpu_features",
+    "host_runnable_here",
     "load",
+    "load_tvm_archive",
 ]
 
-FORMAT_NAME = "tbn_compiler.compiled_module"
-FORMAT_VERSION = 2
 _META = "metadata.json"
 _LIB = "library.so"
 _CU = "kernels.cu"
-
-
-class InputError(TypeError, ValueError):
-    """Inputs do not match what the module was compiled for (count, shape, dtype, device)."""
 
 
 # --------------------------------------------------------------------------- module
@@ -137,7 +141,7 @@ class CompiledModule:
     @property
     def device(self) -> torch.device:
         """The torch device inputs must be on."""
-        return torch.device("cuda", 0) if self.target.kind == "cuda" else torch.device("cpu")
+        return backend_for(self.target.kind).device(self.target)
 
     def _function(self) -> Any:
         """The VM's ``main`` for the calling thread (a VM is not safe to share)."""
@@ -151,14 +155,12 @@ class CompiledModule:
         return main
 
     def _check_runnable(self) -> None:
-        if self.target.kind == "cuda" and not (torch.cuda.is_available() or local_cuda_arch()):
+        reason = backend_for(self.target.kind).runnable_here(self.target)
+        if reason is not None:
             raise RuntimeError(
-                f"this module was compiled for {self.target.name} and needs a CUDA GPU, but "
-                "none is visible here; it can still be saved, and cuda_source() shows its "
-                "kernels"
+                f"this module was compiled for {self.target.name} and cannot run here: "
+                f"{reason}; it can still be saved, and inspected (cuda_source() for CUDA)"
             )
-        if self.target.kind not in ("llvm", "cuda"):
-            raise RuntimeError(f"modules for target kind {self.target.kind!r} do not run here")
         if self._library is None:
             raise RuntimeError(
                 f"the library of this {self.target.name} module was not loaded "
@@ -337,7 +339,7 @@ def check_format(path: Path, meta: dict[str, Any]) -> None:
 
 
 def _check_target(path: Path, spec: TargetSpec, cpu_features: Sequence[str] | None) -> None:
-    reason = spec.runnable_here()
+    reason = backend_for(spec.kind).runnable_here(spec)
     if reason is None and spec.kind == "llvm":
         reason = _cpu_mismatch(spec, cpu_features)
     if reason is None and spec.kind == "cuda":
@@ -409,15 +411,10 @@ def _gpu_mismatch(spec: TargetSpec) -> str | None:
     )
 
 
-# loaders of other module kinds: target kind -> package that registers a loader on import
-_OTHER_KINDS = {"cortex-m": "tbn_compiler.backends.cortex_m"}
-LOADERS: dict[str, Any] = {}
-"""Target kind -> ``fn(path, meta, members)`` building a module of that kind."""
-
-
 def load(path: str | os.PathLike, *, check_target: bool = True) -> Any:
-    """Load a module written by ``save``, validating it first: a :class:`CompiledModule`,
-    or the module kind that wrote it (e.g. a Cortex-M module).
+    """Load a module written by ``save``, validating it first: a :class:`CompiledModule`
+    for host and CUDA targets, the module kind of the backend that wrote it otherwise
+    (e.g. a Cortex-M module).
 
     ``check_target=False`` skips the "can this target run here" check (e.g. to read the
     CUDA source of a GPU module on a machine without a GPU); calls may then fail."""
@@ -425,14 +422,22 @@ def load(path: str | os.PathLike, *, check_target: bool = True) -> Any:
     meta, members = read_archive(path)
     check_format(path, meta)
     kind = meta["target"].get("kind") if isinstance(meta["target"], dict) else None
-    if kind in _OTHER_KINDS:
-        try:
-            importlib.import_module(_OTHER_KINDS[kind])  # registers its loader
-        except ModuleNotFoundError as exc:  # e.g. the deploy bundle's runtime part
-            raise ArtifactError(
-                f"{path}: {kind} modules need the full tbn_compiler package ({exc})"
-            ) from exc
-        return LOADERS[kind](path, meta, members)
+    try:
+        backend = backend_for(str(kind))
+    except ModuleNotFoundError as exc:  # e.g. the deploy bundle's runtime part
+        raise ArtifactError(
+            f"{path}: {kind} modules need the full tbn_compiler package ({exc})"
+        ) from exc
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: {exc}") from exc
+    return backend.load_archive(path, meta, members, check_target)
+
+
+def load_tvm_archive(
+    path: Path, meta: dict[str, Any], members: dict[str, bytes], check_target: bool
+) -> CompiledModule:
+    """The host or CUDA :class:`CompiledModule` held by an archive that :func:`load` has
+    read and checked (format, version, checksums)."""
     try:
         spec = TargetSpec.from_dict(meta["target"])
         inputs = [TensorSpec.from_dict(d) for d in meta["inputs"]]
@@ -458,7 +463,7 @@ def load(path: str | os.PathLike, *, check_target: bool = True) -> Any:
     }
     if check_target:
         _check_target(path, spec, cpu_features)
-    elif spec.runnable_here() is not None:  # keep metadata and source; calls raise
+    elif backend_for(spec.kind).runnable_here(spec) is not None:  # metadata and source only
         return CompiledModule(None, *rest, **extra)
     if spec.kind == "cuda":
         _prepare_cuda(path, cuda_kernels)
@@ -494,3 +499,38 @@ def _load_library(path: Path, library: bytes, spec: TargetSpec) -> tvm.runtime.M
             raise ArtifactError(
                 f"{path}: TVM could not load the library ({type(exc).__name__}: {exc})"
             ) from exc
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def host_runnable_here(spec: TargetSpec) -> str | None:
+    """None when host-CPU code for ``spec`` runs on this machine's architecture."""
+    triple = str(spec.tvm_target.get("mtriple", ""))
+    if triple and norm_arch(triple.split("-")[0]) != host_arch():
+        return f"built for {triple!r}, this machine is {host_arch()}"
+    return None
+
+
+def cuda_runnable_here(spec: TargetSpec) -> str | None:
+    """None when a CUDA GPU is visible here."""
+    if torch.cuda.is_available() or local_cuda_arch() is not None:
+        return None
+    return "it needs a CUDA GPU, but no CUDA GPU is visible on this machine"
+
+
+_COMPILE_TVM = "tbn_compiler.backends.build:compile_tvm_graph"
+_LOAD_TVM = "tbn_compiler.backends.artifact:load_tvm_archive"
+register_backend(
+    Backend("llvm", "host CPU through LLVM (Relax VM)", _COMPILE_TVM, _LOAD_TVM, host_runnable_here)
+)
+register_backend(
+    Backend(
+        "cuda",
+        "NVIDIA GPU through CUDA (Relax VM, fatbin kernels)",
+        _COMPILE_TVM,
+        _LOAD_TVM,
+        cuda_runnable_here,
+        device=lambda spec: torch.device("cuda", 0),
+    )
+)

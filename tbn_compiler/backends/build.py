@@ -36,10 +36,13 @@ import tvm_ffi
 from tvm import relax, tirx
 
 from ..capture import as_input_tuple, output_tree
+from ..config import TBNConfig
 from ..inspect import inspect
+from ..passes import rewrite
 from ..targets import DEFAULT_CUDA_ARCH, TargetSpec, local_cuda_arch, resolve_target
 from . import cuda_runtime, schedules
 from .artifact import CompiledModule, host_cpu_features
+from .protocol import CompiledProgram, backend_for
 from .relax_import import KERNEL_ATTR, ImportResult, import_graph
 from .specs import TensorSpec
 from .tuning import Tuning
@@ -47,6 +50,7 @@ from .tuning import Tuning
 __all__ = [
     "compile",
     "compile_graph",
+    "compile_tvm_graph",
     "make_tvm_target",
     "native_spec",
     "schedule_kernels",
@@ -272,23 +276,24 @@ def compile_graph(
     target: Any = "llvm",
     tune: Tuning | None = None,
     report: Any = None,
-) -> CompiledModule:
-    """Compile an already rewritten graph (tile ops in place) for ``target``:
-    "llvm", "cuda[:sm_XX]", a ``tvm.target.Target``, or a Cortex-M board/CPU preset
-    (which gives a :class:`~.cortex_m.CortexMModule` instead)."""
+) -> CompiledProgram:
+    """Compile an already rewritten graph (tile ops in place) for ``target``: "llvm",
+    "cuda[:sm_XX]", a ``tvm.target.Target``, or a Cortex-M board/CPU preset. Dispatches
+    to the :class:`~.protocol.Backend` of the target's kind."""
     inputs = example_tensors(example_inputs)
-    spec = native_spec(resolve_target(target))
-    if spec.kind == "cortex-m":
-        if tune is not None:
-            raise ValueError(f"tuning is not available for Cortex-M targets ({spec.name!r})")
-        from .cortex_m import compile_graph_cortex_m
+    spec = resolve_target(target)
+    return backend_for(spec.kind).compile_graph(gm, inputs, spec, tune, report)
 
-        return compile_graph_cortex_m(gm, inputs, spec, report=report)
-    if spec.kind not in ("llvm", "cuda"):
-        raise ValueError(
-            f"target {spec.name!r} (kind {spec.kind!r}) is not built by this backend; "
-            "use 'llvm', 'cuda' or a Cortex-M preset"
-        )
+
+def compile_tvm_graph(
+    gm: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    spec: TargetSpec,
+    tune: Tuning | None,
+    report: Any,
+) -> CompiledModule:
+    """The host (LLVM) and CUDA backends' compile: import to Relax, build, wrap."""
+    spec = native_spec(spec)
     tree = output_tree(gm, inputs)
     imported: ImportResult = import_graph(gm, inputs)
     tvm_target = make_tvm_target(spec)
@@ -315,16 +320,13 @@ def compile(  # noqa: A001 - the public name is part of the API
     target: Any = "llvm",
     config: Any = None,
     tune: Tuning | None = None,
-) -> CompiledModule:
+) -> CompiledProgram:
     """Rewrite ``model`` with ``config`` (default ``TBNConfig()``), then compile it.
 
     ``target``: "llvm" (host CPU), "cuda", "cuda:sm_80", ... or a ``tvm.target.Target``.
     ``tune``: a :class:`Tuning` to run MetaSchedule (database reused and updated).
     The result runs on inputs of the same shapes, dtypes and device kind as the examples.
     """
-    from ..config import TBNConfig
-    from ..passes import rewrite
-
     inputs = example_tensors(example_inputs)
     gm = rewrite(model, inputs, config or TBNConfig())
     return compile_graph(gm, inputs, target, tune, report=inspect(gm))

@@ -45,6 +45,7 @@ RUNTIME_FILES = (
     "backends/archive.py",
     "backends/artifact.py",
     "backends/cuda_runtime.py",
+    "backends/protocol.py",
     "backends/specs.py",
 )
 """The modules of this package that loading and calling a compiled module imports."""

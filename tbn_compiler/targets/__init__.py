@@ -15,6 +15,7 @@ from .registry import (
     llvm_generic_spec,
     llvm_spec,
     local_cuda_arch,
+    norm_arch,
     register_target,
     resolve_target,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "llvm_generic_spec",
     "llvm_spec",
     "local_cuda_arch",
+    "norm_arch",
     "register_target",
     "resolve_target",
 ]

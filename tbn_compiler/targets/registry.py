@@ -129,19 +129,6 @@ class TargetSpec:
             board=BoardInfo.from_dict(board) if board else None,
         )
 
-    def runnable_here(self) -> str | None:
-        """None if modules for this target can run on this machine, else the reason."""
-        if self.kind == "llvm":
-            triple = str(self.tvm_target.get("mtriple", ""))
-            if triple and _norm_arch(triple.split("-")[0]) != host_arch():
-                return f"built for {triple!r}, this machine is {host_arch()}"
-            return None
-        if self.kind == "cuda":
-            if local_cuda_arch() is None:
-                return "built for CUDA, but no CUDA GPU is visible on this machine"
-            return None
-        return f"target kind {self.kind!r} does not run in this process"
-
 
 _Factory = Callable[[], TargetSpec]
 _REGISTRY: dict[str, _Factory] = {}
@@ -268,10 +255,11 @@ def _nvidia_smi_arch() -> str | None:
 
 def host_arch() -> str:
     """Normalised machine architecture of this host (``"x86_64"``, ``"aarch64"``, ...)."""
-    return _norm_arch(platform.machine())
+    return norm_arch(platform.machine())
 
 
-def _norm_arch(arch: str) -> str:
+def norm_arch(arch: str) -> str:
+    """One name per CPU architecture (``amd64`` -> ``x86_64``, ``arm64`` -> ``aarch64``)."""
     arch = arch.lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
 
