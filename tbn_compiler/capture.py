@@ -24,7 +24,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["CaptureError", "OutputTree", "as_input_tuple", "capture", "output_tree"]
+__all__ = [
+    "CaptureError",
+    "OutputTree",
+    "as_input_tuple",
+    "capture",
+    "example_tensors",
+    "output_tree",
+]
 
 
 class CaptureError(RuntimeError):
@@ -49,6 +56,15 @@ def as_input_tuple(example_inputs: Any) -> tuple:
     raise TypeError(
         f"example_inputs must be a tensor or a tuple/list of inputs, got {type(example_inputs).__name__}"
     )
+
+
+def example_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Example inputs as a tuple of tensors (compiled modules take tensors only)."""
+    inputs = as_input_tuple(example_inputs)
+    for i, t in enumerate(inputs):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"example input {i} must be a torch.Tensor, got {type(t).__name__}")
+    return inputs
 
 
 def _batch_dynamic_shapes(args: tuple, kwargs: Mapping[str, Any]):

@@ -35,7 +35,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
-from ..capture import as_input_tuple, output_tree
+from ..capture import example_tensors, output_tree
 from ..config import TBNConfig
 from ..inspect import inspect
 from ..passes import rewrite
@@ -58,7 +58,6 @@ __all__ = [
     "build_executable",
     "compile_cuda_source",
     "prepare_cuda_codegen",
-    "example_tensors",
 ]
 
 _OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps never fuses into it
@@ -259,15 +258,6 @@ def _runtime_specs(specs: Sequence[Any]) -> list[TensorSpec]:
 
 
 # --------------------------------------------------------------------------- compile
-
-
-def example_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """Example inputs as a tuple of tensors (compiled modules take tensors only)."""
-    inputs = as_input_tuple(example_inputs)
-    for i, t in enumerate(inputs):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"example input {i} must be a torch.Tensor, got {type(t).__name__}")
-    return inputs
 
 
 def compile_graph(

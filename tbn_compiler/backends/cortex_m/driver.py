@@ -15,9 +15,8 @@ from typing import Any
 import torch
 import tvm
 
-from ...capture import output_tree
+from ...capture import example_tensors, output_tree
 from ...targets import TargetSpec, resolve_target
-from ..build import example_tensors
 from ..relax_import import import_graph
 from . import aot, emit, lower
 from .module import CortexMModule, ModelInfo
