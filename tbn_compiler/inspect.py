@@ -140,23 +140,11 @@ class Report:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        keys = (
-            "name",
-            "op",
-            "shape",
-            "numel",
-            "p",
-            "aligned",
-            "status",
-            "reason",
-            "dense_bytes",
-            "tbn_bytes",
-            "uses",
-            "aliases",
-        )
+        """``{"layers": [one dict per row: the LayerInfo fields + bits_per_weight],
+        "totals": ...}``, JSON-ready."""
         rows = []
         for r in self.layers:
-            d = {k: v for k, v in asdict(r).items() if k in keys}
+            d = asdict(r)
             d["shape"] = list(r.shape)
             d["aliases"] = list(r.aliases)
             d["bits_per_weight"] = r.bits_per_weight

@@ -95,7 +95,7 @@ def _weight_operand(gm: fx.GraphModule, value: Any, ndim: int) -> tuple[str, boo
             and list(value.args[1]) == [1, 0]
         )
     )
-    if ndim == 2 and is_t and len(value.users) >= 1:
+    if ndim == 2 and is_t:
         inner = _weight_operand(gm, value.args[0], ndim)
         if inner is not None and not inner[1]:
             return inner[0], True, [*inner[2], value]
