@@ -80,7 +80,7 @@ _MESSAGE_LIMIT = 800  # characters of an error message shown on the one line
 # must not import TVM just to classify an error (see user_error_types).
 _BACKEND_USER_ERRORS = (
     ("tbn_compiler.backends.relax_import", "GraphImportError"),
-    ("tbn_compiler.backends.cortex_m.qemu", "ToolchainError"),
+    ("tbn_compiler.backends.cortex_m.toolchain", "ToolchainError"),
     ("tbn_compiler.backends.deploy", "BundleError"),
 )
 

@@ -340,7 +340,7 @@ def test_console_script_prints_one_line_and_exits_2():
     ("module_name", "class_name"),
     [
         ("tbn_compiler.backends.relax_import", "UnsupportedOpError"),
-        ("tbn_compiler.backends.cortex_m.qemu", "ToolchainError"),
+        ("tbn_compiler.backends.cortex_m.toolchain", "ToolchainError"),
     ],
 )
 def test_backend_user_errors_exit_2(module_name, class_name, capsys, monkeypatch):

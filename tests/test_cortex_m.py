@@ -18,7 +18,7 @@ from tbn_compiler.backends.cortex_m import (
     ModelTooLargeError,
     NotEmulatedError,
     ToolchainError,
-    qemu,
+    toolchain,
 )
 from tbn_compiler.targets import resolve_target
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from models import MLP, MnistMLP, ResidualCNN, TimeSeriesNet, randomize_batchnorm  # noqa: E402
 
 try:
-    qemu.require_toolchain(qemu=True)
+    toolchain.require_toolchain(qemu=True)
     _MISSING = None
 except ToolchainError as exc:
     _MISSING = str(exc)
@@ -212,13 +212,13 @@ def test_board_presets() -> None:
 
 
 def test_missing_toolchain_names_packages(monkeypatch) -> None:
-    monkeypatch.setattr(qemu.shutil, "which", lambda name: None)
-    qemu._missing.cache_clear()
+    monkeypatch.setattr(toolchain.shutil, "which", lambda name: None)
+    toolchain._missing.cache_clear()
     try:
         with pytest.raises(
             ToolchainError, match="gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm"
         ):
-            qemu.require_toolchain(qemu=True)
+            toolchain.require_toolchain(qemu=True)
     finally:
         monkeypatch.undo()
-        qemu._missing.cache_clear()
+        toolchain._missing.cache_clear()

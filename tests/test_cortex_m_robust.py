@@ -16,10 +16,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tbn_compiler as tbn
-from tbn_compiler.backends.cortex_m import BuildError, ToolchainError, check, driver, qemu
+from tbn_compiler.backends.cortex_m import (
+    BuildError,
+    ToolchainError,
+    check,
+    driver,
+    qemu,
+    toolchain,
+)
 
 try:
-    qemu.require_toolchain(qemu=True)
+    toolchain.require_toolchain(qemu=True)
     _MISSING = None
 except ToolchainError as exc:
     _MISSING = str(exc)
@@ -118,7 +125,7 @@ def test_compile_fails_with_the_kernel_when_c_does_not_build(monkeypatch) -> Non
 @needs_host_cc
 def test_without_arm_gcc_the_host_compiler_checks_the_c(monkeypatch) -> None:
     model, x = _hardswish()
-    monkeypatch.setattr(qemu, "has_toolchain", lambda qemu=False: False)
+    monkeypatch.setattr(toolchain, "has_toolchain", lambda qemu=False: False)
     cm = tbn.compile(model, (x,), target=BOARD, config=TILED)  # good C passes the check
     assert cm.check_build() == check.host_compiler()
     _break_second_kernel(monkeypatch)
@@ -129,7 +136,7 @@ def test_without_arm_gcc_the_host_compiler_checks_the_c(monkeypatch) -> None:
 
 def test_without_any_c_compiler_compile_refuses(monkeypatch) -> None:
     model, x = _hardswish()
-    monkeypatch.setattr(qemu, "has_toolchain", lambda qemu=False: False)
+    monkeypatch.setattr(toolchain, "has_toolchain", lambda qemu=False: False)
     monkeypatch.setattr(check, "host_compiler", lambda: None)
     with pytest.raises(ToolchainError, match="gcc-arm-none-eabi"):
         tbn.compile(model, (x,), target=BOARD, config=FLOAT)
@@ -149,7 +156,7 @@ def test_concurrent_calls_from_threads() -> None:
         try:
             for c, x in enumerate(inputs[t]):
                 results[t, c] = cm(x)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]

@@ -1,7 +1,7 @@
 """Cortex-M backend: a model as one static C program (kernels, AOT entry, weights in flash).
 
-``compile_cortex_m(model, example_inputs, target, config)`` returns a
-:class:`CortexMModule`; ``cm.export(dir)`` writes a C project that builds with ``make``
+``tbn.compile(model, example_inputs, target=<board>)`` (through
+:func:`compile_graph_cortex_m`) returns a :class:`CortexMModule`; ``cm.export(dir)`` writes a C project that builds with ``make``
 (or CMake) and nothing else from this package; on QEMU-emulated boards ``cm(x)`` runs it.
 """
 
@@ -16,9 +16,10 @@ from ...targets import TargetSpec
 from ...targets import boards as _boards  # noqa: F401  (registers the board presets)
 from ..protocol import Backend, register_backend
 from .aot import AotError
-from .driver import compile_cortex_m, compile_graph_cortex_m, generate_sources
+from .driver import compile_graph_cortex_m, generate_sources
 from .module import CortexMModule, ModelTooLargeError, NotEmulatedError
-from .qemu import BuildError, KernelError, RunError, ToolchainError, require_toolchain
+from .qemu import KernelError, RunError
+from .toolchain import BuildError, ToolchainError, require_toolchain
 
 
 def compile_for_backend(
@@ -63,7 +64,6 @@ __all__ = [
     "NotEmulatedError",
     "RunError",
     "ToolchainError",
-    "compile_cortex_m",
     "compile_graph_cortex_m",
     "generate_sources",
     "require_toolchain",

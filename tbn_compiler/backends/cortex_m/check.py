@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .qemu import DEBIAN_PACKAGES, BuildError, ToolchainError
+from .toolchain import DEBIAN_PACKAGES, BuildError, ToolchainError
 
 __all__ = ["HOST_COMPILERS", "SYNTAX_FLAGS", "explain_build_log", "host_compiler", "syntax_check"]
 
@@ -39,8 +39,8 @@ def host_compiler() -> str | None:
 
 def syntax_check(sources: Mapping[str, str]) -> str:
     """Compile the library sources of ``sources`` (relative path -> text) with the host
-    C compiler, syntax only; returns the compiler's name. :class:`.qemu.BuildError`
-    with the log when they do not compile, :class:`.qemu.ToolchainError` when no host
+    C compiler, syntax only; returns the compiler's name. :class:`.toolchain.BuildError`
+    with the log when they do not compile, :class:`.toolchain.ToolchainError` when no host
     C compiler exists either."""
     cc = host_compiler()
     if cc is None:

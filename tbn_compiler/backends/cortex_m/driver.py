@@ -1,6 +1,7 @@
-"""``compile_cortex_m``: model -> rewritten graph -> Relax -> TIR -> static C program.
+"""``compile_graph_cortex_m``: rewritten graph -> Relax -> TIR -> static C program.
 
-Steps: :func:`tbn_compiler.passes.rewrite` (tile ops), :func:`..relax_import.import_graph`,
+Steps: :func:`..relax_import.import_graph` (the graph of tile ops that
+:func:`tbn_compiler.passes.rewrite` made),
 :func:`.lower.legalize` (whole graph to ``call_tir``), :func:`.aot.plan_main` (call order,
 constants, arena), :func:`.lower.lower_kernels` + :func:`.lower.kernels_c_source` (one C
 file of kernels), :mod:`.emit` (weights + entry point + header). Tile kernels get the
@@ -22,7 +23,7 @@ from . import aot, emit, lower
 from .module import CortexMModule, ModelInfo
 from .schedule import schedule_mcu
 
-__all__ = ["compile_cortex_m", "compile_graph_cortex_m", "generate_sources"]
+__all__ = ["compile_graph_cortex_m", "generate_sources"]
 
 
 def _state_names(gm: torch.nn.Module) -> dict[bytes, str | None]:
@@ -92,12 +93,10 @@ def step_table(plan: aot.Plan, layers: list[tuple[list[int], str | None]]) -> li
     ]
 
 
-def generate_sources(
-    mod: tvm.IRModule, name: str, fuse: bool = True
-) -> tuple[dict[str, str], aot.Plan]:
+def generate_sources(mod: tvm.IRModule, name: str) -> tuple[dict[str, str], aot.Plan]:
     """The four C files (``include/tbn_model.h``, ``src/tbn_kernels.{h,c}``,
     ``src/tbn_model.c``) for an imported Relax module, and the plan behind them."""
-    mod = lower.legalize(mod, fuse=fuse)
+    mod = lower.legalize(mod)
     draft = aot.plan_main(mod, {})
     funcs: dict[str, Any] = {}
     for step in draft.steps:
@@ -117,11 +116,11 @@ def generate_sources(
 
 
 def compile_graph_cortex_m(
-    gm: torch.nn.Module, example_inputs: Any, target: Any, report: Any = None, fuse: bool = True
+    gm: torch.nn.Module, example_inputs: Any, target: Any, report: Any = None
 ) -> CortexMModule:
     """Compile an already rewritten graph for a Cortex-M preset; the generated C is
     compiled before this returns (see :meth:`CortexMModule.check_build`: the Arm
-    toolchain, else a host C compiler syntax check, else :class:`.qemu.ToolchainError`),
+    toolchain, else a host C compiler syntax check, else :class:`.toolchain.ToolchainError`),
     so a model whose C does not build fails here, naming the kernel and its model step."""
     inputs = example_tensors(example_inputs)
     spec: TargetSpec = resolve_target(target)
@@ -134,7 +133,7 @@ def compile_graph_cortex_m(
             f"{len(imported.inputs)} and {len(imported.outputs)}"
         )
     name = type(gm).__name__
-    sources, plan = generate_sources(imported.mod, name, fuse=fuse)
+    sources, plan = generate_sources(imported.mod, name)
     layers = _step_layers(plan, gm)
     info = ModelInfo(
         imported.inputs,
@@ -153,14 +152,3 @@ def compile_graph_cortex_m(
         cm.close()
         raise
     return cm
-
-
-def compile_cortex_m(
-    model: torch.nn.Module, example_inputs: Any, spec: Any, config: Any = None
-) -> CortexMModule:
-    """Rewrite ``model`` with ``config`` (default ``TBNConfig()``) and compile it for the
-    Cortex-M preset ``spec`` (a name or a :class:`TargetSpec`); same as
-    ``tbn_compiler.compile(model, example_inputs, spec, config)``."""
-    from ..build import compile as compile_model
-
-    return compile_model(model, example_inputs, spec, config)

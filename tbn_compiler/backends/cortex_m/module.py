@@ -3,7 +3,7 @@
 * ``cm.check_build()`` (run by ``tbn.compile`` and ``cm.retarget``) compiles the generated
   C: the library with ``arm-none-eabi-gcc`` when the toolchain is installed, else a
   syntax-only compile with the host C compiler (see :mod:`.check`); with neither it raises
-  :class:`.qemu.ToolchainError`. It is never skipped. A build error names each failing
+  :class:`.toolchain.ToolchainError`. It is never skipped. A build error names each failing
   kernel and the model step it computes.
 * ``cm.export(directory)`` writes the C project (see :mod:`.project`); a non-empty
   directory is refused unless ``overwrite=True``, which replaces a previous export whole.
@@ -57,7 +57,7 @@ from ...targets import TargetSpec, resolve_target
 from ..archive import ArtifactError, read_archive, write_archive
 from ..artifact import FORMAT_NAME, FORMAT_VERSION, InputError
 from ..relax_import import TensorSpec
-from . import check, qemu
+from . import check, qemu, toolchain
 from .project import project_files
 
 __all__ = ["CortexMModule", "ModelTooLargeError", "NotEmulatedError", "check_fit"]
@@ -205,7 +205,7 @@ class CortexMModule:
 
     def build(self, firmware: bool = False) -> Path:
         """Build the library (and the firmware) with the project's Makefile; returns the
-        build directory. A compile error is a :class:`.qemu.BuildError` naming the
+        build directory. A compile error is a :class:`.toolchain.BuildError` naming the
         failing kernels and the model steps they compute."""
         target = "firmware" if firmware else "lib"
         with self._lock:
@@ -213,22 +213,22 @@ class CortexMModule:
                 if firmware and self.spec.board.qemu_machine is None:
                     raise NotEmulatedError(self._not_emulated())
                 try:
-                    qemu.build(self.workdir(), (target,))
-                except qemu.BuildError as exc:
-                    raise qemu.BuildError(self._explain(str(exc))) from None
+                    toolchain.run_make(self.workdir(), (target,))
+                except toolchain.BuildError as exc:
+                    raise toolchain.BuildError(self._explain(str(exc))) from None
                 self._built.add(target)
                 self._memory = None
             return self.workdir() / "build"
 
     def check_build(self) -> str:
         """Compile the generated C now (see module doc); returns the compiler used."""
-        if qemu.has_toolchain():
+        if toolchain.has_toolchain():
             self.build()
             return "arm-none-eabi-gcc"
         try:
             return check.syntax_check(self.sources)
-        except qemu.BuildError as exc:
-            raise qemu.BuildError(self._explain(str(exc))) from None
+        except toolchain.BuildError as exc:
+            raise toolchain.BuildError(self._explain(str(exc))) from None
 
     def _explain(self, log: str) -> str:
         return check.explain_build_log(log, self.sources, self.info.steps, self.spec.name)
@@ -245,7 +245,7 @@ class CortexMModule:
     @property
     def memory(self) -> dict[str, Any]:
         """Sizes in bytes from the real build (see module doc); raises
-        :class:`.qemu.ToolchainError` without the Arm toolchain."""
+        :class:`.toolchain.ToolchainError` without the Arm toolchain."""
         with self._lock:
             if self._memory is None:
                 self._memory = self._measure()
@@ -253,7 +253,7 @@ class CortexMModule:
 
     def _measure(self) -> dict[str, Any]:
         build = self.build(firmware=self.spec.board.qemu_machine is not None)
-        lib = qemu.section_sizes([build / "tbn_kernels.o", build / "tbn_model.o"])
+        lib = toolchain.section_sizes([build / "tbn_kernels.o", build / "tbn_model.o"])
         mem: dict[str, Any] = {
             "weights_bytes": self.info.weights_bytes,
             "code_bytes": lib["text"],
@@ -267,7 +267,7 @@ class CortexMModule:
         }
         elf = build / "firmware.elf"
         if elf.exists():
-            fw = qemu.firmware_sizes(elf)
+            fw = toolchain.firmware_sizes(elf)
             mem["firmware_flash_bytes"] = fw["text"] + fw["data"]
             mem["firmware_ram_bytes"] = fw["data"] + fw["bss"]
         check_fit(self.spec, mem["flash_bytes"], mem["ram_bytes"], "code + weights; arena")

@@ -15,12 +15,14 @@ Layout written by :func:`project_files` (relative path -> text, deterministic)::
 
 Harness output lines: ``TBN_TICKS <n>`` (timer ticks, 25 MHz virtual), ``TBN_OUT <hex>``
 per output float, on a failed run ``TBN_ERROR <message>`` and ``TBN_ERROR_DETAIL <index>
-<bound>``, then ``TBN_RC <rc>`` (the return code of ``tbn_model_run``). ``make run`` runs the firmware in QEMU.
+<bound>``, then ``TBN_RC <rc>`` (the return code of ``tbn_model_run``). ``make run`` runs the
+firmware in QEMU with the command line of :func:`.qemu.qemu_command`.
 """
 
 from __future__ import annotations
 
 from ...targets import BoardInfo
+from .qemu import qemu_command
 
 __all__ = ["cpu_flags", "project_files", "OPT_FLAGS"]
 
@@ -81,9 +83,7 @@ def _makefile(board: BoardInfo, harness: bool) -> str:
             "$(BUILD)/harness_startup.o $(BUILD)/harness_main.o $(BUILD)/libtbn_model.a -lm",
             "",
             "run: $(BUILD)/firmware.elf",
-            f"\tqemu-system-arm -M {board.qemu_machine} -cpu {board.cpu} -nographic -monitor none "
-            "-serial none -semihosting-config enable=on,target=native "
-            "-icount shift=10,align=off,sleep=off -kernel $(BUILD)/firmware.elf",
+            "\t" + " ".join(qemu_command(board.qemu_machine, board.cpu, "$(BUILD)/firmware.elf")),
         ]
     lines += ["", "clean:", "\trm -rf $(BUILD)", ""]
     return "\n".join(lines)
