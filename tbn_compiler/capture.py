@@ -137,14 +137,14 @@ def capture(
             gm = _export(model, args, kwargs)
         gm.meta["tbn_capture"] = "torch.export"
         return gm
-    except Exception as export_error:  # noqa: BLE001 - reported below with the fallback's error
+    except Exception as export_error:  # reported below with the fallback's error
         export_msg = _first_lines(export_error)
     try:
         with contextlib.redirect_stdout(None):
             gm = _symbolic_trace(model, args, kwargs)
         gm.meta["tbn_capture"] = "symbolic_trace"
         return gm
-    except Exception as trace_error:  # noqa: BLE001
+    except Exception as trace_error:
         trace_msg = _first_lines(trace_error)
     raise CaptureError(
         f"could not capture {type(model).__name__} as a graph.\n"

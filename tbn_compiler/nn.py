@@ -49,12 +49,12 @@ class _TileSTE(torch.autograd.Function):
     Backward: the weight gradient passed to ``scores`` unchanged (straight through)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, p: int) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, scores: torch.Tensor, p: int) -> torch.Tensor:
         tile = tiling.binarize(tiling.fold(scores, p))
         return tile.repeat(p).reshape(scores.shape)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+    def backward(ctx, grad: torch.Tensor):
         return grad, None
 
 

@@ -304,7 +304,7 @@ def compile_tvm_graph(
     )
 
 
-def compile(  # noqa: A001 - the public name is part of the API
+def compile(  # shadows the builtin on purpose: the public name is part of the API
     model: torch.nn.Module,
     example_inputs: Any,
     target: Any = "llvm",
