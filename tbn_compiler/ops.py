@@ -55,7 +55,7 @@ def _check_common(
             f"tbn::{name}: alphas must be 1-D float[p], got shape {tuple(alphas.shape)}"
         )
     length = tiling.check_divisible(numel, p, what=f"tbn::{name} weight")
-    n_words = (length + tiling.WORD_BITS - 1) // tiling.WORD_BITS
+    n_words = tiling.n_words(length)
     if tile.dim() != 1 or tile.numel() != n_words:
         raise ValueError(
             f"tbn::{name}: tile must be {n_words} packed uint32 words for L={length}, "

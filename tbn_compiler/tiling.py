@@ -62,16 +62,21 @@ def compute_alphas(weight: torch.Tensor, p: int, mode: str = "per_tile") -> torc
     return chunks.mean().expand(p)
 
 
+def n_words(length: int) -> int:
+    """Packed ``uint32`` words of a tile of ``length`` elements: ``ceil(length / 32)``."""
+    return (length + WORD_BITS - 1) // WORD_BITS
+
+
 def pack_bits(tile: torch.Tensor) -> torch.Tensor:
     """Pack a ``{-1,+1}`` (or boolean, True = +1) tile of ``L`` entries into
     ``uint32[ceil(L / 32)]`` words (format in the module docstring)."""
     bits = (tile.detach().reshape(-1) > 0).to(torch.int64).cpu()
     length = bits.numel()
-    n_words = (length + WORD_BITS - 1) // WORD_BITS
-    padded = torch.zeros(n_words * WORD_BITS, dtype=torch.int64)
+    words_needed = n_words(length)
+    padded = torch.zeros(words_needed * WORD_BITS, dtype=torch.int64)
     padded[:length] = bits
     weights = torch.bitwise_left_shift(torch.ones((), dtype=torch.int64), torch.arange(WORD_BITS))
-    words = (padded.reshape(n_words, WORD_BITS) * weights).sum(dim=1)
+    words = (padded.reshape(words_needed, WORD_BITS) * weights).sum(dim=1)
     # int64 values in [0, 2**32) -> the same bits as int32 -> reinterpret as uint32.
     as_int32 = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return as_int32.view(torch.uint32)
@@ -90,10 +95,9 @@ def unpack_bits(
     words: torch.Tensor, length: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``(length,)`` tensor of ``+1/-1`` in ``dtype``."""
-    n_words = (length + WORD_BITS - 1) // WORD_BITS
-    if words.numel() != n_words:
+    if words.numel() != n_words(length):
         raise ValueError(
-            f"a tile of {length} elements needs {n_words} uint32 words, got {words.numel()}"
+            f"a tile of {length} elements needs {n_words(length)} uint32 words, got {words.numel()}"
         )
     shifts = torch.arange(WORD_BITS, device=words.device)
     bits = (words_as_int64(words.reshape(-1))[:, None] >> shifts) & 1
