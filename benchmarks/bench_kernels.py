@@ -41,7 +41,7 @@ MIN_REPEAT_MS = 50
 import tvm  # noqa: E402
 
 from tbn_compiler import tiling  # noqa: E402
-from tbn_compiler.backends import kernels, schedules  # noqa: E402
+from tbn_compiler.backends import kernels, schedule_rules  # noqa: E402
 
 
 @dataclass
@@ -127,7 +127,7 @@ def _to_tvm(t: torch.Tensor, dev) -> tvm.runtime.Tensor:
 def build_ours(case: Case, target) -> Callable[[int], list[float]]:
     """Build the scheduled kernel; return ``sample(n)``: ``n`` timings in seconds
     (TVM ``time_evaluator``, each repeat at least ``MIN_REPEAT_MS`` long)."""
-    func = schedules.schedule_for(case.build(), target)
+    func = schedule_rules.schedule_for(case.build(), target)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     mod = ex.jit() if hasattr(ex, "jit") else ex
     dev = tvm.cpu()
@@ -184,7 +184,7 @@ def alternate(
 def run(cases: list[Case], repeat: int, rounds: int = 3) -> list[dict]:
     """Per case, alternate ``rounds`` times between torch and ours (``repeat`` samples
     each in all) so both see the same background load; report median and min."""
-    target = schedules.host_target()
+    target = schedule_rules.host_target()
     rows = []
     for case in cases:
         ours, ref = alternate(
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.machine(),
         "torch": torch.__version__,
         "tvm": tvm.__version__,
-        "target": str(schedules.host_target()),
+        "target": str(schedule_rules.host_target()),
         "repeat": repeat,
         "min_repeat_ms": MIN_REPEAT_MS,
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -373,6 +374,42 @@ def test_tuning_with_empty_database_applies_hand_schedules(tmp_path) -> None:
         _assert_close(cm(*inputs), rewrite(model, inputs, cfg)(*inputs))
 
 
+def _parallel_kernels(cm) -> set[str]:
+    """Names of the compiled host kernels that launch parallel tasks (from LLVM IR)."""
+
+    def modules(m):
+        yield m
+        for sub in m.imports:
+            yield from modules(sub)
+
+    found = set()
+    for m in modules(cm.library):
+        if m.kind == "llvm":
+            ir = m.inspect_source("ll")
+            for body in re.finditer(r"^define [^@]*@(\w+)_compute_\(.*?^}", ir, re.S | re.M):
+                if "TVMBackendParallelLaunch" in body.group(0):
+                    found.add(body.group(1))
+    return found
+
+
+def test_tuned_build_parallelizes_kernels_the_database_misses(tmp_path) -> None:
+    """An empty database covers no kernel: the dense layer's matmul (a TVM kernel) must
+    still run in parallel, as in the default build, and the result must match."""
+    from tbn_compiler.backends.tuning import Tuning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    x = torch.randn(8, 64)
+    cfg = TBNConfig(p=4, min_numel=0, keep_first=True)  # the first layer stays dense
+    tuned = tbn_compile(model, (x,), config=cfg, tune=Tuning(trials=0, database=tmp_path))
+    default = tbn_compile(model, (x,), config=cfg)
+    parallel = _parallel_kernels(tuned)
+    assert any("matmul" in name for name in parallel), parallel
+    assert parallel == _parallel_kernels(default)
+    with torch.no_grad():
+        _assert_close(tuned(x), rewrite(model, (x,), cfg)(x))
+
+
 @pytest.mark.slow
 def test_tuning_parity_and_database_reuse(tmp_path) -> None:
     from tbn_compiler.backends.tuning import Tuning
@@ -397,7 +434,7 @@ def test_generic_cpu_schedule_parallelizes_reductions_only() -> None:
     import tvm
     from tvm import te
 
-    from tbn_compiler.backends.schedules import parallelize_generic
+    from tbn_compiler.backends.schedule_rules import parallelize_generic
 
     a = te.placeholder((64, 32), name="a")
     b = te.placeholder((32, 48), name="b")

@@ -1,4 +1,4 @@
-"""TIR kernels for the tile ops (tbn_compiler.backends.kernels + schedules).
+"""TIR kernels for the tile ops (tbn_compiler.backends.kernels + schedule_rules).
 
 Each kernel is built for the host CPU (scheduled) and compared with the
 ``tbn_compiler.ops`` reference; CUDA builds are compiled to cubin with nvcc.
@@ -15,10 +15,10 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from tbn_compiler import ops, tiling  # noqa: E402
-from tbn_compiler.backends import kernels, schedules  # noqa: E402
+from tbn_compiler.backends import kernels, schedule_rules  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-4
-HOST = schedules.host_target()
+HOST = schedule_rules.host_target()
 
 
 def _tile(numel: int, p: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +36,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _run_cpu(func, inputs: list[torch.Tensor], out_shape, schedule: bool = True) -> np.ndarray:
     if schedule:
-        func = schedules.schedule_for(func, HOST)
+        func = schedule_rules.schedule_for(func, HOST)
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     fn = tvm.compile(mod, target=HOST)
     dev = tvm.cpu()
@@ -111,7 +111,7 @@ def test_generic_llvm_target_and_float64():
             alphas.to(getattr(torch, dtype)),
             b.to(getattr(torch, dtype)),
         )
-        func = schedules.schedule_for(
+        func = schedule_rules.schedule_for(
             kernels.tiled_linear_primfunc(3, 64, 13, 8, False, True, dtype), target
         )
         fn = tvm.compile(
@@ -131,10 +131,10 @@ def test_buffers_and_attrs():
     assert all(str(d.ty) == "int64" for d in func.params[0].shape)
     assert "global_symbol" not in (func.attrs or {})
     before = func.script()
-    schedules.schedule_for(func, HOST)
+    schedule_rules.schedule_for(func, HOST)
     assert func.script() == before  # input left untouched
     with pytest.raises(ValueError):
-        schedules.schedule_for(func, HOST, kind="nope")
+        schedule_rules.schedule_for(func.with_attr("tbn_kernel", "nope"), HOST)
     with pytest.raises(ValueError):
         kernels.tiled_linear_primfunc(1, 10, 3, 4, False, False)  # 30 % 4 != 0
 
@@ -218,7 +218,7 @@ def _cuda_sources(module) -> list[str]:
 @pytest.mark.parametrize("name", sorted(CUDA_FUNCS))
 def test_cuda_build_compiles(name):
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
-    func = schedules.schedule_for(CUDA_FUNCS[name](), target)
+    func = schedule_rules.schedule_for(CUDA_FUNCS[name](), target)
     with target:  # the arch for the kernel compile callback when TVM's CUDA runtime is loaded
         ex = tvm.compile(
             tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target

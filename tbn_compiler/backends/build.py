@@ -5,10 +5,10 @@
 1. ``tbn_compiler.passes.rewrite`` turns eligible layers into ``tbn::tiled_*`` ops;
 2. :func:`.relax_import.import_graph` imports the graph into Relax (our TIR kernels for
    the tile ops, TVM's frontend for the rest);
-3. :func:`schedule_kernels` applies :func:`.schedules.schedule_for` to our kernels (they
-   are then marked scheduled and opaque, so fusion and DLight leave them alone);
-4. TVM's default Relax pipeline for the target (for CUDA it schedules every other
-   kernel with DLight), optionally with a MetaSchedule database (:class:`.tuning.Tuning`);
+3. :func:`build_executable` builds it with the target's Relax pipeline
+   (:mod:`.pipelines`: our kernels scheduled by the rules of :mod:`.schedule_rules`,
+   TVM's operators legalized, fused and scheduled by TVM's or our generic schedules),
+   optionally with a MetaSchedule database (:class:`.tuning.Tuning`);
 5. ``tvm.compile`` and a :class:`.artifact.CompiledModule` around the executable.
 
 Shapes are static: the compiled module accepts inputs of the example inputs' shapes.
@@ -33,19 +33,20 @@ from typing import Any
 import torch
 import tvm
 import tvm_ffi
-from tvm import relax, tirx
+from tvm import relax
 
 from ..capture import example_tensors, output_tree
 from ..config import TBNConfig
 from ..inspect import inspect
 from ..passes import rewrite
 from ..targets import DEFAULT_CUDA_ARCH, TargetSpec, local_cuda_arch, resolve_target
-from . import cuda_runtime, schedules
+from . import cuda_runtime, pipelines
 from .artifact import CompiledModule, host_cpu_features
 from .protocol import CompiledProgram, backend_for
-from .relax_import import KERNEL_ATTR, ImportResult, import_graph
+from .relax_import import ImportResult, import_graph
+from .schedule_rules import host_target
 from .specs import TensorSpec
-from .tuning import Tuning
+from .tuning import Tuning, compile_tuned
 
 __all__ = [
     "compile",
@@ -53,14 +54,10 @@ __all__ = [
     "compile_tvm_graph",
     "make_tvm_target",
     "native_spec",
-    "schedule_kernels",
-    "mark_opaque",
     "build_executable",
     "compile_cuda_source",
     "prepare_cuda_codegen",
 ]
-
-_OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps never fuses into it
 
 
 def native_spec(spec: TargetSpec) -> TargetSpec:
@@ -69,7 +66,7 @@ def native_spec(spec: TargetSpec) -> TargetSpec:
     Other specs (``"llvm-generic"``, CUDA, user-given TVM targets) are returned as is."""
     if spec.name != "llvm" or spec.tvm_object is not None or "mcpu" in spec.tvm_target:
         return spec
-    cpu = str(tvm.target.codegen.llvm_get_system_cpu())
+    cpu = str(host_target().attrs["mcpu"])
     target = {**spec.tvm_target, "mcpu": cpu}
     return dataclasses.replace(spec, tvm_target=target, description=f"host CPU (LLVM, {cpu})")
 
@@ -83,90 +80,14 @@ def make_tvm_target(spec: TargetSpec) -> tvm.target.Target:
     return tvm.target.Target(dict(spec.tvm_target))
 
 
-def _is_kernel(func: Any) -> bool:
-    return isinstance(func, tirx.PrimFunc) and func.attrs is not None and KERNEL_ATTR in func.attrs
-
-
-def _is_scheduled(func: tirx.PrimFunc) -> bool:
-    return bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled", False))
-
-
-def mark_opaque(mod: tvm.IRModule) -> tvm.IRModule:
-    """A copy of ``mod`` whose tbn kernels are opaque to FuseOps (never fused with others)."""
-    mod = mod.clone()
-    for gv, func in list(mod.functions.items()):
-        if _is_kernel(func):
-            mod[gv] = func.with_attr("op_pattern", _OP_PATTERN_OPAQUE)
-    return mod
-
-
-def schedule_kernels(
-    mod: tvm.IRModule, target: tvm.target.Target, skip_scheduled: bool = False
-) -> tvm.IRModule:
-    """A copy of ``mod`` whose tbn kernels are scheduled for ``target``, marked
-    ``tirx.is_scheduled`` and opaque. ``skip_scheduled`` leaves already scheduled kernels
-    (e.g. from a tuning database) alone. A kernel whose schedule fails is left to the
-    default schedules (LLVM: unscheduled; CUDA: DLight), with a warning."""
-    mod = mark_opaque(mod)
-    for gv, func in list(mod.functions.items()):
-        if not _is_kernel(func) or (skip_scheduled and _is_scheduled(func)):
-            continue
-        try:
-            func = schedules.schedule_for(func, target).with_attr("tirx.is_scheduled", True)
-        except Exception as exc:  # keep the build going; the kernel is still exact
-            warnings.warn(
-                f"tbn kernel {gv.name_hint} ({func.attrs[KERNEL_ATTR]}): schedule failed for "
-                f"{target.kind.name} ({type(exc).__name__}: {exc}); using the default schedule",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        mod[gv] = func
-    return mod
-
-
 def build_executable(
     mod: tvm.IRModule, target: tvm.target.Target, tune: Tuning | None = None
 ) -> relax.Executable:
-    """Schedule our kernels (or tune everything), run the target's default Relax pipeline
-    and ``tvm.compile``."""
+    """``tvm.compile`` with the target's pipeline (:func:`.pipelines.default`), or tune
+    first and build with the database (:func:`.tuning.compile_tuned`)."""
     if tune is not None:
-        from .tuning import compile_tuned
-
-        return compile_tuned(mark_opaque(mod), target, tune)
-    mod = schedule_kernels(mod, target)
-    if target.kind.name == "llvm":
-        return tvm.compile(mod, target, relax_pipeline=cpu_pipeline(target))
-    return tvm.compile(mod, target, relax_pipeline=relax.get_default_pipeline(target))
-
-
-@tvm.transform.module_pass(opt_level=0, name="ParallelizeUnscheduled")
-def parallelize_unscheduled(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Give every PrimFunc not marked ``tirx.is_scheduled`` the generic parallel CPU
-    schedule (:func:`.schedules.parallelize_generic`)."""
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
-            mod[gv] = schedules.parallelize_generic(func)
-    return mod
-
-
-def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's CPU pipeline with :func:`parallelize_unscheduled` after legalization and
-    fusion: TVM's own CPU pipeline leaves every legalized kernel serial."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    @tvm.transform.module_pass(opt_level=0, name="TBNCPUPipeline")
-    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        passes = (
-            cpu.library_dispatch_passes(target)
-            + cpu.legalize_passes(target)
-            + [parallelize_unscheduled]
-            + cpu.dataflow_lower_passes(target)
-            + cpu.finalize_passes(target)
-        )
-        with target:
-            return tvm.transform.Sequential(passes)(mod)
-
-    return _pipeline
+        return compile_tuned(mod, target, tune)
+    return tvm.compile(mod, target, relax_pipeline=pipelines.default(target))
 
 
 # --------------------------------------------------------------------------- CUDA kernels

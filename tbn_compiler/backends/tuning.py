@@ -1,10 +1,11 @@
-"""MetaSchedule tuning (TVM is imported only when tuning runs).
+"""MetaSchedule tuning.
 
 :func:`compile_tuned` contract: the kernels of the module (ours and TVM's) are tuned with
 MetaSchedule into the JSON database in ``Tuning.database`` (created if missing, reused
-and extended on later runs), then the module is built with a pipeline that applies the
-database; kernels of ours that the database does not cover get the hand schedules
-(:func:`.schedules.schedule_for`), and on GPUs DLight schedules what is left.
+and extended on later runs), then the module is built with :func:`.pipelines.tuned`,
+which applies the database; what the database does not cover gets the schedules of the
+default build (our kernels: the rules of :mod:`.schedule_rules`; TVM's operators: the
+generic parallel CPU schedule, or DLight on GPUs).
 """
 
 from __future__ import annotations
@@ -14,7 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tuning", "compile_tuned", "tune_module", "with_num_cores"]
+import psutil
+import tvm
+from tqdm.auto import tqdm
+from tvm import relax
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.target import Target
+
+from . import pipelines
+
+__all__ = ["Tuning", "compile_tuned", "open_database", "tune_module", "with_num_cores"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +65,8 @@ class Tuning:
             raise ValueError("Tuning.num_trials_per_iter must be >= 1")
 
 
-def _database(tune: Tuning) -> Any:
-    from tvm.s_tir import meta_schedule as ms
-
+def open_database(tune: Tuning) -> ms.database.JSONDatabase:
+    """The JSON database of ``tune`` (its directory created if missing)."""
     root = Path(tune.database)
     root.mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(
@@ -65,49 +76,23 @@ def _database(tune: Tuning) -> Any:
     )
 
 
-def with_num_cores(target: Any) -> Any:
+def with_num_cores(target: Target) -> Target:
     """``target`` with ``num-cores`` set (MetaSchedule needs it on CPUs)."""
-    import tvm
-
     if target.kind.name != "llvm" or target.attrs.get("num-cores"):
         return target
-    import psutil
-
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     spec = {**dict(target.export()), "num-cores": int(cores)}
     host = spec.pop("host", None)
-    return tvm.target.Target(spec, host=host) if host else tvm.target.Target(spec)
-
-
-def _fuse(mod: Any, target: Any) -> Any:
-    """The Relax preparation MetaSchedule keys its database on (dispatch, legalize, fuse)."""
-    import tvm
-    from tvm import relax
-
-    seq = [
-        *_backend_pipeline(target).library_dispatch_passes(target),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
-    with target:
-        return tvm.transform.Sequential(seq)(mod)
+    return Target(spec, host=host) if host else Target(spec)
 
 
 class _Progress:
     """A measure callback that advances a tqdm bar by the candidates measured."""
 
     def __init__(self, total: int) -> None:
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total, desc="tuning", unit="trial")
 
     def callback(self) -> Any:
-        from tvm.ir.utils import derived_object
-        from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-
         bar = self.bar
 
         @derived_object
@@ -120,15 +105,13 @@ class _Progress:
         return _Callback()
 
 
-def tune_module(mod: Any, target: Any, tune: Tuning) -> Any:
+def tune_module(mod: tvm.IRModule, target: Target, tune: Tuning) -> ms.database.JSONDatabase:
     """Tune every kernel of ``mod`` (a Relax module) into the database; return it."""
-    from tvm.s_tir import meta_schedule as ms
-
-    database = _database(tune)
+    database = open_database(tune)
     if tune.trials == 0:
         return database
-    fused = _fuse(mod, target)
-    tasks = ms.relax_integration.extract_tasks(fused, target)
+    prepared = pipelines.prepare_for_tuning(target)(mod)
+    tasks = ms.relax_integration.extract_tasks(prepared, target)
     work_dir = str(Path(tune.database))
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, work_dir=work_dir, num_threads="physical"
@@ -159,41 +142,10 @@ def tune_module(mod: Any, target: Any, tune: Tuning) -> Any:
     return database
 
 
-def _backend_pipeline(target: Any) -> Any:
-    """TVM's per-target pipeline module (pass lists) for ``target``."""
-    import importlib
-
-    name = "cuda" if target.kind.name == "cuda" else "cpu_generic"
-    return importlib.import_module(f"tvm.relax.backend.{name}.pipeline")
-
-
-def compile_tuned(mod: Any, target: Any, tune: Tuning) -> Any:
-    """Tune ``mod`` (our kernels unscheduled) for ``target`` and build with the database."""
-    import tvm
-    from tvm import relax
-    from tvm.s_tir import dlight as dl
-
-    from .build import schedule_kernels
-
+def compile_tuned(mod: tvm.IRModule, target: Target, tune: Tuning) -> relax.Executable:
+    """Tune ``mod`` (our kernels unscheduled) for ``target`` and build it with the
+    database (:func:`.pipelines.tuned`)."""
     target = with_num_cores(target)
     database = tune_module(mod, target, tune)
-
-    @tvm.transform.module_pass(opt_level=0)
-    def pipeline(m: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        m = _fuse(m, target)
-        m = relax.transform.MetaScheduleApplyDatabase()(m)
-        m = schedule_kernels(m, target, skip_scheduled=True)
-        if "gpu" in target.keys:
-            m = dl.ApplyDefaultSchedule(
-                dl.gpu.Matmul(),
-                dl.gpu.GEMV(),
-                dl.gpu.Reduction(),
-                dl.gpu.GeneralReduction(),
-                dl.gpu.Fallback(),
-            )(m)
-        backend = _backend_pipeline(target)
-        seq = backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
-        return tvm.transform.Sequential(seq)(m)
-
     with target, database:
-        return tvm.compile(mod, target, relax_pipeline=pipeline)
+        return tvm.compile(mod, target, relax_pipeline=pipelines.tuned(target))

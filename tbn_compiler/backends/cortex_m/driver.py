@@ -2,11 +2,11 @@
 
 Steps: :func:`..relax_import.import_graph` (the graph of tile ops that
 :func:`tbn_compiler.passes.rewrite` made),
-:func:`.lower.legalize` (whole graph to ``call_tir``), :func:`.aot.plan_main` (call order,
-constants, arena), :func:`.lower.lower_kernels` + :func:`.lower.kernels_c_source` (one C
-file of kernels), :mod:`.emit` (weights + entry point + header). Tile kernels get the
-single-core MCU schedule of :mod:`.schedule` (no parallel loops, no vectors); the rest
-stay unscheduled. No TVM runtime.
+:func:`..pipelines.cortex_m` (whole graph to ``call_tir``, every kernel with the
+single-core schedule of :mod:`..schedule_rules.mcu`: no parallel loops, no vectors),
+:func:`.aot.plan_main` (call order, constants, arena), :func:`.lower.lower_kernels` +
+:func:`.lower.kernels_c_source` (one C file of kernels), :mod:`.emit` (weights + entry
+point + header). No TVM runtime.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import tvm
 
 from ...capture import example_tensors, output_tree
 from ...targets import TargetSpec, resolve_target
+from .. import pipelines
 from ..relax_import import import_graph
 from . import aot, emit, lower
 from .module import CortexMModule, ModelInfo
-from .schedule import schedule_mcu
 
 __all__ = ["compile_graph_cortex_m", "generate_sources"]
 
@@ -96,11 +96,11 @@ def step_table(plan: aot.Plan, layers: list[tuple[list[int], str | None]]) -> li
 def generate_sources(mod: tvm.IRModule, name: str) -> tuple[dict[str, str], aot.Plan]:
     """The four C files (``include/tbn_model.h``, ``src/tbn_kernels.{h,c}``,
     ``src/tbn_model.c``) for an imported Relax module, and the plan behind them."""
-    mod = lower.legalize(mod)
+    mod = pipelines.cortex_m()(mod)
     draft = aot.plan_main(mod, {})
     funcs: dict[str, Any] = {}
     for step in draft.steps:
-        funcs.setdefault(step.kernel, schedule_mcu(mod[step.func]))
+        funcs.setdefault(step.kernel, mod[step.func])
     kernels_c = lower.kernels_c_source(lower.lower_kernels(funcs))
     plan = aot.plan_main(mod, lower.workspace_bytes(kernels_c))
     weights = sum(c.nbytes for c in plan.constants)

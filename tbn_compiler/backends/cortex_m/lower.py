@@ -1,12 +1,10 @@
-"""Relax -> TIR PrimFuncs -> ONE C file of kernels with a plain pointer convention.
+"""TIR PrimFuncs -> ONE C file of kernels with a plain pointer convention.
 
 Contract:
 
-* :func:`legalize` turns an imported Relax module (tbn kernels + TVM frontend ops) into a
-  module whose ``main`` is a flat sequence of ``call_tir`` bindings on tensors and
-  constants: BatchNorm is decomposed for inference, every other op is legalized to TIR,
-  constant subgraphs are folded, and (optionally) elementwise chains are fused into the
-  kernels around them (our tile kernels stay opaque, never fused).
+* The input is a module from :func:`..pipelines.cortex_m`: its ``main`` is a flat
+  sequence of ``call_tir`` bindings on tensors and constants, every PrimFunc scheduled
+  for the MCU.
 * :func:`kernels_c_source` lowers the called PrimFuncs to C. Each kernel becomes
   ``void <name>(float *a, uint32_t *b, ..., float *out)``: one pointer per buffer, inputs
   then outputs, no packed API, no TVM runtime. Intermediates of more than 1 KiB go through
@@ -15,13 +13,14 @@ Contract:
   static arena before each call); :func:`workspace_bytes` says how much each kernel needs.
   The source is deterministic (same module -> byte-identical text).
 * Kernels can fail on bad data: a TIR assert (kept, not stripped) and the bounds check of
-  :func:`checked_take` set ``tbn_kernel_error`` (with ``tbn_kernel_error_text`` and, for
-  an index, ``tbn_kernel_error_detail`` = {index, bound}) and the kernel returns early;
-  the entry point tests the flag after each kernel for which :func:`fallible_kernels`
-  says so.
+  :func:`..pipelines.checked_take` set ``tbn_kernel_error`` (with
+  ``tbn_kernel_error_text`` and, for an index, ``tbn_kernel_error_detail`` = {index,
+  bound}) and the kernel returns early; the entry point tests the flag after each kernel
+  for which :func:`fallible_kernels` says so.
 * ``take`` with TVM's unchecked ("fast") mode, which reads out of bounds on a bad index
-  (e.g. an embedding id computed in the graph), is legalized by :func:`checked_take`:
-  the read is clamped into the table and an id outside ``[0, n)`` raises the error flag.
+  (e.g. an embedding id computed in the graph), is legalized by
+  :func:`..pipelines.checked_take`: the read is clamped into the table and an id outside
+  ``[0, n)`` raises the error flag.
 * The file refuses to compile under ``-ffast-math`` / ``-ffinite-math-only`` (``#error``):
   they break the NaN checks and compare-and-select clamps that give torch's NaN results.
 * Non-finite float constants are written as ``__builtin_inff()`` / ``__builtin_nanf("")``
@@ -30,21 +29,16 @@ Contract:
 
 from __future__ import annotations
 
-import math
 import re
 
 import tvm
-from tvm import relax, s_tir, te, tirx, topi
-
-from ..build import mark_opaque
+from tvm import s_tir, tirx
 
 __all__ = [
-    "legalize",
     "lower_kernels",
     "kernels_c_source",
     "workspace_bytes",
     "fallible_kernels",
-    "checked_take",
     "WS_ALIGN",
 ]
 
@@ -52,54 +46,6 @@ WS_ALIGN = 8
 """Alignment (bytes) of every workspace block and arena buffer."""
 
 _C_TARGET = {"kind": "c"}
-
-
-def legalize(mod: tvm.IRModule, fuse: bool = True) -> tvm.IRModule:
-    """Relax module with only ``call_tir`` on tensors/constants in ``main`` (see module doc)."""
-    mod = mark_opaque(mod)
-    seq = [
-        relax.transform.DecomposeOpsForInference(),
-        relax.transform.CanonicalizeBindings(),
-        relax.transform.LegalizeOps({"relax.take": _legalize_take}),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-    ]
-    if fuse:
-        seq += [relax.transform.FuseOps(), relax.transform.FuseTIR()]
-    seq += [relax.transform.DeadCodeElimination()]
-    with tvm.transform.PassContext(opt_level=3):
-        return tvm.transform.Sequential(seq)(mod)
-
-
-def checked_take(data: te.Tensor, indices: te.Tensor, axis: int | None) -> te.Tensor:
-    """``take`` that never reads outside ``data``: an index outside ``[0, n)`` reads row 0
-    and calls ``tbn_index_error(index, n)`` (C, defined by :func:`kernels_c_source`),
-    which sets the kernel error flag and returns 0."""
-    if axis is None:
-        data = topi.reshape(data, (math.prod(int(d) for d in data.shape),))
-        axis = 0
-    axis = axis % len(data.shape)
-    bound = data.shape[axis]
-    n_idx = len(indices.shape)
-
-    def element(*i: tirx.PrimExpr) -> tirx.PrimExpr:
-        index = indices[i[axis : axis + n_idx]].astype("int64")
-        ok = tirx.all(index >= 0, index < tirx.IntImm("int64", int(bound)))
-        safe = tirx.Select(ok, index, tirx.IntImm("int64", 0))
-        value = data[(*i[:axis], safe, *i[axis + n_idx :])]
-        error = tirx.call_extern("int32", "tbn_index_error", index, bound.astype("int64"))
-        return tirx.if_then_else(ok, value, error.astype(data.dtype))
-
-    shape = [*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]]
-    return te.compute(shape, element, name="T_take")
-
-
-def _legalize_take(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    mode = str(call.attrs.mode)
-    axis = None if call.attrs.axis is None else int(call.attrs.axis)
-    if mode != "fast":  # "clip", "wrap", "nan": in bounds by construction
-        return bb.call_te(topi.take, call.args[0], call.args[1], axis, mode=mode)
-    return bb.call_te(checked_take, call.args[0], call.args[1], axis, primfunc_name_hint="take")
 
 
 def _tir_passes() -> list[tvm.transform.Pass]:

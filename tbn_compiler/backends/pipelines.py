@@ -1,0 +1,325 @@
+"""Every Relax pipeline of tbn_compiler, each defined once from named stages.
+
+A stage is a function that returns a list of passes; a pipeline is a pass that runs its
+stages in order inside the target's scope. Our tile kernels are marked opaque first
+(fusion never merges them with TVM's operators) and scheduled by the rules of
+:mod:`.schedule_rules`; everything else is legalized and fused by TVM.
+
+=========================  ==================================================================
+pipeline                   stages
+=========================  ==================================================================
+:func:`cpu`                mark_kernels, schedule_kernels, dispatch_libraries,
+                           legalize_and_fuse, parallelize_unscheduled, lower_and_finalize
+:func:`gpu`                mark_kernels, schedule_kernels, TVM's default pipeline for the
+                           target (dispatch, legalize, fuse, DLight, lower, finalize)
+:func:`tuned`              mark_kernels, dispatch_libraries, legalize_and_fuse,
+                           apply_tuning_database, schedule_kernels (those the database
+                           missed), then parallelize_unscheduled (CPU) or
+                           default_gpu_schedules (GPU), lower_and_finalize
+:func:`prepare_for_tuning` mark_kernels, dispatch_libraries, legalize_and_fuse: the module
+                           MetaSchedule extracts its tasks from (and keys its database on)
+:func:`cortex_m`           mark_kernels, legalize_for_inference, fuse,
+                           dead_code_elimination, schedule_for_mcu
+=========================  ==================================================================
+
+:func:`default` picks :func:`cpu` or :func:`gpu` for a target. The CPU pipelines give
+every function no rule scheduled (TVM's operators, and tuned builds' kernels that the
+database missed) the generic parallel schedule; TVM's own CPU pipeline leaves them serial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+
+import tvm
+from tvm import relax, te, tirx, topi
+from tvm.relax.backend.cpu_generic import pipeline as tvm_cpu
+from tvm.relax.backend.cuda import pipeline as tvm_cuda
+from tvm.s_tir import dlight
+from tvm.target import Target
+
+from . import schedule_rules
+
+__all__ = [
+    "apply_tuning_database",
+    "checked_take",
+    "cortex_m",
+    "cpu",
+    "default",
+    "default_gpu_schedules",
+    "dead_code_elimination",
+    "dispatch_libraries",
+    "fuse",
+    "gpu",
+    "legalize_and_fuse",
+    "legalize_for_inference",
+    "lower_and_finalize",
+    "mark_kernels",
+    "parallelize_unscheduled",
+    "prepare_for_tuning",
+    "schedule_for_mcu",
+    "schedule_kernels",
+    "tuned",
+]
+
+Stage = list[tvm.transform.Pass]
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def mark_kernels() -> Stage:
+    """Our kernels opaque to fusion (:func:`.schedule_rules.mark_opaque`)."""
+    return [_module_pass("MarkKernelsOpaque", schedule_rules.mark_opaque)]
+
+
+def schedule_kernels(target: Target, skip_scheduled: bool = False) -> Stage:
+    """Our kernels scheduled by the rules for ``target`` and marked scheduled
+    (:func:`.schedule_rules.schedule_kernels`); ``skip_scheduled`` keeps those a tuning
+    database scheduled."""
+    return [
+        _module_pass(
+            "ScheduleKernels",
+            lambda mod: schedule_rules.schedule_kernels(mod, target, skip_scheduled),
+        )
+    ]
+
+
+def dispatch_libraries(target: Target) -> Stage:
+    """TVM's library dispatch for the target (sampling, sort and scan)."""
+    return _tvm_backend(target).library_dispatch_passes(target)
+
+
+def legalize_and_fuse() -> Stage:
+    """Every Relax operator to TIR, constants folded, operators fused into kernels."""
+    return [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def apply_tuning_database() -> Stage:
+    """Schedules from the MetaSchedule database in scope (``with database:``)."""
+    return [relax.transform.MetaScheduleApplyDatabase()]
+
+
+def parallelize_unscheduled() -> Stage:
+    """The generic parallel CPU schedule (:func:`.schedule_rules.parallelize_generic`)
+    for every PrimFunc not marked ``tirx.is_scheduled``."""
+    return [_module_pass("ParallelizeUnscheduled", _parallelize_unscheduled)]
+
+
+def default_gpu_schedules() -> Stage:
+    """DLight's GPU rules (those of TVM's CUDA pipeline) for what is not scheduled."""
+    return [
+        dlight.ApplyDefaultSchedule(
+            dlight.gpu.Matmul(),
+            dlight.gpu.GEMV(),
+            dlight.gpu.Reduction(),
+            dlight.gpu.GeneralReduction(),
+            dlight.gpu.Fallback(),
+        )
+    ]
+
+
+def lower_and_finalize(target: Target) -> Stage:
+    """TVM's dataflow lowering and finalization (memory planning, VM lowering)."""
+    backend = _tvm_backend(target)
+    return backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
+
+
+def legalize_for_inference() -> Stage:
+    """BatchNorm decomposed for inference, every operator legalized to TIR (``take`` by
+    :func:`checked_take`), TIR patterns annotated, constants folded."""
+    return [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.LegalizeOps({"relax.take": _legalize_take}),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+    ]
+
+
+def fuse() -> Stage:
+    """Elementwise chains fused into the kernels around them (ours stay opaque)."""
+    return [relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def dead_code_elimination() -> Stage:
+    return [relax.transform.DeadCodeElimination()]
+
+
+def schedule_for_mcu() -> Stage:
+    """Every PrimFunc given the Cortex-M schedule (:func:`.schedule_rules.schedule_mcu`)."""
+    return [_module_pass("ScheduleForMCU", _schedule_for_mcu)]
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def cpu(target: Target) -> tvm.transform.Pass:
+    """The host (LLVM) pipeline (see the module docstring)."""
+    return _pipeline(
+        "TBNCPUPipeline",
+        target,
+        [
+            mark_kernels(),
+            schedule_kernels(target),
+            dispatch_libraries(target),
+            legalize_and_fuse(),
+            parallelize_unscheduled(),
+            lower_and_finalize(target),
+        ],
+    )
+
+
+def gpu(target: Target) -> tvm.transform.Pass:
+    """The GPU pipeline: our kernels scheduled, then TVM's default pipeline for
+    ``target`` (which schedules the rest with DLight)."""
+    return _pipeline(
+        "TBNGPUPipeline",
+        target,
+        [mark_kernels(), schedule_kernels(target), [relax.get_default_pipeline(target)]],
+    )
+
+
+def default(target: Target) -> tvm.transform.Pass:
+    """:func:`cpu` for LLVM targets, else :func:`gpu`."""
+    return cpu(target) if target.kind.name == "llvm" else gpu(target)
+
+
+def prepare_for_tuning(target: Target) -> tvm.transform.Pass:
+    """The module MetaSchedule tunes: kernels marked, operators legalized and fused."""
+    return _pipeline("TBNPrepareForTuning", target, _tuning_front(target))
+
+
+def tuned(target: Target) -> tvm.transform.Pass:
+    """The pipeline of a tuned build; run it inside ``with database:`` (see the module
+    docstring). Kernels the database misses get the same schedules as in :func:`default`."""
+    rest = default_gpu_schedules() if "gpu" in target.keys else parallelize_unscheduled()
+    return _pipeline(
+        "TBNTunedPipeline",
+        target,
+        [
+            *_tuning_front(target),
+            apply_tuning_database(),
+            schedule_kernels(target, skip_scheduled=True),
+            rest,
+            lower_and_finalize(target),
+        ],
+    )
+
+
+def cortex_m() -> tvm.transform.Pass:
+    """The Cortex-M pipeline: a module whose ``main`` is a flat sequence of ``call_tir``
+    on tensors and constants, every PrimFunc scheduled for a single Cortex-M core."""
+    return _pipeline(
+        "TBNCortexMPipeline",
+        None,
+        [
+            mark_kernels(),
+            legalize_for_inference(),
+            fuse(),
+            dead_code_elimination(),
+            schedule_for_mcu(),
+        ],
+        opt_level=3,
+    )
+
+
+def _tuning_front(target: Target) -> list[Stage]:
+    return [mark_kernels(), dispatch_libraries(target), legalize_and_fuse()]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _pipeline(
+    name: str, target: Target | None, stages: Sequence[Stage], opt_level: int | None = None
+) -> tvm.transform.Pass:
+    """One pass running ``stages`` in order (inside ``target``'s scope when given, and a
+    PassContext of ``opt_level`` when given)."""
+    passes = [p for stage in stages for p in stage]
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with _scope(target), _pass_context(opt_level):
+            return tvm.transform.Sequential(passes)(mod)
+
+    return run
+
+
+def _scope(target: Target | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if target is None else target
+
+
+def _pass_context(opt_level: int | None) -> contextlib.AbstractContextManager:
+    if opt_level is None:
+        return contextlib.nullcontext()
+    return tvm.transform.PassContext(opt_level=opt_level)
+
+
+def _module_pass(name: str, fn: Callable[[tvm.IRModule], tvm.IRModule]) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return fn(mod)
+
+    return run
+
+
+def _tvm_backend(target: Target) -> object:
+    """TVM's per-target pass lists (CUDA for GPU targets, generic CPU otherwise)."""
+    return tvm_cuda if target.kind.name == "cuda" else tvm_cpu
+
+
+def _parallelize_unscheduled(mod: tvm.IRModule) -> tvm.IRModule:
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc) and not schedule_rules.is_scheduled(func):
+            mod[gv] = schedule_rules.parallelize_generic(func)
+    return mod
+
+
+def _schedule_for_mcu(mod: tvm.IRModule) -> tvm.IRModule:
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc):
+            mod[gv] = schedule_rules.schedule_mcu(func)
+    return mod
+
+
+# --------------------------------------------------------------------------- checked take
+
+
+def checked_take(data: te.Tensor, indices: te.Tensor, axis: int | None) -> te.Tensor:
+    """``take`` that never reads outside ``data``: an index outside ``[0, n)`` reads row 0
+    and calls ``tbn_index_error(index, n)`` (C, defined by the Cortex-M kernel file),
+    which sets the kernel error flag and returns 0."""
+    if axis is None:
+        data = topi.reshape(data, (math.prod(int(d) for d in data.shape),))
+        axis = 0
+    axis = axis % len(data.shape)
+    bound = data.shape[axis]
+    n_idx = len(indices.shape)
+
+    def element(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+        index = indices[i[axis : axis + n_idx]].astype("int64")
+        ok = tirx.all(index >= 0, index < tirx.IntImm("int64", int(bound)))
+        safe = tirx.Select(ok, index, tirx.IntImm("int64", 0))
+        value = data[(*i[:axis], safe, *i[axis + n_idx :])]
+        error = tirx.call_extern("int32", "tbn_index_error", index, bound.astype("int64"))
+        return tirx.if_then_else(ok, value, error.astype(data.dtype))
+
+    shape = [*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]]
+    return te.compute(shape, element, name="T_take")
+
+
+def _legalize_take(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    mode = str(call.attrs.mode)
+    axis = None if call.attrs.axis is None else int(call.attrs.axis)
+    if mode != "fast":  # "clip", "wrap", "nan": in bounds by construction
+        return bb.call_te(topi.take, call.args[0], call.args[1], axis, mode=mode)
+    return bb.call_te(checked_take, call.args[0], call.args[1], axis, primfunc_name_hint="take")

@@ -1,0 +1,153 @@
+"""Cortex-M schedule rules: single core, no parallel loops, no vectors.
+
+:func:`schedule_mcu` applies :data:`MCU_RULES` (first that applies) and returns an
+equivalent PrimFunc:
+
+* :class:`McuTileKernel` (our kernels): the 256 x 8 sign table is inlined (sign masks
+  become shifts of the tile word in registers: no 8 KiB table rebuilt on every call, no
+  workspace); an im2col block over :data:`MAX_IM2COL_BYTES` is inlined too (the product
+  then reads the padded input directly: less RAM, more index math); for aligned kinds
+  the innermost reduction loops of the product are unrolled over one tile word (or the
+  largest power of two <= 32 dividing the row length), so each word is loaded once and
+  every bit position is a constant shift.
+* :class:`InlineElementwise` (TVM-legalized, possibly fused functions): every block that
+  can be inlined into its consumers is, unless a consumer reduces, so a fused chain such
+  as an inference BatchNorm is one loop nest without intermediate buffers.
+
+A kernel whose schedule fails is returned unscheduled, with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+from tvm.target import Target
+
+from ..kernels import kernel_kind
+from .base import (
+    ALIGNED_KINDS,
+    ScheduleRule,
+    Stage,
+    analyse,
+    apply_first,
+    reduces,
+    root_block,
+)
+
+__all__ = [
+    "MAX_IM2COL_BYTES",
+    "MCU_RULES",
+    "InlineElementwise",
+    "McuTileKernel",
+    "inline_elementwise",
+    "schedule_mcu",
+]
+
+MAX_IM2COL_BYTES = 16 * 1024
+"""An im2col block larger than this is inlined (saves RAM, costs index math)."""
+
+
+def _buffer_bytes(stage: Stage) -> int:
+    """Bytes of the buffer a block writes."""
+    buf = stage.writes[0]
+    return math.prod(int(d) for d in buf.shape) * tvm.DataType(buf.dtype).bits // 8
+
+
+def _pow2_factor(n: int, cap: int = 32) -> int:
+    f = 1
+    while f < cap and n % (2 * f) == 0:
+        f *= 2
+    return f
+
+
+def _unroll_word(sch: Schedule, product: Stage) -> None:
+    """Unroll the product's innermost loops that make up one word of the tile: its
+    last two iterations when they are the (byte, bit) split of a word, else the largest
+    power of two <= 32 dividing the innermost extent."""
+    loops = sch.get_loops(product.block)
+    if product.extents[-2:] == (4, 8):
+        sch.unroll(loops[-1])
+        sch.unroll(loops[-2])
+        return
+    innermost = product.extents[-1]
+    f = _pow2_factor(innermost)
+    if f > 1 and innermost > f:
+        _, inner = sch.split(loops[-1], [None, f])
+        sch.unroll(inner)
+    elif f > 1:
+        sch.unroll(loops[-1])
+
+
+class McuTileKernel(ScheduleRule):
+    """Our kernels (see the module docstring)."""
+
+    name = "mcu-tile-kernel"
+
+    def apply(self, func: tirx.PrimFunc, target: Target | None) -> Schedule | None:
+        sch = Schedule(tvm.IRModule({"main": func}))
+        kernel = analyse(sch)
+        if not kernel.kind:
+            return None
+        for stage in kernel.with_role("table"):
+            sch.compute_inline(stage.block)
+        for stage in kernel.with_role("im2col"):
+            if _buffer_bytes(stage) > MAX_IM2COL_BYTES:
+                sch.compute_inline(stage.block)
+        if kernel.kind in ALIGNED_KINDS and kernel.product is not None:
+            _unroll_word(sch, kernel.product)
+        return sch
+
+
+class InlineElementwise(ScheduleRule):
+    """Functions that are not our kernels: intermediate blocks inlined."""
+
+    name = "inline-elementwise"
+
+    def apply(self, func: tirx.PrimFunc, target: Target | None) -> Schedule | None:
+        try:
+            sch = Schedule(tvm.IRModule({"main": func}))
+            root = root_block(sch)
+            blocks = [] if root is None else sch.get_child_blocks(root)
+        except Exception:  # not schedulable: stays as it is
+            return None
+        if analyse(sch).kind:
+            return None
+        for block in blocks:
+            try:
+                if not _feeds_reduction(sch, block):
+                    sch.compute_inline(block)
+            except Exception:  # outputs, reductions: stay as they are
+                continue
+        return sch
+
+
+def _feeds_reduction(sch: Schedule, block: object) -> bool:
+    """True when a consumer of ``block`` reduces (inlining would recompute it per tap)."""
+    return any(reduces(sch, consumer) for consumer in sch.get_consumers(block))
+
+
+MCU_RULES: tuple[ScheduleRule, ...] = (McuTileKernel(), InlineElementwise())
+"""The Cortex-M rules, in the order they are tried."""
+
+
+def inline_elementwise(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with every block that can be inlined into its consumers inlined."""
+    return apply_first(func, None, (InlineElementwise(),)) or func
+
+
+def schedule_mcu(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The Cortex-M schedule of a function (see the module docstring)."""
+    try:
+        return apply_first(func, None, MCU_RULES) or func
+    except Exception as exc:  # the unscheduled kernel is exact; a schedule only speeds it up
+        warnings.warn(
+            f"MCU schedule of a {kernel_kind(func)} kernel failed ({type(exc).__name__}: {exc}); "
+            "using it unscheduled",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return func
