@@ -4,8 +4,8 @@ gathers. References are plain PyTorch (layers kept float with ``exclude=["*"]``)
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
 import subprocess
 import threading
 from pathlib import Path
@@ -95,14 +95,18 @@ def test_boolean_mask_builds_and_matches_torch() -> None:
 
 def _break_second_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the generated C of the kernel called second invalid (an undeclared name)."""
-    original = driver.lower.kernels_c_source
+    original = driver.c_kernels.c_kernels
 
     def broken(mod):
-        src = original(mod)
-        definition = re.search(r"^TVM_DLL void tbn_k1_\w*\(.*\) \{\n", src, re.MULTILINE)
-        return src[: definition.end()] + "  tbn_no_such_name = 1;\n" + src[definition.end() :]
+        kernels = original(mod)
+        name = next(n for n in kernels if n.startswith("tbn_k1_"))
+        code = kernels[name].code
+        body = code.index(") {\n") + len(") {\n")
+        code = code[:body] + "  tbn_no_such_name = 1;\n" + code[body:]
+        kernels[name] = dataclasses.replace(kernels[name], code=code)
+        return kernels
 
-    monkeypatch.setattr(driver.lower, "kernels_c_source", broken)
+    monkeypatch.setattr(driver.c_kernels, "c_kernels", broken)
 
 
 def _assert_names_kernel_and_step(message: str) -> None:

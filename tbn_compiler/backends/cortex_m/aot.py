@@ -25,7 +25,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .lower import WS_ALIGN
+from .c_kernels import WS_ALIGN
 
 __all__ = ["AotError", "Ref", "Step", "Const", "Buffer", "Plan", "plan_main", "plan_arena"]
 

@@ -8,6 +8,9 @@ it is the check ``tbn.compile`` falls back to when ``arm-none-eabi-gcc`` is miss
 error, the kernel it is in and the program step(s) that call it: the Relax function (named
 after the ops it computes, e.g. ``fused_add_clip_multiply_divide`` for a Hardswish), the
 model layer whose weights it uses and the steps its inputs come from, each with its layer.
+Where each step's code is comes from the step table (``lines``: generated file -> first
+and last line of the step's kernel declaration, kernel definition and call, recorded when
+the files were written), not from reading the C.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ HOST_COMPILERS = ("cc", "gcc", "clang")
 SYNTAX_FLAGS = ("-std=gnu11", "-fsyntax-only", "-Wall", "-Werror=implicit-function-declaration")
 _LIBRARY_SOURCES = ("src/tbn_kernels.c", "src/tbn_model.c")
 _ERROR = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?:\d+:)? (?:fatal )?error: (?P<msg>.*)$")
-_KERNEL_LINE = re.compile(r"^TVM_DLL void (\w+)\(")
-_STEP_LINE = re.compile(r"^  /\* step (\d+): ")
+_KERNEL_FILES = ("src/tbn_kernels.c", "src/tbn_kernels.h")
+_MODEL_FILE = "src/tbn_model.c"
+_GENERATED_FILES = (*_KERNEL_FILES, _MODEL_FILE, "include/tbn_model.h")
 
 
 def host_compiler() -> str | None:
@@ -66,30 +70,6 @@ def syntax_check(sources: Mapping[str, str]) -> str:
     return cc
 
 
-def _kernel_at(text: str, line: int) -> str | None:
-    """The kernel declared on, or defined around, 1-based ``line`` of ``text``."""
-    current = None
-    for number, content in enumerate(text.splitlines(), start=1):
-        m = _KERNEL_LINE.match(content)
-        if m and content.endswith("{"):
-            current = m.group(1)
-        if number == line:
-            return current or (m.group(1) if m else None)
-        if content == "}":
-            current = None
-    return None
-
-
-def _step_at(text: str, line: int) -> int | None:
-    """The program step whose call holds 1-based ``line`` of ``src/tbn_model.c``."""
-    found = None
-    for content in text.splitlines()[:line]:
-        m = _STEP_LINE.match(content)
-        if m:
-            found = int(m.group(1))
-    return found
-
-
 def _origin(steps: Sequence[Mapping[str, Any]], source: str) -> str:
     if not source.startswith("step "):
         return {"input": "the model input", "const": "a constant"}.get(source, source)
@@ -110,36 +90,41 @@ def describe_step(steps: Sequence[Mapping[str, Any]], i: int) -> str:
     return text
 
 
-def _where(
-    sources: Mapping[str, str], steps: Sequence[Mapping[str, Any]], file: str, line: int
-) -> str:
+def _steps_at(steps: Sequence[Mapping[str, Any]], rel: str, line: int) -> list[int]:
+    """The steps whose code in generated file ``rel`` spans 1-based ``line``."""
+    found = []
+    for i, row in enumerate(steps):
+        span = row.get("lines", {}).get(rel)
+        if span is not None and span[0] <= line <= span[1]:
+            found.append(i)
+    return found
+
+
+def _where(steps: Sequence[Mapping[str, Any]], file: str, line: int) -> str:
     """What the compiler error at ``file:line`` belongs to, in model terms."""
-    rel = next((r for r in sources if file.endswith(r)), None)
-    if rel in ("src/tbn_kernels.c", "src/tbn_kernels.h"):
-        kernel = _kernel_at(sources[rel], line)
-        if kernel is None:
-            return "the kernel support code"
-        calls = [i for i, row in enumerate(steps) if row["kernel"] == kernel]
+    rel = next((r for r in _GENERATED_FILES if file.endswith(r)), None)
+    calls = _steps_at(steps, rel, line) if rel else []
+    if rel in _KERNEL_FILES:
         if not calls:
-            return f"kernel {kernel}"
+            return "the kernel support code"
+        kernel = steps[calls[0]]["kernel"]
         return f"kernel {kernel} ({'; '.join(describe_step(steps, i) for i in calls)})"
-    if rel == "src/tbn_model.c":
-        step = _step_at(sources[rel], line)
-        if step is not None and step < len(steps):
+    if rel == _MODEL_FILE:
+        if calls:
+            step = calls[0]
             return f"the call of kernel {steps[step]['kernel']} ({describe_step(steps, step)})"
         return "the weights / entry point"
     return rel or file
 
 
-def explain_build_log(
-    log: str, sources: Mapping[str, str], steps: Sequence[Mapping[str, Any]], target: str
-) -> str:
-    """The message of a failed build of ``sources`` for ``target`` (see module doc)."""
+def explain_build_log(log: str, steps: Sequence[Mapping[str, Any]], target: str) -> str:
+    """The message of a failed build of the C generated for ``target``, whose program
+    steps are ``steps`` (see module doc)."""
     lines = []
     for raw in log.splitlines():
         m = _ERROR.match(raw.strip())
         if m:
-            where = _where(sources, steps, m.group("file"), int(m.group("line")))
+            where = _where(steps, m.group("file"), int(m.group("line")))
             lines.append(f"  in {where}: {m.group('msg')}")
     head = f"the C generated for target {target!r} does not compile"
     if not lines:

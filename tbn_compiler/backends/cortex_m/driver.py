@@ -5,12 +5,14 @@ Steps: :func:`..relax_import.import_graph` (the graph of tile ops that
 :func:`..pipelines.cortex_m` (whole graph to ``call_tir``, every kernel with the
 single-core schedule of :mod:`..schedule_rules.mcu`: no parallel loops, no vectors),
 :func:`.aot.plan_main` (call order, constants, arena), :func:`.lower.lower_kernels` +
-:func:`.lower.kernels_c_source` (one C file of kernels), :mod:`.emit` (weights + entry
-point + header). No TVM runtime.
+:func:`.c_kernels.c_kernels` (each kernel's facts from its TIR, and its C) +
+:func:`.c_kernels.kernels_c_file` (one C file of kernels), :mod:`.emit` (weights + entry
+point + headers). No TVM runtime.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,10 +22,10 @@ from ...capture import example_tensors, output_tree
 from ...targets import TargetSpec, resolve_target
 from .. import pipelines
 from ..relax_import import import_graph
-from . import aot, emit, lower
+from . import aot, c_kernels, emit, lower
 from .module import CortexMModule, ModelInfo
 
-__all__ = ["compile_graph_cortex_m", "generate_sources"]
+__all__ = ["GeneratedProgram", "compile_graph_cortex_m", "generate_sources"]
 
 
 def _state_names(gm: torch.nn.Module) -> dict[bytes, str | None]:
@@ -77,10 +79,15 @@ def _arg_origin(plan: aot.Plan, ref: aot.Ref, step: int) -> str:
     return ref.kind
 
 
-def step_table(plan: aot.Plan, layers: list[tuple[list[int], str | None]]) -> list[dict[str, Any]]:
+def step_table(
+    plan: aot.Plan,
+    layers: list[tuple[list[int], str | None]],
+    lines: list[dict[str, list[int]]],
+) -> list[dict[str, Any]]:
     """One row per kernel call: ``step``, ``kernel`` (C name), ``func`` (Relax function,
-    named after the ops it computes), ``layer`` (model layer of its weights or None) and
-    ``inputs`` (origin of each input argument, see :func:`_arg_origin`)."""
+    named after the ops it computes), ``layer`` (model layer of its weights or None),
+    ``inputs`` (origin of each input argument, see :func:`_arg_origin`) and ``lines``
+    (where its code is, see :class:`GeneratedProgram`)."""
     return [
         {
             "step": i,
@@ -88,31 +95,56 @@ def step_table(plan: aot.Plan, layers: list[tuple[list[int], str | None]]) -> li
             "func": step.func,
             "layer": layer,
             "inputs": [_arg_origin(plan, r, i) for r in step.args[: -step.outputs]],
+            "lines": where,
         }
-        for i, (step, (_, layer)) in enumerate(zip(plan.steps, layers, strict=True))
+        for i, (step, (_, layer), where) in enumerate(zip(plan.steps, layers, lines, strict=True))
     ]
 
 
-def generate_sources(mod: tvm.IRModule, name: str) -> tuple[dict[str, str], aot.Plan]:
+@dataclass
+class GeneratedProgram:
+    """The generated C of a model: ``sources`` (relative path -> text: the four files of
+    :func:`generate_sources`), the ``plan`` behind them, and where each program step's
+    code is: ``lines[i]`` maps ``src/tbn_kernels.h``, ``src/tbn_kernels.c`` and
+    ``src/tbn_model.c`` to the first and last line of step ``i``'s kernel declaration,
+    kernel definition and call."""
+
+    sources: dict[str, str]
+    plan: aot.Plan
+    lines: list[dict[str, list[int]]]
+
+
+def generate_sources(mod: tvm.IRModule, name: str) -> GeneratedProgram:
     """The four C files (``include/tbn_model.h``, ``src/tbn_kernels.{h,c}``,
-    ``src/tbn_model.c``) for an imported Relax module, and the plan behind them."""
+    ``src/tbn_model.c``) for an imported Relax module, the plan behind them and where each
+    step's code is. The kernels' parameters, workspace and failure paths come from their
+    TIR (:func:`.c_kernels.c_kernels`), not from the C text."""
     mod = pipelines.cortex_m()(mod)
     draft = aot.plan_main(mod, {})
     funcs: dict[str, Any] = {}
     for step in draft.steps:
         funcs.setdefault(step.kernel, mod[step.func])
-    kernels_c = lower.kernels_c_source(lower.lower_kernels(funcs))
-    plan = aot.plan_main(mod, lower.workspace_bytes(kernels_c))
+    kernels = c_kernels.c_kernels(lower.lower_kernels(funcs))
+    plan = aot.plan_main(mod, {k.name: k.workspace_bytes for k in kernels.values()})
+    header = emit.kernels_header(kernels.values())
+    kernels_c = c_kernels.kernels_c_file(kernels.values())
+    model_c = emit.model_source(plan, kernels)
     weights = sum(c.nbytes for c in plan.constants)
     sources = {
         "include/tbn_model.h": emit.model_header(plan, name, weights),
-        "src/tbn_kernels.h": emit.kernels_header(kernels_c),
-        "src/tbn_kernels.c": kernels_c,
-        "src/tbn_model.c": emit.model_source(
-            plan, emit.kernel_prototypes(kernels_c), frozenset(lower.fallible_kernels(kernels_c))
-        ),
+        "src/tbn_kernels.h": header.text,
+        "src/tbn_kernels.c": kernels_c.text,
+        "src/tbn_model.c": model_c.text,
     }
-    return sources, plan
+    lines = [
+        {
+            "src/tbn_kernels.h": list(header.lines[step.kernel]),
+            "src/tbn_kernels.c": list(kernels_c.lines[step.kernel]),
+            "src/tbn_model.c": list(model_c.lines[i]),
+        }
+        for i, step in enumerate(plan.steps)
+    ]
+    return GeneratedProgram(sources, plan, lines)
 
 
 def compile_graph_cortex_m(
@@ -133,7 +165,8 @@ def compile_graph_cortex_m(
             f"{len(imported.inputs)} and {len(imported.outputs)}"
         )
     name = type(gm).__name__
-    sources, plan = generate_sources(imported.mod, name)
+    program = generate_sources(imported.mod, name)
+    plan = program.plan
     layers = _step_layers(plan, gm)
     info = ModelInfo(
         imported.inputs,
@@ -142,10 +175,10 @@ def compile_graph_cortex_m(
         plan.arena_bytes,
         _per_layer(plan, layers),
         report,
-        step_table(plan, layers),
+        step_table(plan, layers, program.lines),
         output_tree(gm, inputs),
     )
-    cm = CortexMModule(spec, sources, info)
+    cm = CortexMModule(spec, program.sources, info)
     try:
         cm.check_build()
     except BaseException:

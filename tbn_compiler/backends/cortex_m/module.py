@@ -231,7 +231,7 @@ class CortexMModule:
             raise toolchain.BuildError(self._explain(str(exc))) from None
 
     def _explain(self, log: str) -> str:
-        return check.explain_build_log(log, self.sources, self.info.steps, self.spec.name)
+        return check.explain_build_log(log, self.info.steps, self.spec.name)
 
     def close(self) -> None:
         """Remove the private build directory."""
