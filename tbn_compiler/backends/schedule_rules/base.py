@@ -173,6 +173,7 @@ def _stage(sch: Schedule, rv: object) -> Stage:
 
 
 def _as_int(value: object) -> int:
+    """A constant extent, or -1 for a symbolic one."""
     return int(value) if isinstance(value, tirx.IntImm) else -1
 
 

@@ -91,7 +91,7 @@ class _ProductRule(ScheduleRule):
 
 
 def _schedule_around(sch: Schedule, kernel: KernelAnalysis, product: Callable[[], None]) -> None:
-    """Inputs stages (padding: elementwise; other reductions: parallel outputs), then the
+    """Input stages (padding: elementwise; other reductions: parallel outputs), then the
     product, then the epilogue (elementwise). The sign table stays as built."""
     for stage in kernel.stages:
         if stage.role == "padding":
