@@ -167,6 +167,20 @@ def test_kernels_with_a_check_are_fallible() -> None:
     assert "return -1;" in kernel.code  # TVM's failure path, valid in an int32_t kernel
 
 
+def test_a_checked_take_is_fallible() -> None:
+    pytest.importorskip("tvm")
+    from tvm import te
+
+    from tbn_compiler.backends.pipelines import INDEX_ERROR_FN, checked_take
+
+    data = te.placeholder((10, 4), "float32", name="data")
+    ids = te.placeholder((3,), "int64", name="ids")
+    func = te.create_prim_func([data, ids, checked_take(data, ids, 0)])
+    (kernel,) = c_kernels.c_kernels(_lowered(func)).values()
+    assert kernel.fallible and f"{INDEX_ERROR_FN}(" in kernel.code
+    assert kernel.param_types == ("float*", "int64_t*", "float*")
+
+
 def test_only_tvm_preamble_is_dropped_from_its_c() -> None:
     strip = c_kernels._without_tvm_preamble
     tvm_text = (

@@ -43,6 +43,7 @@ from tvm.target import Target
 from . import schedule_rules
 
 __all__ = [
+    "INDEX_ERROR_FN",
     "apply_tuning_database",
     "checked_take",
     "cortex_m",
@@ -294,10 +295,15 @@ def _schedule_for_mcu(mod: tvm.IRModule) -> tvm.IRModule:
 # --------------------------------------------------------------------------- checked take
 
 
+INDEX_ERROR_FN = "tbn_index_error"
+"""The C function :func:`checked_take` calls on an index out of range: ``int32_t
+(int64_t index, int64_t bound)``, defined by the Cortex-M kernel file
+(:mod:`.cortex_m.c_kernels`); it sets the kernel error flag and returns 0."""
+
+
 def checked_take(data: te.Tensor, indices: te.Tensor, axis: int | None) -> te.Tensor:
     """``take`` that never reads outside ``data``: an index outside ``[0, n)`` reads row 0
-    and calls ``tbn_index_error(index, n)`` (C, defined by the Cortex-M kernel file),
-    which sets the kernel error flag and returns 0."""
+    and calls :data:`INDEX_ERROR_FN` ``(index, n)``."""
     if axis is None:
         data = topi.reshape(data, (math.prod(int(d) for d in data.shape),))
         axis = 0
@@ -310,7 +316,7 @@ def checked_take(data: te.Tensor, indices: te.Tensor, axis: int | None) -> te.Te
         ok = tirx.all(index >= 0, index < tirx.IntImm("int64", int(bound)))
         safe = tirx.Select(ok, index, tirx.IntImm("int64", 0))
         value = data[(*i[:axis], safe, *i[axis + n_idx :])]
-        error = tirx.call_extern("int32", "tbn_index_error", index, bound.astype("int64"))
+        error = tirx.call_extern("int32", INDEX_ERROR_FN, index, bound.astype("int64"))
         return tirx.if_then_else(ok, value, error.astype(data.dtype))
 
     shape = [*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]]

@@ -8,7 +8,7 @@ Contract:
   TIR, before code generation: the C type of each parameter (its pointer's dtype), the
   workspace it allocates (the ``TVMBackendAllocWorkspace`` calls ``LowerTVMBuiltin``
   made of intermediates over 1 KiB), and whether it can fail (an assert, or a call of
-  :data:`INDEX_ERROR_FN`).
+  :data:`..pipelines.INDEX_ERROR_FN`, which :func:`kernels_c_file` defines).
 * Each kernel is ``int32_t <name>(float *a, uint32_t *b, ..., float *out)`` and returns 0,
   or -1 right after a failed check: TVM's C printer writes ``return -1;`` for a failed
   assert or workspace allocation, so the kernels return ``int32_t`` as it expects. The
@@ -32,8 +32,9 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
+from ..pipelines import INDEX_ERROR_FN
+
 __all__ = [
-    "INDEX_ERROR_FN",
     "WS_ALIGN",
     "CFile",
     "CKernel",
@@ -44,10 +45,6 @@ __all__ = [
 
 WS_ALIGN = 8
 """Alignment (bytes) of every workspace block and arena buffer."""
-
-INDEX_ERROR_FN = "tbn_index_error"
-"""C function a kernel calls on an index out of range: ``int32_t (int64_t index, int64_t
-bound)``; it sets the error flag and returns 0 (defined by :func:`kernels_c_file`)."""
 
 _C_TYPES = {
     "float32": "float",
