@@ -130,6 +130,25 @@ def _bad_embedding_id():
     cm(ids)
 
 
+class _Table(nn.Module):
+    """``torch.gather`` by ``rows``, or ``table[rows, cols]`` given ``cols``."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 4))
+
+    def forward(self, rows, cols=None):
+        if cols is None:
+            return torch.gather(self.table, 0, rows[:, None].expand(-1, 4))
+        return self.table[rows, cols]
+
+
+def _bad_table_id(*ids: torch.Tensor):
+    cm = tbn.compile(_Table().eval(), ids)
+    ids[-1][0] = 10 if len(ids) == 1 else 4
+    cm(*ids)
+
+
 class _Dropped(nn.Module):
     def forward(self, q):
         return nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
@@ -207,6 +226,8 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "load-edited": lambda tmp: tbn.load(_edited(tmp)),
     "load-truncated": lambda tmp: tbn.load(_truncated(tmp)),
     "embedding-id": lambda tmp: _bad_embedding_id(),
+    "gather-id": lambda tmp: _bad_table_id(torch.tensor([1, 2, 3])),
+    "indexing-id": lambda tmp: _bad_table_id(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3])),
     "sdpa-dropout": lambda tmp: tbn.compile(_Dropped(), torch.randn(1, 2, 4, 8)),
     "op-unsupported": lambda tmp: tbn.compile(_FFT(), torch.randn(2, 8)),
     "cuda-no-gpu": lambda tmp: (_no_gpu(), _cuda_module()(X)),

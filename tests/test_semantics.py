@@ -1,5 +1,6 @@
-"""Compiled modules keep torch's semantics: NaN propagation, embedding index checks,
-every argument of scaled_dot_product_attention, refused schedule steps, TVM names.
+"""Compiled modules keep torch's semantics: NaN propagation, checked ids of every gather
+and scatter (embedding, indexing, torch.gather, scatter, index_put, ...), every argument
+of scaled_dot_product_attention, refused schedule steps, TVM names.
 
 Each test compares a compiled module with plain torch on the same inputs.
 """
@@ -20,7 +21,7 @@ from torch import nn
 tvm = pytest.importorskip("tvm")
 
 import tbn_compiler as tbn  # noqa: E402
-from tbn_compiler.backends import kernels, schedules  # noqa: E402
+from tbn_compiler.backends import kernels, schedule_rules  # noqa: E402
 from tbn_compiler.backends.relax_import import (  # noqa: E402
     UnsupportedOpError,
     check_index_inputs,
@@ -171,20 +172,51 @@ def embedded():
     return model, cm, ids
 
 
-def test_gather_kernel_without_asserts_stays_in_bounds() -> None:
-    """Where asserts are compiled out (CUDA kernels, bare-metal C), the gather clamps its
-    read and gives NaN rows for bad ids instead of reading outside the table."""
-    weight = np.arange(40, dtype="float32").reshape(1, 10, 4)
-    ids = np.array([3, 10, -1, 10**9, 9], dtype="int64")
-    func = kernels.gather_primfunc(1, 10, 4, 5, "int64", "float32", "bad id")
+def _run_kernel(func, args, out_shape, dtype: str = "float32") -> np.ndarray:
+    """``func`` built for llvm WITHOUT asserts (as for CUDA kernels and bare-metal C)."""
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
         lib = tvm.compile(mod, "llvm")
-    out = tvm.runtime.empty((1, 5, 4), "float32")
-    lib["main"](tvm.runtime.tensor(weight), tvm.runtime.tensor(ids), out)
-    got = out.numpy()[0]
-    np.testing.assert_array_equal(got[[0, 4]], weight[0, [3, 9]])
+    out = tvm.runtime.empty(out_shape, dtype)
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
+    return out.numpy()
+
+
+def _ids_along(axis: int, n: int, size: int, wrap: bool = False) -> kernels.IdTensor:
+    return kernels.IdTensor((n,), "int64", (axis,), size, wrap, "bad id")
+
+
+def test_gather_kernel_without_asserts_stays_in_bounds() -> None:
+    """Where asserts are compiled out (CUDA kernels, bare-metal C), the gather clamps its
+    read and gives NaN rows for bad ids instead of reading outside the table."""
+    weight = np.arange(40, dtype="float32").reshape(10, 4)
+    ids = np.array([3, 10, -1, 10**9, 9], dtype="int64")
+    index = kernels.IndexMap((10, 4), (5, 4), (_ids_along(0, 5, 10), 1))
+    got = _run_kernel(kernels.gather_primfunc(index, "float32"), [weight, ids], (5, 4))
+    np.testing.assert_array_equal(got[[0, 4]], weight[[3, 9]])
     assert np.isnan(got[1:4]).all()
+
+
+def test_scatter_kernel_without_asserts_drops_bad_writes() -> None:
+    """Without asserts a scatter writes nothing for a bad id (it is never clamped onto
+    a valid row) and adds duplicates in order; every other row keeps its value."""
+    data = np.arange(40, dtype="float32").reshape(10, 4)
+    ids = np.array([3, 10, -11, -1, 3], dtype="int64")
+    values = np.random.default_rng(0).standard_normal((5, 4)).astype("float32")
+    index = kernels.IndexMap((10, 4), (5, 4), (_ids_along(0, 5, 10, wrap=True), 1))
+    added = _run_kernel(
+        kernels.scatter_primfunc(index, "float32", True), [data, ids, values], (10, 4)
+    )
+    ref = torch.tensor(data).index_put(
+        (torch.tensor([3, 9, 3]),), torch.tensor(values[[0, 3, 4]]), True
+    )
+    np.testing.assert_array_equal(added, ref.numpy())
+    put = _run_kernel(
+        kernels.scatter_primfunc(index, "float32", False), [data, ids, values], (10, 4)
+    )
+    expected = data.copy()
+    expected[[9, 3]] = values[[3, 4]]  # the last write to row 3 wins
+    np.testing.assert_array_equal(put, expected)
 
 
 class Gathers(nn.Module):
@@ -210,6 +242,157 @@ def test_index_select_and_indexing_check_ids() -> None:
             model(*args)
         with pytest.raises(IndexError, match=r"index out of (range|bounds).*dim 1 of size 10"):
             cm(*args)
+
+
+class OnTable(nn.Module):
+    """``op(table, *inputs)`` on a 10 x 4 parameter table (ids are the first input)."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)))
+        self.op = op
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.op(self.table, *inputs)
+
+
+def _set_columns(t: torch.Tensor, j: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    u = t.clone()
+    u[:, j] = v
+    return u
+
+
+def _ids(*values: int) -> torch.Tensor:
+    return torch.tensor(values)
+
+
+_V = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+_COLUMNS = torch.randn(10, 2, generator=torch.Generator().manual_seed(2))
+
+# name -> (op on the table, inputs (ids first), the exception torch raises for a bad id,
+# bad ids put at the last element of the ids). Negative ids wrap where torch wraps them.
+INDEXING_OPS = {
+    "gather": (
+        lambda t, i: torch.gather(t, 0, i[:, None].expand(-1, 4)),
+        (_ids(1, 9, 0),),
+        RuntimeError,
+        (10, -1),
+    ),
+    "gather_middle_dim": (
+        lambda t, i: torch.gather(t.reshape(2, 5, 4), 1, i.reshape(2, 1, 2).expand(-1, 3, -1)),
+        (_ids(0, 4, 2, 3),),
+        RuntimeError,
+        (5, -1),
+    ),
+    "index_two_tensors": (
+        lambda t, i, j: t[i, j],
+        (_ids(1, -2, 9), _ids(0, 3, -1)),
+        IndexError,
+        (10, -11),
+    ),
+    "index_broadcast_apart": (
+        lambda t, i, j: t.reshape(2, 5, 4)[i[:, None], :, j],
+        (_ids(0, -1), _ids(0, 3, -4)),
+        IndexError,
+        (2, -3),
+    ),
+    "index_negative_ids": (lambda t, i: t[i], (_ids(-1, 2, -10),), IndexError, (10, -11)),
+    "take": (lambda t, i: torch.take(t, i), (_ids(1, -2, 39),), IndexError, (40, -41)),
+    "scatter": (
+        lambda t, i, v: t.scatter(0, i[:, None].expand(-1, 4), v),
+        (_ids(1, 2, 9), _V),
+        RuntimeError,
+        (10, -1),
+    ),
+    "scatter_value": (
+        lambda t, i: t.scatter(1, i.reshape(2, 1), 1.5),
+        (_ids(0, 3),),
+        RuntimeError,
+        (4, -1),
+    ),
+    "scatter_add": (
+        lambda t, i, v: t.scatter_add(0, i[:, None].expand(-1, 4), v),
+        (_ids(1, 1, 9), _V),
+        RuntimeError,
+        (10, -1),
+    ),
+    "index_put": (
+        lambda t, i, v: t.index_put((i,), v),
+        (_ids(1, 2, -1), _V),
+        IndexError,
+        (10, -11),
+    ),
+    "index_put_accumulate": (
+        lambda t, i, v: t.index_put((i,), v, accumulate=True),
+        (_ids(1, -9, 9), _V),
+        IndexError,
+        (10, -11),
+    ),
+    "index_put_two_tensors": (
+        lambda t, i, j, v: t.index_put((i, j), v[:, 0]),
+        (_ids(1, 2, 9), _ids(0, 3, -1), _V),
+        IndexError,
+        (10, -11),
+    ),
+    "setitem_columns": (
+        _set_columns,
+        (_ids(0, 3), _COLUMNS),
+        IndexError,
+        (4, -5),
+    ),
+    "index_add": (
+        lambda t, i, v: t.index_add(0, i, v),
+        (_ids(1, 1, 9), _V),
+        RuntimeError,
+        (10, -1),
+    ),
+    "index_copy": (
+        lambda t, i, v: t.index_copy(0, i, v),
+        (_ids(1, 2, 9), _V),
+        IndexError,
+        (10, -1),
+    ),
+    "index_fill": (lambda t, i: t.index_fill(1, i, 2.0), (_ids(0, -1),), IndexError, (4, -5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INDEXING_OPS))
+def test_indexing_matches_torch_and_raises_its_error(name: str) -> None:
+    """Every indexing op TVM imports: equal to torch for good ids; for a bad id the
+    exception torch raises, naming the node (it read or wrote out of bounds before)."""
+    op, inputs, error, bad_ids = INDEXING_OPS[name]
+    model = OnTable(op).eval()
+    cm = tbn.compile_graph(model, inputs, "llvm")
+    with torch.no_grad():
+        assert torch.equal(cm(*inputs), model(*inputs))
+    for bad in bad_ids:
+        ids = inputs[0].clone()
+        ids.view(-1)[-1] = bad
+        with pytest.raises(error) as from_torch:
+            model(ids, *inputs[1:])
+        with pytest.raises(error, match=r"index out of bounds: \w+ '\w+'.* of size") as info:
+            cm(ids, *inputs[1:])
+        assert type(info.value) is type(from_torch.value)
+
+
+@pytest.mark.parametrize(
+    ("op", "inputs", "node"),
+    [
+        (
+            lambda t, i: F.embedding_bag(i, t, mode="sum"),
+            (torch.tensor([[1, 2], [9, 4]]),),
+            "_embedding_bag",
+        ),
+        (
+            lambda t, i: t.scatter_reduce(0, i[:, None].expand(-1, 4), t[:3], "amax"),
+            (_ids(1, 2, 9),),
+            "scatter_reduce",
+        ),
+    ],
+)
+def test_indexing_ops_without_a_converter_are_refused(op, inputs, node: str) -> None:
+    with pytest.raises(UnsupportedOpError, match=rf"node '{node}'.*{node}"):
+        import_graph(OnTable(op).eval(), inputs)
 
 
 class WrappedIds(nn.Module):
@@ -238,6 +421,43 @@ def test_index_input_checks_raise_where_torch_raises() -> None:
             model(ids_bad)
         with pytest.raises(IndexError, match=r"index out of range.*'emb'.*50 rows"):
             check_index_inputs(checks, {"ids": ids_bad})
+
+
+class InputIds(nn.Module):
+    """Ids given as inputs to ``torch.gather`` and to two-tensor indexing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 4))
+
+    def forward(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        picked = torch.gather(self.table, 0, rows[:, None].expand(-1, 4))
+        return picked + self.table[rows, cols][:, None]
+
+
+def test_index_input_checks_raise_torchs_exception() -> None:
+    """The input checks raise what torch raises: RuntimeError for gather, IndexError for
+    indexing (negative ids wrap there, not in gather)."""
+    model, rows, cols = InputIds().eval(), torch.tensor([0, 9, 4]), torch.tensor([3, -4, 0])
+    checks = import_graph(model, (rows, cols)).index_checks
+    found = sorted((c["input"], c["low"], c["high"], c["error"]) for c in checks)
+    assert found == [
+        ("cols", -4, 4, "IndexError"),
+        ("rows", -10, 10, "IndexError"),
+        ("rows", 0, 10, "RuntimeError"),
+    ]
+    check_index_inputs(checks, {"rows": rows, "cols": cols})
+    for bad_rows, bad_cols in (
+        ([0, 10, 1], [0, 1, 2]),
+        ([0, -1, 1], [0, 1, 2]),
+        ([0, 1, 2], [4, 0, 0]),
+    ):
+        args = (torch.tensor(bad_rows), torch.tensor(bad_cols))
+        with pytest.raises((IndexError, RuntimeError)) as from_torch:
+            model(*args)
+        with pytest.raises(type(from_torch.value), match="index out of bounds") as info:
+            check_index_inputs(checks, dict(zip(("rows", "cols"), args, strict=True)))
+        assert type(info.value) is type(from_torch.value)
 
 
 # --------------------------------------------------------------------------- attention
@@ -349,6 +569,39 @@ def test_cuda_source_with_checked_and_nan_ops_compiles() -> None:
     assert len(cubin) > 0
 
 
+class CudaIndexing(nn.Module):
+    """The checked gathers and scatters of several ids tensors, for the CUDA build."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 4))
+
+    def forward(self, rows: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        picked = (
+            torch.gather(self.table, 0, rows[:, None].expand(-1, 4))
+            + self.table[rows, cols][:, None]
+        )
+        put = self.table.index_put((rows,), v, accumulate=True).scatter(
+            0, rows[:, None].expand(-1, 4), v
+        )
+        return picked.sum() + put
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found on PATH")
+def test_cuda_source_with_checked_scatters_compiles() -> None:
+    """Gathers by several id tensors and scatters (a fold per output, no assert) build
+    for CUDA and compile with nvcc."""
+    from tvm.support import nvcc
+
+    inputs = (torch.tensor([0, 9, 4]), torch.tensor([3, -4, 0]), torch.randn(3, 4))
+    cm = tbn.compile_graph(CudaIndexing().eval(), inputs, "cuda:sm_90")
+    src = cm.cuda_source()
+    assert "tbn_scatter" in src and "tbn_gather" in src and "TVMFFIError" not in src
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm"):
+        cubin = nvcc.compile_cuda(src, target_format="cubin", arch="sm_90", compiler="nvcc")
+    assert len(cubin) > 0
+
+
 # --------------------------------------------------------------------------- schedules
 
 
@@ -367,7 +620,7 @@ def _horner(
 def test_generic_schedule_skips_a_refused_step() -> None:
     """``rfactor`` refuses a reduction that is not a plain sum/max: the step is skipped
     (it raised AttributeError on ``tvm.TVMError`` before) and the result stays exact."""
-    func = schedules.parallelize_generic(_horner)
+    func = schedule_rules.parallelize_generic(_horner)
     lib = tvm.compile(tvm.IRModule({"main": func}), "llvm")
     a = np.random.default_rng(0).standard_normal((64, 64)).astype("float32")
     out = tvm.runtime.empty((64,), "float32")

@@ -1,4 +1,4 @@
-"""TE/TIR kernel builders for the tile ops (no scheduling here; see :mod:`.schedules`).
+"""TE/TIR kernel builders for the tile ops (no scheduling here; see :mod:`.schedule_rules`).
 
 Every builder returns an unscheduled, schedulable ``tvm.tirx.PrimFunc`` (made with
 ``te.create_prim_func``, int64 shapes, no ``global_symbol`` so it can be added to a
@@ -14,7 +14,7 @@ The binary part never multiplies: ``+-x`` is ``x`` with its sign bit flipped
 (``reinterpret(x) ^ mask``), where ``mask`` is ``0`` for a ``+1`` bit and
 ``0x80000000`` for a ``-1`` bit.
 
-Kernel kinds (``func.attrs["tbn_kernel"]``, used by :func:`.schedules.schedule_for`):
+Kernel kinds (``func.attrs["tbn_kernel"]``, read by the rules of :mod:`.schedule_rules`):
 
 ``linear_aligned``
     ``(out, in)`` weight, ``L % in == 0``: ``small (m, N/p) = x T^T`` for the tile rows
@@ -41,10 +41,14 @@ Kernel kinds (``func.attrs["tbn_kernel"]``, used by :func:`.schedules.schedule_f
     Otherwise a plain modulo-indexed reduction (block ``acc``, or ``out`` without bias).
 
 ``gather``
-    Not a tile op: the checked gather that replaces ``embedding``, ``index_select``
-    and ``x[ids]`` (see :func:`gather_primfunc`). It asserts every id is in range (an
-    ``IndexError`` where the target can raise from a kernel) and never reads out of
-    bounds where it cannot (ids clamped, values of bad ids set to NaN).
+    Not a tile op: the checked indexing kernels, described by an :class:`IndexMap`.
+    :func:`gather_primfunc` reads (``embedding``, ``index_select``, ``x[ids]``,
+    ``x[i, j]``, ``torch.gather``); :func:`scatter_primfunc` writes (``scatter``,
+    ``scatter_add``, ``index_put`` and what decomposes to it) as a fold per output
+    element. Both assert every id is in range (the exception torch raises, where the
+    target can raise from a kernel) and never read or write out of bounds where it
+    cannot (reads clamped, values of bad ids NaN; writes of bad ids dropped). A single
+    block ``gather``; a scatter's reduction axes must stay serial and in order.
 
 Two TE computes (not kernels: no kind, fused and scheduled like TVM's own ops) keep
 torch's NaN semantics where TVM's ``max``/``min`` lose it: :func:`clamp_te` and
@@ -56,18 +60,24 @@ stage); ``xpad`` is the zero-padded conv input.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tvm import te, tirx
-from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as IRT
 
 from tbn_compiler.tiling import WORD_BITS, is_aligned, row_length
 
 __all__ = [
     "tiled_linear_primfunc",
     "tiled_conv_primfunc",
+    "IdTensor",
+    "IndexMap",
     "gather_primfunc",
+    "scatter_primfunc",
     "clamp_te",
     "max_pool_te",
     "pool_output_size",
@@ -714,68 +724,237 @@ def _conv_general(
     )
 
 
-# --------------------------------------------------------------------------- gather
+# --------------------------------------------------------------------------- checked indexing
 
 
-def gather_primfunc(
-    pre: int,
-    rows: int,
-    post: int,
-    n: int,
-    id_dtype: str,
-    dtype: str,
-    message: str,
-    wrap_negative: bool = False,
-) -> tirx.PrimFunc:
-    """Checked gather along the middle axis: ``out[a, i, b] = data[a, ids[i], b]``
-    (``embedding``, ``index_select``, ``x[ids]``).
+@dataclass(frozen=True)
+class IdTensor:
+    """An integer id tensor that picks positions along one data dim of :class:`IndexMap`.
 
-    Buffers: ``data (pre, rows, post) dtype``, ``ids (n,) id_dtype``,
-    ``out (pre, n, post) dtype``. Valid ids are ``[0, rows)``, or ``[-rows, rows)`` with
-    ``wrap_negative`` (``-1`` is the last row, as in torch indexing). Each element first
-    asserts its id is valid (error kind ``IndexError``, text ``message``): host targets
-    raise it to the caller. The read itself never leaves ``data`` whatever the ids: it
-    uses the id clamped into ``[0, rows)``, and for float data a bad id's values are NaN
-    (``value + NaN``; ``+ 0.0`` otherwise), so code built without asserts (CUDA kernels,
-    bare-metal C) yields visibly invalid values instead of reading out of bounds. The
-    clamp is outside any select on the range test, so the simplifier cannot drop it.
-    Kind ``gather``; a single block ``gather``.
+    ``shape`` / ``dtype``: its buffer. ``axes[k]``: the source axis id dim ``k`` runs
+    along; an id dim of size 1 is broadcast (always read at 0). Valid ids are
+    ``[0, size)``, or ``[-size, size)`` with ``wrap`` (``-1`` is the last position, as
+    in torch indexing). A bad id fails an assert of error kind ``error`` (the Python
+    exception host targets raise) with text ``message``."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    axes: tuple[int, ...]
+    size: int
+    wrap: bool
+    message: str
+    error: str = "IndexError"
+
+    @property
+    def low(self) -> int:
+        """The smallest valid id."""
+        return -self.size if self.wrap else 0
+
+
+@dataclass(frozen=True)
+class IndexMap:
+    """Where each element of a *source* space sits in a *data* tensor: its coordinate along
+    data dim ``d`` is source axis ``dims[d]`` (an int) or the id tensor ``dims[d]`` read at
+    that source element. A gather reads data at those places into a source-shaped output;
+    a scatter writes source-shaped values there. A source axis named by no data dim is
+    *free* (scatters fold over it). Tied axes are no longer than their data dim."""
+
+    data: tuple[int, ...]
+    source: tuple[int, ...]
+    dims: tuple[int | IdTensor, ...]
+
+    def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ValueError(
+                f"bad index map (data {self.data}, source {self.source}): {'; '.join(problems)}"
+            )
+
+    def _problems(self) -> list[str]:
+        if not self.data or not self.source or min(*self.data, *self.source) < 1:
+            return ["empty shapes (kernels need at least one axis and one element)"]
+        if len(self.dims) != len(self.data):
+            return [f"{len(self.dims)} dims for data of rank {len(self.data)}"]
+        rank = len(self.source)
+        problems = [
+            f"source axis {a} tied to data dim {d}"
+            for d, a in enumerate(self.dims)
+            if isinstance(a, int) and not (0 <= a < rank and self.source[a] <= self.data[d])
+        ]
+        for t in self.ids:
+            along = zip(t.shape, t.axes, strict=False)
+            if len(t.axes) != len(t.shape) or any(
+                n != 1 and not (0 <= a < rank and self.source[a] == n) for n, a in along
+            ):
+                problems.append(f"ids of shape {t.shape} along source axes {t.axes}")
+        return problems
+
+    @property
+    def ids(self) -> list[IdTensor]:
+        """The id tensors, in data-dim order (the order of their kernel buffers)."""
+        return [t for t in self.dims if isinstance(t, IdTensor)]
+
+    @property
+    def indexed_dims(self) -> list[int]:
+        """The data dims id tensors index, in order."""
+        return [d for d, t in enumerate(self.dims) if isinstance(t, IdTensor)]
+
+    @property
+    def free_axes(self) -> list[int]:
+        """Source axes no data dim is tied to."""
+        tied = {a for a in self.dims if isinstance(a, int)}
+        return [a for a in range(len(self.source)) if a not in tied]
+
+
+def _read_ids(
+    bufs: Sequence[tirx.Buffer], index: IndexMap, s: Sequence[tirx.Expr]
+) -> list[tuple[tirx.Expr, IdTensor]]:
+    """``(id as int64, id tensor)`` of every id tensor at source element ``s`` (size-1
+    id dims broadcast)."""
+    found = []
+    for buf, t in zip(bufs, index.ids, strict=True):
+        at = tuple(_i64(0) if n == 1 else s[a] for n, a in zip(t.shape, t.axes, strict=True))
+        found.append((buf[at].astype("int64"), t))
+    return found
+
+
+def _valid_id(i: tirx.Expr, t: IdTensor) -> tirx.Expr:
+    return tirx.all(_i64(t.low) <= i, i < _i64(t.size))
+
+
+def _position(i: tirx.Expr, t: IdTensor) -> tirx.Expr:
+    """Position ``i`` names (negative ids counted from the end with ``wrap``); bad ids give
+    a value outside ``[0, size)``."""
+    return tirx.Select(i < _i64(0), i + _i64(t.size), i) if t.wrap else i
+
+
+def _clamped(i: tirx.Expr, t: IdTensor) -> tirx.Expr:
+    """Position of ``i`` clamped into ``[0, size)``: a read there never leaves the data. The
+    clamp is outside any select on the range test, so the simplifier cannot drop it."""
+    return tirx.max(tirx.min(_position(i, t), _i64(t.size - 1)), _i64(0))
+
+
+def _asserts(checks: Sequence[tuple[tirx.Expr, IdTensor]]) -> contextlib.ExitStack:
+    """One ``T.Assert`` frame per ``(id, id tensor)``: entered, they check every id."""
+    stack = contextlib.ExitStack()
+    for i, t in checks:
+        stack.enter_context(IRT.Assert(_valid_id(i, t), [t.message], t.error))
+    return stack
+
+
+def _block_vars(loops: object, kinds: str) -> list[tirx.Var]:
+    """Block vars bound to ``loops`` (``kinds``: one ``S``/``R`` per loop), as a list."""
+    found = IRT.axis.remap(kinds, [loops] if isinstance(loops, tirx.Var) else list(loops))
+    return [found] if isinstance(found, tirx.Var) else list(found)
+
+
+def _kernel_args(
+    index: IndexMap, dtype: str, values: bool
+) -> tuple[tirx.Buffer, list[tirx.Buffer], tirx.Buffer | None, tirx.Buffer]:
+    """Declare the buffers ``data, ids..., [values], out`` of a checked indexing kernel."""
+    data = IRT.arg("data", IRT.buffer(_shape(index.data), dtype))
+    ids = [
+        IRT.arg(f"ids{k}", IRT.buffer(_shape(t.shape), t.dtype)) for k, t in enumerate(index.ids)
+    ]
+    vals = IRT.arg("values", IRT.buffer(_shape(index.source), dtype)) if values else None
+    out_shape = index.data if values else index.source
+    return data, ids, vals, IRT.arg("out", IRT.buffer(_shape(out_shape), dtype))
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat"))
+
+
+def gather_primfunc(index: IndexMap, dtype: str) -> tirx.PrimFunc:
+    """Checked gather: ``out[s] = data[where s sits]`` for every source element ``s``
+    (``embedding``, ``index_select``, ``x[ids]``, ``x[i, j]``, ``torch.gather``).
+
+    Buffers: ``data (index.data) dtype``, one per id tensor (:attr:`IndexMap.ids` order),
+    ``out (index.source) dtype``. Each element first asserts its ids are valid (host
+    targets raise the id tensor's error). The read itself never leaves ``data`` whatever
+    the ids: it uses the positions clamped into range, and for float data an element
+    with a bad id is NaN (``value + NaN``; ``+ 0.0`` otherwise), so code built without
+    asserts (CUDA kernels, bare-metal C) yields visibly invalid values instead of
+    reading out of bounds. Kind ``gather``; a single block ``gather``.
     """
-    if min(pre, rows, post, n) < 1:
-        raise ValueError(f"gather needs non-empty data and ids, got {n} ids into {rows} rows")
-    low, high = tirx.const(-rows if wrap_negative else 0, id_dtype), tirx.const(rows, id_dtype)
-    is_float = dtype.startswith(("float", "bfloat"))
+    with IRBuilder() as builder, IRT.prim_func(is_private=True, s_tir=True):
+        data, bufs, _, out = _kernel_args(index, dtype, values=False)
+        with IRT.grid(*_shape(index.source)) as loops, IRT.sblock("gather"):
+            s = _block_vars(loops, "S" * len(index.source))
+            checks = _read_ids(bufs, index, s)
+            pos = iter(_clamped(i, t) for i, t in checks)
+            value = data[tuple(s[d] if isinstance(d, int) else next(pos) for d in index.dims)]
+            if _is_float(dtype):
+                ok = tirx.all(*(_valid_id(i, t) for i, t in checks))
+                value = value + tirx.Select(ok, tirx.const(0.0, dtype), tirx.const(math.nan, dtype))
+            with _asserts(checks):
+                IRT.buffer_store(out, value, s)
+    return builder.get().with_attr(KERNEL_ATTR, "gather")
 
-    def valid(i: tirx.Expr) -> tirx.Expr:
-        return tirx.all(low <= i, i < high)
 
-    def row(i: tirx.Expr) -> tirx.Expr:
-        r = i.astype("int64")
-        if wrap_negative:
-            r = tirx.Select(r < 0, r + rows, r)
-        return tirx.max(tirx.min(r, _i64(rows - 1)), _i64(0))
+def scatter_primfunc(index: IndexMap, dtype: str, accumulate: bool) -> tirx.PrimFunc:
+    """Checked scatter: ``out`` is ``data`` with ``values[s]`` written (``accumulate``:
+    added) where each source element ``s`` sits (``scatter``, ``index_put``,
+    ``index_add``, ``index_copy``, ``index_fill``, ``x[ids] = v``). Where several
+    elements sit at one place, the last in row-major source order wins (torch on CPU);
+    with ``accumulate`` all of them add up, in that order.
 
-    def checked(i: tirx.Expr, value: tirx.Expr) -> tirx.Expr:
-        if not is_float:
-            return value
-        nan = tirx.const(float("nan"), dtype)
-        return value + tirx.Select(valid(i), tirx.const(0.0, dtype), nan)
+    Buffers: ``data (index.data)``, one per id tensor, ``values (index.source)``, ``out
+    (index.data)``, all ``dtype`` but the ids. Computed as a fold per output element over
+    the free source axes (``numel(out) x prod(free extents)`` steps), so no write ever
+    leaves ``out`` and no two outputs share a write, whatever the ids or the schedule.
+    Each step asserts its ids are valid (host targets raise the id tensor's error); a
+    bad id sits nowhere, so without asserts its value is simply not written. Kind
+    ``gather`` (same schedule: serial on CPU, one output per thread on CUDA); a single
+    block ``gather`` whose reduction axes (the free ones) must stay serial and ordered.
+    """
+    if accumulate and dtype == "bool":
+        raise ValueError("an accumulating scatter needs numbers, got bool")
+    free = index.free_axes
+    with IRBuilder() as builder, IRT.prim_func(is_private=True, s_tir=True):
+        data, bufs, values, out = _kernel_args(index, dtype, values=True)
+        extents = [*index.data, *(index.source[a] for a in free)]
+        with IRT.grid(*_shape(extents)) as loops, IRT.sblock("gather"):
+            axes = _block_vars(loops, "S" * len(index.data) + "R" * len(free))
+            q, f = axes[: len(index.data)], axes[len(index.data) :]
+            s, inside = _source_of(index, q, f)
+            checks = _read_ids(bufs, index, s)
+            places = [
+                _position(i, t) == q[d]
+                for d, (i, t) in zip(index.indexed_dims, checks, strict=True)
+            ]
+            match = tirx.all(*inside, *places)
+            if free:
+                with IRT.init():
+                    IRT.buffer_store(out, data[tuple(q)], q)
+            acc = out[tuple(q)] if free else data[tuple(q)]
+            v = values[tuple(s)]
+            if accumulate:
+                new = acc + tirx.Select(match, v, tirx.const(0, dtype))
+            else:
+                new = tirx.Select(match, v, acc)
+            with _asserts(checks):
+                IRT.buffer_store(out, new, q)
+    return builder.get().with_attr(KERNEL_ATTR, "gather")
 
-    p64, r64, q64, n64 = (_i64(v) for v in (pre, rows, post, n))
 
-    @T.prim_func(private=True, s_tir=True)
-    def gather(
-        data: T.Buffer((p64, r64, q64), dtype),
-        ids: T.Buffer((n64,), id_dtype),
-        out: T.Buffer((p64, n64, q64), dtype),
-    ):
-        for a, i, b in T.grid(p64, n64, q64):
-            with T.sblock("gather"):
-                va, vi, vb = T.axis.remap("SSS", [a, i, b])
-                T.Assert(valid(ids[vi]), message, error_kind="IndexError")
-                out[va, vi, vb] = checked(ids[vi], data[va, row(ids[vi]), vb])
-
-    return gather.with_attr(KERNEL_ATTR, "gather")
+def _source_of(
+    index: IndexMap, q: Sequence[tirx.Expr], free: Sequence[tirx.Expr]
+) -> tuple[list[tirx.Expr], list[tirx.Expr]]:
+    """The source element a scatter's output ``q`` looks at for free coordinates ``free``,
+    and the conditions for it to exist (a tied axis shorter than its data dim: read
+    clamped, so the values and ids are never read out of bounds)."""
+    s: list[tirx.Expr] = [_i64(0)] * len(index.source)
+    inside = []
+    for d, a in enumerate(index.dims):
+        if isinstance(a, int):
+            s[a] = q[d]
+            if index.source[a] < index.data[d]:
+                s[a] = tirx.min(q[d], _i64(index.source[a] - 1))
+                inside.append(q[d] < _i64(index.source[a]))
+    for a, v in zip(index.free_axes, free, strict=True):
+        s[a] = v
+    return s, inside
 
 
 # --------------------------------------------------------------------------- NaN-keeping ops

@@ -18,9 +18,15 @@ Contract of :func:`import_graph`:
     ``min``, which compile to NaN-dropping selects (LLVM) or ``fmaxf`` (CUDA); ours are
     compare-and-select forms that keep a NaN operand (:func:`.kernels.clamp_te`,
     :func:`.kernels.max_pool_te`) or add a NaN flag reduction.
-  - ``embedding``, ``index_select`` and ``x[ids]`` are a checked gather
-    (:func:`.kernels.gather_primfunc`): a bad id raises ``IndexError`` naming the node on
-    host targets and is never read out of bounds anywhere.
+  - Indexing by id tensors is checked (:func:`convert_indexing`): ``embedding``,
+    ``index_select``, ``x[...]`` with any index tensors (``torch.take`` too) and
+    ``torch.gather`` read through :func:`.kernels.gather_primfunc`; ``scatter``,
+    ``scatter_add`` and ``index_put`` (``x[ids] = v``; ``index_add``, ``index_copy``,
+    ``index_fill`` decompose to it, keeping their id rules) write through
+    :func:`.kernels.scatter_primfunc`. A bad id raises the exception torch raises
+    (``IndexError``; ``RuntimeError`` for ``gather``/``scatter*``/``index_add``) naming
+    the node on host targets, and nothing is ever read or written out of bounds.
+    ``embedding_bag`` and ``scatter_reduce`` have no TVM converter and are refused.
   - ``scaled_dot_product_attention`` honours ``scale``, ``is_causal``, ``enable_gqa``,
     float masks of any broadcastable rank and 2-D/3-D/4-D inputs.
   - Refused with :class:`UnsupportedOpError` naming the node: attention with
@@ -81,7 +87,7 @@ class ImportResult:
 
     ``index_checks`` (JSON-friendly, see :func:`index_input_checks`) lets a caller
     check id inputs before running the module, for targets whose kernels cannot raise
-    (CUDA): :func:`check_index_inputs` raises the same ``IndexError`` as the kernel."""
+    (CUDA): :func:`check_index_inputs` raises the kernel's exception and message."""
 
     mod: tvm.IRModule
     inputs: list[TensorSpec]
@@ -422,76 +428,210 @@ def _convert_max_pool(nd: int, with_indices: bool) -> Converter:
 
 
 @dataclass(frozen=True)
-class _Gather:
-    """A gather of the graph: ``data`` indexed by the integer tensor ``ids`` along
-    ``dim`` (``rows`` long); ``ids`` may be negative (from the end) when ``wrap``."""
+class _Indexing:
+    """A checked gather or scatter of the graph: ``data`` indexed as ``index`` says, by
+    the id tensors ``ids`` (in :attr:`.kernels.IndexMap.ids` order). A scatter
+    (``write``) writes ``values`` (see :func:`_scatter_values`), adding with
+    ``accumulate``."""
 
     data: fx.Node
-    ids: fx.Node
-    dim: int
-    rows: int
-    wrap: bool
-    message: str
+    ids: tuple[fx.Node, ...]
+    index: kernels.IndexMap
+    write: bool = False
+    accumulate: bool = False
 
 
-def _single_index(indices: Sequence[Any]) -> tuple[int, fx.Node] | None:
-    """``(dim, ids)`` of ``x[..., ids]`` indexing (one integer tensor, the rest None)."""
-    given = [(d, i) for d, i in enumerate(indices) if i is not None]
-    if len(given) != 1 or not isinstance(given[0][1], fx.Node):
-        return None
-    dtype = getattr(given[0][1].meta.get("val"), "dtype", None)
-    return given[0] if dtype in (torch.int64, torch.int32) else None
+def _shape_of(node: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in node.meta["val"].shape)
 
 
-def _gather_of(node: fx.Node) -> _Gather | None:
-    """The gather ``node`` performs (``embedding``, ``index_select``, single-tensor
-    ``index``), or None for any other node."""
-    aten = torch.ops.aten
+def _id_tensor(
+    node: fx.Node,
+    ids: Any,
+    axes: Sequence[int],
+    what: str,
+    dim: int,
+    size: int,
+    wrap: bool,
+    error: str = "IndexError",
+) -> kernels.IdTensor:
+    """The :class:`.kernels.IdTensor` for the fx node ``ids`` that indexes data dim ``dim``
+    (``size`` long) in ``node``; ``what`` starts the message. Integer ids only."""
+    val = ids.meta.get("val") if isinstance(ids, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dtype not in (torch.int64, torch.int32):
+        kind = getattr(val, "dtype", type(ids).__name__)
+        raise _refuse(node, f"ids of type {kind} (expected int64 or int32 tensors)")
+    low = -size if wrap else 0
     where = f"{node.name!r}{_node_origin(node)}"
-    if node.target is aten.embedding.default:
-        data, ids, dim, wrap = node.args[0], node.args[1], 0, False
-    elif node.target is aten.index_select.default:
-        data, dim, ids, wrap = node.args[0], int(node.args[1]), node.args[2], False
-    elif node.target is aten.index.Tensor and (found := _single_index(node.args[1])):
-        data, (dim, ids), wrap = node.args[0], found, True
+    if what == "embedding":
+        text = f"index out of range in self: embedding {where} has {size} rows"
+    elif what == "index_select":
+        text = f"index out of range in self: index_select {where} along dim {dim} of size {size}"
     else:
-        return None
-    shape = data.meta["val"].shape
-    dim %= len(shape)
-    rows = int(shape[dim])
-    if node.target is aten.embedding.default:
-        text = f"index out of range in self: embedding {where} has {rows} rows"
-    elif wrap:
-        text = f"index out of bounds: indexing {where} along dim {dim} of size {rows}"
-    else:
-        text = f"index out of range in self: index_select {where} along dim {dim} of size {rows}"
-    low = -rows if wrap else 0
-    return _Gather(data, ids, dim, rows, wrap, f"{text}, every id must be in [{low}, {rows - 1}]")
+        text = f"index out of bounds: {what} {where} along dim {dim} of size {size}"
+    message = f"{text}, every id must be in [{low}, {size - 1}]"
+    dtype = str(val.dtype).removeprefix("torch.")
+    return kernels.IdTensor(tuple(val.shape), dtype, tuple(axes), size, wrap, message, error)
 
 
-def convert_gather(node: fx.Node, importer: Any) -> relax.Expr:
-    """``embedding`` / ``index_select`` / ``x[ids]`` as the checked gather of
-    :func:`.kernels.gather_primfunc` (embedding's other arguments only concern
-    gradients). Other ``index`` forms go to TVM's converter."""
-    g = _gather_of(node)
-    if g is None:
-        return importer.stock_convert_map[_op_name(node)](node)
-    data, ids, bb = importer.env[g.data], importer.env[g.ids], importer.block_builder
-    shape = _static_shape(data, "gathered tensor", node)
-    id_shape = _static_shape(ids, "ids", node)
-    id_dtype = _dtype(ids)
-    if not id_dtype.startswith(("int", "uint")):
-        raise _refuse(node, f"ids of dtype {id_dtype} (expected integers)")
-    pre, post, n = math.prod(shape[: g.dim]), math.prod(shape[g.dim + 1 :]), math.prod(id_shape)
-    func = kernels.gather_primfunc(
-        pre, g.rows, post, n, id_dtype, _dtype(data), g.message, wrap_negative=g.wrap
-    )
-    gv = _add_kernel(importer, func, "gather")
-    data3 = bb.emit(relax.op.reshape(data, (pre, g.rows, post)))
-    ids1 = bb.emit(relax.op.reshape(ids, (n,)))
-    y = bb.emit(relax.call_tir(gv, [data3, ids1], relax.TensorType((pre, n, post), _dtype(data))))
-    selected = (n,) if node.target is torch.ops.aten.index_select.default else id_shape
-    return bb.emit(relax.op.reshape(y, (*shape[: g.dim], *selected, *shape[g.dim + 1 :])))
+def _embedding_indexing(node: fx.Node) -> _Indexing:
+    """``embedding(weight, ids, ...)``: ``out[*i, e] = weight[ids[*i], e]`` (the other
+    arguments only concern gradients)."""
+    weight, ids = node.args[0], node.args[1]
+    (rows, width), id_shape = _shape_of(weight), _shape_of(ids)
+    t = _id_tensor(node, ids, range(len(id_shape)), "embedding", 0, rows, wrap=False)
+    index = kernels.IndexMap((rows, width), (*id_shape, width), (t, len(id_shape)))
+    return _Indexing(weight, (ids,), index)
+
+
+def _along_dim(data_shape: tuple[int, ...], dim: int, ids: kernels.IdTensor) -> tuple:
+    """Index-map dims that tie every data dim but ``dim`` to the same source axis."""
+    return tuple(ids if d == dim else d for d in range(len(data_shape)))
+
+
+def _index_select_indexing(node: fx.Node) -> _Indexing:
+    """``index_select(data, dim, ids)``: ids (1-D or 0-D) pick slices along ``dim``."""
+    data, ids = node.args[0], node.args[2]
+    shape = _shape_of(data)
+    dim = int(node.args[1]) % len(shape)
+    axes = (dim,) * len(_shape_of(ids))
+    t = _id_tensor(node, ids, axes, "index_select", dim, shape[dim], wrap=False)
+    source = (*shape[:dim], max(1, math.prod(_shape_of(ids))), *shape[dim + 1 :])
+    return _Indexing(data, (ids,), kernels.IndexMap(shape, source, _along_dim(shape, dim, t)))
+
+
+def _elementwise_indexing(node: fx.Node, op: str, write: bool, accumulate: bool) -> _Indexing:
+    """``gather`` / ``scatter*`` ``(data, dim, index, ...)``: element ``i`` of ``index``
+    sits at ``i`` with ``i[dim]`` replaced by ``index[i]`` (no negative ids: torch raises
+    ``RuntimeError``)."""
+    data, ids = node.args[0], node.args[2]
+    shape, id_shape = _shape_of(data), _shape_of(ids)
+    if not shape or len(id_shape) != len(shape):
+        raise _refuse(node, f"{op} of a {len(shape)}-D tensor by a {len(id_shape)}-D index")
+    dim = int(node.args[1]) % len(shape)
+    axes = range(len(shape))
+    t = _id_tensor(node, ids, axes, op, dim, shape[dim], wrap=False, error="RuntimeError")
+    index = kernels.IndexMap(shape, id_shape, _along_dim(shape, dim, t))
+    return _Indexing(data, (ids,), index, write, accumulate)
+
+
+def _advanced_indexing(
+    node: fx.Node, data: fx.Node, indices: Sequence[Any], op: str, wrap: bool, error: str
+) -> tuple[tuple[int, ...], tuple, tuple[fx.Node, ...]]:
+    """``(source shape, index-map dims, id nodes)`` of torch's ``data[indices]`` (``None``
+    entries and missing trailing entries take whole dims). The index tensors broadcast
+    together to ``B``; ``B`` replaces the indexed dims where they are adjacent, else it
+    comes first, followed by the other dims (NumPy's rule)."""
+    shape = _shape_of(data)
+    given = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if not given:
+        raise _refuse(node, "indexing without an index tensor")
+    bcast = tuple(torch.broadcast_shapes(*(_shape_of(i) for _, i in given)))
+    indexed = [d for d, _ in given]
+    adjacent = indexed == list(range(indexed[0], indexed[-1] + 1))
+    start = indexed[0] if adjacent else 0
+    rest = [d for d in range(len(shape)) if d not in indexed]
+    before = [d for d in rest if adjacent and d < start]
+    after = [d for d in rest if d not in before]
+    # a scalar result (0-D ids indexing every dim) gets a unit axis: kernels need one
+    source = (*(shape[d] for d in before), *bcast, *(shape[d] for d in after)) or (1,)
+    dims: list[Any] = [None] * len(shape)
+    for d in before:
+        dims[d] = d
+    for k, d in enumerate(after):
+        dims[d] = len(before) + len(bcast) + k
+    for d, ids in given:
+        rank = len(_shape_of(ids))
+        axes = range(start + len(bcast) - rank, start + len(bcast))
+        dims[d] = _id_tensor(node, ids, axes, op, d, shape[d], wrap, error)
+    return source, tuple(dims), tuple(i for _, i in given)
+
+
+def _index_indexing(node: fx.Node) -> _Indexing:
+    """``data[indices]`` (``aten.index.Tensor``): negative ids count from the end."""
+    data = node.args[0]
+    source, dims, ids = _advanced_indexing(node, data, node.args[1], "indexing", True, "IndexError")
+    return _Indexing(data, ids, kernels.IndexMap(_shape_of(data), source, dims))
+
+
+# op that decomposed to ``index_put`` -> (negative ids wrap, exception torch raises)
+_INDEX_PUT_ORIGINS = {
+    "index_add": (False, "RuntimeError"),
+    "index_copy": (False, "IndexError"),
+}
+
+
+def _index_put_indexing(node: fx.Node) -> _Indexing:
+    """``index_put(data, indices, values, accumulate)`` (``x[ids] = v``, and ``index_add``
+    / ``index_copy`` / ``index_fill`` decomposed to it, whose id rules it keeps)."""
+    data = node.args[0]
+    origin = getattr(node.meta.get("original_aten"), "_opname", "index_put")
+    wrap, error = _INDEX_PUT_ORIGINS.get(origin, (True, "IndexError"))
+    source, dims, ids = _advanced_indexing(node, data, node.args[1], origin, wrap, error)
+    index = kernels.IndexMap(_shape_of(data), source, dims)
+    return _Indexing(data, ids, index, write=True, accumulate=bool(_arg(node, 3, "accumulate")))
+
+
+_aten = torch.ops.aten
+_INDEXING: dict[Any, Callable[[fx.Node], _Indexing]] = {
+    _aten.embedding.default: _embedding_indexing,
+    _aten.index_select.default: _index_select_indexing,
+    _aten.index.Tensor: _index_indexing,
+    _aten.gather.default: lambda n: _elementwise_indexing(n, "gather", False, False),
+    _aten.scatter.src: lambda n: _elementwise_indexing(n, "scatter", True, False),
+    _aten.scatter.value: lambda n: _elementwise_indexing(n, "scatter", True, False),
+    _aten.scatter_add.default: lambda n: _elementwise_indexing(n, "scatter_add", True, True),
+    _aten.index_put.default: _index_put_indexing,
+}
+"""fx op -> the checked gather/scatter it is (:func:`convert_indexing`)."""
+
+
+def _indexing_of(node: fx.Node) -> _Indexing | None:
+    """The checked gather or scatter ``node`` performs, or None for any other node."""
+    describe = _INDEXING.get(node.target) if node.op == "call_function" else None
+    return None if describe is None else describe(node)
+
+
+def _scatter_values(node: fx.Node, importer: Any, index: kernels.IndexMap) -> relax.Expr:
+    """The values a scatter writes, shaped as ``index.source``: ``index_put``'s values
+    broadcast to the indexed shape, ``scatter``'s ``value`` filled in, or its ``src`` cut
+    to the index's shape (torch uses only that part)."""
+    bb, dtype, source = importer.block_builder, _dtype(importer.env[node.args[0]]), index.source
+    if node.target is _aten.scatter.value:
+        return bb.emit(relax.op.full(source, relax.const(node.args[3], dtype), dtype))
+    put = node.target is _aten.index_put.default
+    values = importer.env[node.args[2] if put else node.args[3]]
+    if _dtype(values) != dtype:
+        values = bb.emit(relax.op.astype(values, dtype))
+    if put:
+        return bb.emit(relax.op.broadcast_to(values, source))
+    if _static_shape(values, "src", node) != source:
+        axes = list(range(len(source)))
+        values = bb.emit(relax.op.strided_slice(values, axes, [0] * len(axes), list(source)))
+    return values
+
+
+def convert_indexing(node: fx.Node, importer: Any) -> relax.Expr:
+    """``embedding`` / ``index_select`` / ``x[...]`` / ``gather`` as the checked gather of
+    :func:`.kernels.gather_primfunc`; ``scatter`` / ``scatter_add`` / ``index_put`` as
+    the checked scatter of :func:`.kernels.scatter_primfunc` (see :data:`_INDEXING`)."""
+    g = _indexing_of(node)
+    bb, data = importer.block_builder, importer.env[node.args[0]]
+    dtype, index = _dtype(data), g.index
+    ids = [importer.env[i] for i in g.ids]
+    if g.write and g.accumulate and dtype == "bool":
+        raise _refuse(node, "accumulating into a bool tensor")
+    if g.write:
+        values = _scatter_values(node, importer, index)
+        func = kernels.scatter_primfunc(index, dtype, g.accumulate)
+        args, out_shape = [data, *ids, values], index.data
+    else:
+        func = kernels.gather_primfunc(index, dtype)
+        args, out_shape = [data, *ids], index.source
+    gv = _add_kernel(importer, func, "scatter" if g.write else "gather")
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, dtype)))
+    wanted = _shape_of(node)
+    return y if tuple(out_shape) == wanted else bb.emit(relax.op.reshape(y, wanted))
 
 
 # --------------------------------------------------------------------------- attention
@@ -602,9 +742,14 @@ SEMANTIC_CONVERTERS: dict[str, Converter] = {
     "max_pool3d.default": _convert_max_pool(3, False),
     "max_pool2d_with_indices.default": _convert_max_pool(2, True),
     "max_pool3d_with_indices.default": _convert_max_pool(3, True),
-    "embedding.default": convert_gather,
-    "index_select.default": convert_gather,
-    "index.Tensor": convert_gather,
+    "embedding.default": convert_indexing,
+    "index_select.default": convert_indexing,
+    "index.Tensor": convert_indexing,
+    "gather.default": convert_indexing,
+    "scatter.src": convert_indexing,
+    "scatter.value": convert_indexing,
+    "scatter_add.default": convert_indexing,
+    "index_put.default": convert_indexing,
     "scaled_dot_product_attention.default": convert_sdpa,
 }
 """Ops whose TVM converters break torch's semantics (see the module docstring)."""
@@ -807,28 +952,42 @@ def _source_input(node: Any, user_inputs: set[str]) -> str | None:
 
 
 def index_input_checks(ep: torch.export.ExportedProgram) -> list[dict[str, Any]]:
-    """``{"input", "low", "high", "message"}`` for each gather (:func:`convert_gather`)
-    whose ids are a user input (possibly reshaped): every element of that input must be
-    in ``[low, high)``."""
+    """``{"input", "low", "high", "message", "error"}`` for each id tensor of a checked
+    gather or scatter (:func:`convert_indexing`) that is a user input (possibly
+    reshaped): every element of that input must be in ``[low, high)``, else torch raises
+    ``error`` (``IndexError`` or ``RuntimeError``)."""
     user_inputs = {str(n) for n in ep.graph_signature.user_inputs}
     checks = []
     for node in ep.graph.nodes:
-        g = _gather_of(node) if node.op == "call_function" else None
-        source = None if g is None else _source_input(g.ids, user_inputs)
-        if source is not None:
-            low = -g.rows if g.wrap else 0
-            checks.append({"input": source, "low": low, "high": g.rows, "message": g.message})
+        g = _indexing_of(node)
+        for ids, t in zip(
+            () if g is None else g.ids, () if g is None else g.index.ids, strict=True
+        ):
+            source = _source_input(ids, user_inputs)
+            if source is not None:
+                checks.append(
+                    {
+                        "input": source,
+                        "low": t.low,
+                        "high": t.size,
+                        "message": t.message,
+                        "error": t.error,
+                    }
+                )
     return checks
 
 
+_ERRORS = {"IndexError": IndexError, "RuntimeError": RuntimeError}
+
+
 def check_index_inputs(checks: Sequence[dict[str, Any]], inputs: dict[str, torch.Tensor]) -> None:
-    """Raise ``IndexError`` (the gather kernel's message) when an input named by
-    :func:`index_input_checks` holds an id outside ``[low, high)``. Pure torch, on the
-    inputs' device: a few reductions and one synchronisation."""
+    """Raise the check's ``error`` (``IndexError`` when absent) with the kernel's message
+    when an input named by :func:`index_input_checks` holds an id outside ``[low,
+    high)``. Pure torch, on the inputs' device: a few reductions and one synchronisation."""
     for check in checks:
         ids = inputs[check["input"]]
         if ids.numel() and bool(((ids < check["low"]) | (ids >= check["high"])).any()):
-            raise IndexError(check["message"])
+            raise _ERRORS.get(check.get("error", ""), IndexError)(check["message"])
 
 
 def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> ImportResult:
