@@ -48,7 +48,6 @@ __all__ = [
     "tiled_params",
 ]
 
-LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "none": lambda x: x}
 
 
