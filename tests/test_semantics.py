@@ -589,8 +589,8 @@ class CudaIndexing(nn.Module):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found on PATH")
 def test_cuda_source_with_checked_scatters_compiles() -> None:
-    """Gathers by several id tensors and scatters (a fold per output, no assert) build
-    for CUDA and compile with nvcc."""
+    """Gathers by several id tensors and scatters (one output column per thread, no
+    assert) build for CUDA and compile with nvcc."""
     from tvm.support import nvcc
 
     inputs = (torch.tensor([0, 9, 4]), torch.tensor([3, -4, 0]), torch.randn(3, 4))

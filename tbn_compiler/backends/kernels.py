@@ -44,11 +44,12 @@ Kernel kinds (``func.attrs["tbn_kernel"]``, read by the rules of :mod:`.schedule
     Not a tile op: the checked indexing kernels, described by an :class:`IndexMap`.
     :func:`gather_primfunc` reads (``embedding``, ``index_select``, ``x[ids]``,
     ``x[i, j]``, ``torch.gather``); :func:`scatter_primfunc` writes (``scatter``,
-    ``scatter_add``, ``index_put`` and what decomposes to it) as a fold per output
-    element. Both assert every id is in range (the exception torch raises, where the
+    ``scatter_add``, ``index_put`` and what decomposes to it), one column of the output
+    per block instance. One block ``gather``, spatial axes only, any schedule of them
+    exact. Both assert every id is in range (the exception torch raises, where the
     target can raise from a kernel) and never read or write out of bounds where it
-    cannot (reads clamped, values of bad ids NaN; writes of bad ids dropped). A single
-    block ``gather``; a scatter's reduction axes must stay serial and in order.
+    cannot (reads and writes at clamped positions; values of bad ids NaN, writes of bad
+    ids dropped).
 
 Two TE computes (not kernels: no kind, fused and scheduled like TVM's own ops) keep
 torch's NaN semantics where TVM's ``max``/``min`` lose it: :func:`clamp_te` and
@@ -62,7 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from tvm import te, tirx
@@ -757,7 +758,7 @@ class IndexMap:
     data dim ``d`` is source axis ``dims[d]`` (an int) or the id tensor ``dims[d]`` read at
     that source element. A gather reads data at those places into a source-shaped output;
     a scatter writes source-shaped values there. A source axis named by no data dim is
-    *free* (scatters fold over it). Tied axes are no longer than their data dim."""
+    *free* (a scatter loops over it in order). Tied axes are no longer than their data dim."""
 
     data: tuple[int, ...]
     source: tuple[int, ...]
@@ -896,65 +897,91 @@ def scatter_primfunc(index: IndexMap, dtype: str, accumulate: bool) -> tirx.Prim
     """Checked scatter: ``out`` is ``data`` with ``values[s]`` written (``accumulate``:
     added) where each source element ``s`` sits (``scatter``, ``index_put``,
     ``index_add``, ``index_copy``, ``index_fill``, ``x[ids] = v``). Where several
-    elements sit at one place, the last in row-major source order wins (torch on CPU);
-    with ``accumulate`` all of them add up, in that order.
+    elements sit at one place, the last in row-major order of the free source axes wins
+    (torch on CPU); with ``accumulate`` all of them add up, in that order.
 
     Buffers: ``data (index.data)``, one per id tensor, ``values (index.source)``, ``out
-    (index.data)``, all ``dtype`` but the ids. Computed as a fold per output element over
-    the free source axes (``numel(out) x prod(free extents)`` steps), so no write ever
-    leaves ``out`` and no two outputs share a write, whatever the ids or the schedule.
-    Each step asserts its ids are valid (host targets raise the id tensor's error); a
-    bad id sits nowhere, so without asserts its value is simply not written. Kind
-    ``gather`` (same schedule: serial on CPU, one output per thread on CUDA); a single
-    block ``gather`` whose reduction axes (the free ones) must stay serial and ordered.
+    (index.data)``, all ``dtype`` but the ids. One block ``gather`` per *column* (a
+    point of the tied data dims; a unit axis when every dim is indexed) owns that column
+    of ``out``: it copies it from ``data``, then, in order over the free source axes,
+    writes the column's source elements (``numel(data) + numel(source)`` steps). Each
+    element asserts its ids are valid (host targets raise the id tensor's error) and
+    writes only when they are, at its position clamped into range: without asserts a bad
+    id's value is dropped, and no write ever leaves ``out``. Columns never share a
+    write, so any schedule of the block's spatial axes (one column per thread on CUDA)
+    is exact. Kind ``gather``.
     """
     if accumulate and dtype == "bool":
         raise ValueError("an accumulating scatter needs numbers, got bool")
-    free = index.free_axes
+    tied = [d for d, a in enumerate(index.dims) if isinstance(a, int)]
     with IRBuilder() as builder, IRT.prim_func(is_private=True, s_tir=True):
         data, bufs, values, out = _kernel_args(index, dtype, values=True)
-        extents = [*index.data, *(index.source[a] for a in free)]
+        extents = [index.data[d] for d in tied] or [1]
         with IRT.grid(*_shape(extents)) as loops, IRT.sblock("gather"):
-            axes = _block_vars(loops, "S" * len(index.data) + "R" * len(free))
-            q, f = axes[: len(index.data)], axes[len(index.data) :]
-            s, inside = _source_of(index, q, f)
-            checks = _read_ids(bufs, index, s)
-            places = [
-                _position(i, t) == q[d]
-                for d, (i, t) in zip(index.indexed_dims, checks, strict=True)
-            ]
-            match = tirx.all(*inside, *places)
-            if free:
-                with IRT.init():
-                    IRT.buffer_store(out, data[tuple(q)], q)
-            acc = out[tuple(q)] if free else data[tuple(q)]
-            v = values[tuple(s)]
-            if accumulate:
-                new = acc + tirx.Select(match, v, tirx.const(0, dtype))
-            else:
-                new = tirx.Select(match, v, acc)
-            with _asserts(checks):
-                IRT.buffer_store(out, new, q)
+            # (the unit axis of an all-indexed scatter names no column)
+            column = dict(zip(tied, _block_vars(loops, "S" * len(extents)), strict=False))
+            whole = tuple(column.get(d, slice(0, n)) for d, n in enumerate(index.data))
+            IRT.reads(
+                data[whole], *(b[tuple(slice(0, n) for n in b.shape)] for b in [*bufs, values])
+            )
+            IRT.writes(out[whole])
+            with _serial(index.data[d] for d in index.indexed_dims) as rows:
+                at = _fill(index.data, column, dict(zip(index.indexed_dims, rows, strict=True)))
+                IRT.buffer_store(out, data[at], at)
+            _scatter_column(index, column, bufs, values, out, accumulate)
     return builder.get().with_attr(KERNEL_ATTR, "gather")
 
 
-def _source_of(
-    index: IndexMap, q: Sequence[tirx.Expr], free: Sequence[tirx.Expr]
-) -> tuple[list[tirx.Expr], list[tirx.Expr]]:
-    """The source element a scatter's output ``q`` looks at for free coordinates ``free``,
-    and the conditions for it to exist (a tied axis shorter than its data dim: read
-    clamped, so the values and ids are never read out of bounds)."""
-    s: list[tirx.Expr] = [_i64(0)] * len(index.source)
-    inside = []
-    for d, a in enumerate(index.dims):
-        if isinstance(a, int):
-            s[a] = q[d]
-            if index.source[a] < index.data[d]:
-                s[a] = tirx.min(q[d], _i64(index.source[a] - 1))
-                inside.append(q[d] < _i64(index.source[a]))
-    for a, v in zip(index.free_axes, free, strict=True):
-        s[a] = v
-    return s, inside
+@contextlib.contextmanager
+def _serial(extents: Iterable[int]) -> Iterator[list[tirx.Var]]:
+    """Nested serial loops over ``extents`` (none for no extents); yields their vars."""
+    extents = list(extents)
+    if not extents:
+        yield []
+        return
+    with IRT.grid(*_shape(extents)) as loops:
+        yield [loops] if isinstance(loops, tirx.Var) else list(loops)
+
+
+def _fill(shape: Sequence[int], *coords: dict[int, tirx.Expr]) -> tuple[tirx.Expr, ...]:
+    """An index into a tensor of rank ``len(shape)`` from per-dim coordinate maps."""
+    merged = {d: v for c in coords for d, v in c.items()}
+    return tuple(merged[d] for d in range(len(shape)))
+
+
+def _scatter_column(
+    index: IndexMap,
+    column: dict[int, tirx.Var],
+    bufs: Sequence[tirx.Buffer],
+    values: tirx.Buffer,
+    out: tirx.Buffer,
+    accumulate: bool,
+) -> None:
+    """Write the source elements of ``column`` (tied data dim -> coordinate) in order
+    over the free source axes; nothing when the column lies beyond a tied source axis."""
+    inside = [
+        v < _i64(index.source[index.dims[d]])
+        for d, v in column.items()
+        if index.source[index.dims[d]] < index.data[d]
+    ]
+    with contextlib.ExitStack() as stack:
+        if inside:
+            stack.enter_context(IRT.If(tirx.all(*inside)))
+            stack.enter_context(IRT.Then())
+        free = index.free_axes
+        with _serial(index.source[a] for a in free) as loops:
+            s: list[tirx.Expr] = [_i64(0)] * len(index.source)
+            for d, v in column.items():  # clamped too: values and ids never read outside
+                s[index.dims[d]] = tirx.min(v, _i64(index.source[index.dims[d]] - 1))
+            for a, v in zip(free, loops, strict=True):
+                s[a] = v
+            checks = _read_ids(bufs, index, s)
+            places = dict(zip(index.indexed_dims, (_clamped(i, t) for i, t in checks), strict=True))
+            at = _fill(index.data, column, places)
+            value = values[tuple(s)]
+            ok = tirx.all(*(_valid_id(i, t) for i, t in checks))
+            with _asserts(checks), IRT.If(ok), IRT.Then():
+                IRT.buffer_store(out, out[at] + value if accumulate else value, at)
 
 
 # --------------------------------------------------------------------------- NaN-keeping ops
