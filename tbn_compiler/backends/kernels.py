@@ -70,7 +70,7 @@ from tvm import te, tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as IRT
 
-from tbn_compiler.tiling import WORD_BITS, is_aligned, row_length
+from ..tiling import WORD_BITS, is_aligned, n_words, row_length
 
 __all__ = [
     "tiled_linear_primfunc",
@@ -83,7 +83,6 @@ __all__ = [
     "max_pool_te",
     "pool_output_size",
     "kernel_kind",
-    "n_words",
     "KERNEL_ATTR",
 ]
 
@@ -108,11 +107,6 @@ def _shape(dims: Sequence[int]) -> list[tirx.IntImm]:
 
 def _u32(v: int) -> tirx.IntImm:
     return tirx.const(v, "uint32")
-
-
-def n_words(length: int) -> int:
-    """Packed words of a tile of ``length`` elements."""
-    return (length + WORD_BITS - 1) // WORD_BITS
 
 
 def _bit_mask(tile: te.Tensor, flat) -> tirx.Expr:
@@ -148,12 +142,10 @@ def _lut_mask(lut: te.Tensor, word: tirx.Expr, byte, bit) -> tirx.Expr:
     return lut[b.astype("int64"), bit]
 
 
-def _finish(args: list[te.Tensor], kind: str, meta: dict[str, int]) -> tirx.PrimFunc:
+def _finish(args: list[te.Tensor], kind: str) -> tirx.PrimFunc:
+    """The PrimFunc of ``args`` (inputs, then the output), tagged with its kernel kind."""
     func = te.create_prim_func(args).without_attr("global_symbol")
-    func = func.with_attr(KERNEL_ATTR, kind)
-    for key, value in meta.items():
-        func = func.with_attr(f"tbn_{key}", _i64(value))
-    return func
+    return func.with_attr(KERNEL_ATTR, kind)
 
 
 def _check(numel: int, p: int) -> int:
@@ -209,7 +201,6 @@ def tiled_linear_primfunc(
     x, tile, alphas, bias = _inputs((m, k), length, p, n, has_bias, dtype)
     shape = (k, n) if weight_in_out else (n, k)
     aligned = is_aligned(numel, p, row_length(shape, weight_in_out))
-    meta = {"m": m, "k": k, "n": n, "p": p, "weight_in_out": int(weight_in_out)}
     if aligned and weight_in_out:
         out = _linear_in_out_aligned(x, tile, alphas, bias, m, k, n, p)
         kind = "linear_in_out_aligned"
@@ -220,7 +211,7 @@ def tiled_linear_primfunc(
         out = _linear_general(x, tile, alphas, bias, m, k, n, length, weight_in_out)
         kind = "linear_general"
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
-    return _finish(args, kind, meta)
+    return _finish(args, kind)
 
 
 class _RowTable:
@@ -527,9 +518,8 @@ def tiled_conv_primfunc(
     else:
         out = _conv_general(xp, tile, alphas, bias, geom, out_shape, groups, length)
         kind = "conv_general"
-    meta = {"nd": nd, "p": p, "groups": groups}
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
-    return _finish(args, kind, meta)
+    return _finish(args, kind)
 
 
 class _ConvGeom:

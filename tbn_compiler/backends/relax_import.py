@@ -53,7 +53,7 @@ from tvm import relax
 from tvm.relax.frontend.torch import exported_program_translator as ept
 
 from . import kernels
-from .specs import TensorSpec
+from .specs import TensorSpec, check_index_inputs
 
 __all__ = [
     "KERNEL_ATTR",
@@ -975,19 +975,6 @@ def index_input_checks(ep: torch.export.ExportedProgram) -> list[dict[str, Any]]
                     }
                 )
     return checks
-
-
-_ERRORS = {"IndexError": IndexError, "RuntimeError": RuntimeError}
-
-
-def check_index_inputs(checks: Sequence[dict[str, Any]], inputs: dict[str, torch.Tensor]) -> None:
-    """Raise the check's ``error`` (``IndexError`` when absent) with the kernel's message
-    when an input named by :func:`index_input_checks` holds an id outside ``[low,
-    high)``. Pure torch, on the inputs' device: a few reductions and one synchronisation."""
-    for check in checks:
-        ids = inputs[check["input"]]
-        if ids.numel() and bool(((ids < check["low"]) | (ids >= check["high"])).any()):
-            raise _ERRORS.get(check.get("error", ""), IndexError)(check["message"])
 
 
 def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> ImportResult:

@@ -39,7 +39,8 @@ class TensorSpec:
 
 
 def check_index_inputs(checks: Sequence[Mapping[str, Any]], inputs: Mapping[str, Any]) -> None:
-    """Raise ``IndexError`` (the gather kernel's message) when an input named by a check
+    """Raise the check's ``error`` (torch's exception for that op; ``IndexError`` when
+    absent) with the kernel's message when an input named by a check
     of :func:`.relax_import.index_input_checks` holds an id outside ``[low, high)``
     (``[0, rows)`` in checks that give ``rows``). Pure torch, on the inputs' device: a
     few reductions and one synchronisation. For targets whose kernels cannot raise
@@ -48,4 +49,8 @@ def check_index_inputs(checks: Sequence[Mapping[str, Any]], inputs: Mapping[str,
         ids = inputs[check["input"]]
         low, high = check.get("low", 0), check.get("high", check.get("rows"))
         if ids.numel() and bool(((ids < low) | (ids >= high)).any()):
-            raise IndexError(check["message"])
+            raise _ERRORS.get(check.get("error", ""), IndexError)(check["message"])
+
+
+# the exception a check names (torch's for that op), by name as JSON keeps it
+_ERRORS: dict[str, type[Exception]] = {"IndexError": IndexError, "RuntimeError": RuntimeError}
