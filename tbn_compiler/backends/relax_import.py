@@ -92,7 +92,6 @@ class ImportResult:
     mod: tvm.IRModule
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    kernels: list[str]  # names of the tbn kernel PrimFuncs in ``mod``
     index_checks: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -1002,7 +1001,6 @@ def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) ->
         raise GraphImportError(
             f"TVM could not import the graph: {type(exc).__name__}: {exc}"
         ) from exc
-    names = [gv.name_hint for gv, f in mod.functions.items() if f.attrs and KERNEL_ATTR in f.attrs]
     user_names = list(ep.graph_signature.user_inputs)
     in_specs = [TensorSpec.of(str(n), t) for n, t in zip(user_names, inputs, strict=True)]
-    return ImportResult(mod, in_specs, _output_specs(ep), sorted(names), index_input_checks(ep))
+    return ImportResult(mod, in_specs, _output_specs(ep), index_input_checks(ep))
