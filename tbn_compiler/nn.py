@@ -38,6 +38,7 @@ __all__ = [
     "plan_module",
     "ConvGeometry",
     "conv_geometry",
+    "module_conv_geometry",
     "layer_name",
     "WeightOwners",
     "weight_owners",
@@ -288,6 +289,18 @@ def conv_geometry(
     return ConvGeometry(strides, pads, dilations, int(groups or 1)), None
 
 
+def module_conv_geometry(module: nn.Module) -> tuple[ConvGeometry | None, str | None]:
+    """:func:`conv_geometry` of an ``nn.Conv1d`` / ``nn.Conv2d`` (or tiled) module."""
+    return conv_geometry(
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups,
+        module.padding_mode,
+    )
+
+
 def _float_type(module: nn.Module) -> type | None:
     """The float layer type a module is (or subclasses), unless it is already tiled."""
     if isinstance(module, _TiledMixin):
@@ -315,14 +328,7 @@ def plan_module(
     if plan.p is None:
         return plan
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        _, reason = conv_geometry(
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.groups,
-            module.padding_mode,
-        )
+        _, reason = module_conv_geometry(module)
         if reason is not None:
             return LayerPlan(None, reason)
     detail = f"{type(module).__name__}, weight {tuple(module.weight.shape)}"

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops  # noqa: F401  (registers torch.ops.tbn.*)
-from ..nn import TiledConv1d, TiledConv2d, TiledLinear, conv_geometry
+from ..nn import TiledConv1d, TiledConv2d, TiledLinear, module_conv_geometry
 from ..tiling import PackedTile, reconstruct, unpack_bits
 
 __all__ = ["PackedLinear", "PackedConv", "convert", "packed_from_tiled"]
@@ -139,14 +139,7 @@ def packed_from_tiled(layer: nn.Module, packed: PackedTile | None = None) -> _Pa
     if isinstance(layer, TiledLinear):
         return PackedLinear(layer.in_features, layer.out_features, packed, layer.bias)
     if isinstance(layer, (TiledConv1d, TiledConv2d)):
-        geometry, reason = conv_geometry(
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-            layer.padding_mode,
-        )
+        geometry, reason = module_conv_geometry(layer)
         if geometry is None:
             raise ValueError(f"{type(layer).__name__} cannot be converted: {reason}")
         return PackedConv(

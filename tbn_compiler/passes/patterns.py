@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from ..nn import TILED_TYPES, conv_geometry, layer_name
+from ..nn import TILED_TYPES, conv_geometry, layer_name, module_conv_geometry
 
 aten = torch.ops.aten
 
@@ -230,14 +230,7 @@ def match_module_call(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
     if base is nn.Linear:
         return LayerMatch(node, "linear", node.args[0], weight_path, bias, module_type=type(module))
     spatial = 1 if base is nn.Conv1d else 2
-    geometry, reason = conv_geometry(
-        module.kernel_size,
-        module.stride,
-        module.padding,
-        module.dilation,
-        module.groups,
-        module.padding_mode,
-    )
+    geometry, reason = module_conv_geometry(module)
     return LayerMatch(
         node,
         f"conv{spatial}d",
