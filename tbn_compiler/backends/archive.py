@@ -21,13 +21,23 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import tempfile
 import zipfile
 from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ArtifactError", "ArtifactWriteError", "read_archive", "write_archive"]
+import torch
+
+__all__ = [
+    "ArtifactError",
+    "ArtifactWriteError",
+    "package_versions",
+    "read_archive",
+    "write_archive",
+]
 
 METADATA = "metadata.json"
 CHECKSUMS = "checksums.json"
@@ -39,6 +49,20 @@ class ArtifactError(ValueError):
 
 class ArtifactWriteError(OSError):
     """A compiled module cannot be written to the given path."""
+
+
+def package_versions(**more: str) -> dict[str, str]:
+    """Versions for an archive's metadata: tbn_compiler, torch, python, plus ``more``."""
+    try:
+        tbn = metadata.version("tbn_compiler")
+    except metadata.PackageNotFoundError:
+        tbn = "unknown"
+    return {
+        "tbn_compiler": tbn,
+        **more,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
 
 
 def _sha256(data: bytes) -> str:

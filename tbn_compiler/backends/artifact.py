@@ -34,7 +34,6 @@ on this machine (no GPU, another GPU architecture, another CPU); each with an
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -49,7 +48,13 @@ from tvm.runtime.vm import VirtualMachine
 from ..capture import OutputTree
 from ..targets import TargetSpec, host_arch, local_cuda_arch, norm_arch
 from . import cuda_runtime
-from .archive import ArtifactError, ArtifactWriteError, read_archive, write_archive
+from .archive import (
+    ArtifactError,
+    ArtifactWriteError,
+    package_versions,
+    read_archive,
+    write_archive,
+)
 from .protocol import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -243,7 +248,7 @@ class CompiledModule:
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "versions": _versions(),
+            "versions": package_versions(tvm=str(tvm.__version__)),
             "target": self.target.to_dict(),
             "inputs": [s.to_dict() for s in self.input_specs],
             "outputs": [s.to_dict() for s in self.output_specs],
@@ -303,21 +308,6 @@ def _walk_imports(mod: tvm.runtime.Module) -> list[tvm.runtime.Module]:
         out.append(m)
         stack.extend(m.imports)
     return out
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    try:
-        tbn = metadata.version("tbn_compiler")
-    except metadata.PackageNotFoundError:
-        tbn = "unknown"
-    return {
-        "tbn_compiler": tbn,
-        "tvm": str(tvm.__version__),
-        "torch": str(torch.__version__),
-        "python": platform.python_version(),
-    }
 
 
 # --------------------------------------------------------------------------- load

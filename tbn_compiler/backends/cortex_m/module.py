@@ -54,7 +54,7 @@ import torch
 
 from ...capture import OutputTree
 from ...targets import TargetSpec, resolve_target
-from ..archive import ArtifactError, read_archive, write_archive
+from ..archive import ArtifactError, package_versions, read_archive, write_archive
 from ..artifact import FORMAT_NAME, FORMAT_VERSION, InputError
 from ..relax_import import TensorSpec
 from . import check, qemu, toolchain
@@ -348,7 +348,7 @@ class CortexMModule:
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "versions": _versions(),
+            "versions": package_versions(),
             "target": self.spec.to_dict(),
             "inputs": [s.to_dict() for s in info.inputs],
             "outputs": [s.to_dict() for s in info.outputs],
@@ -416,21 +416,6 @@ class CortexMModule:
 
 
 _SOURCES = "sources/"
-
-
-def _versions() -> dict[str, str]:
-    import platform
-    from importlib import metadata
-
-    try:
-        tbn = metadata.version("tbn_compiler")
-    except metadata.PackageNotFoundError:
-        tbn = "unknown"
-    return {
-        "tbn_compiler": tbn,
-        "torch": str(torch.__version__),
-        "python": platform.python_version(),
-    }
 
 
 def _kib(kib: int | None) -> int | None:
