@@ -55,7 +55,7 @@ import torch
 from ...capture import OutputTree
 from ...targets import TargetSpec, resolve_target
 from ..archive import ArtifactError, package_versions, read_archive, write_archive
-from ..artifact import FORMAT_NAME, FORMAT_VERSION, InputError
+from ..protocol import FORMAT_NAME, FORMAT_VERSION, InputError
 from ..relax_import import TensorSpec
 from . import check, qemu, toolchain
 from .project import project_files
