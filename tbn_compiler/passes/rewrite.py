@@ -248,9 +248,10 @@ def tile_layers(
     other_uses = _ineligible_uses(gm, matches)
     tiled_by_tensor: dict[int, _Tiled] = {}
     skipped: list[SkippedLayer] = list(gm.meta.get("tbn_skipped", []))
+    layer_set = set(layer_nodes)
     skipped += [
         SkippedLayer(d.name, d.op, d.shape, d.reason)
-        for d in (dense_layer(gm, n) for n in nodes if n not in set(layer_nodes))
+        for d in (dense_layer(gm, n) for n in nodes if n not in layer_set)
         if d is not None
     ]
     calls = _calls_by_weight(gm, matches)
