@@ -94,18 +94,24 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> f
 
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
-    """Keep torch.export's own reports of a failed attempt (the partial graph printed to
-    stderr, symbolic-shape log warnings, Python warnings) from the user's stderr: the
-    :class:`CaptureError` reports the failure instead."""
-    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Keep torch.export's own reports from the user's stderr: of a failed attempt (the
+    partial graph, symbolic-shape log warnings; the :class:`CaptureError` reports the
+    failure instead), and the note that a batch of 1 pins the batch dimension (nothing
+    the user can act on: the capture is then static in that dimension)."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export.non_strict_utils")
 
 
 def _symbolic_trace(

@@ -209,3 +209,12 @@ def test_failed_capture_reports_only_through_the_error(capfd):
         tbn.rewrite(_DataDependent(), torch.randn(2, 3))
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+def test_batch_of_one_capture_is_quiet(capfd):
+    model, x = nn.Sequential(nn.Linear(16, 16)).eval(), torch.randn(1, 16)
+    gm = tbn.rewrite(model, x, CFG)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    ref = reference_model(model, {"0.weight": 4})
+    torch.testing.assert_close(gm(x), ref(x), rtol=1e-5, atol=1e-5)
