@@ -27,7 +27,6 @@ import dataclasses
 import shutil
 import threading
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,7 +44,6 @@ from .artifact import CompiledModule, host_cpu_features
 from .protocol import CompiledProgram, backend_for
 from .relax_import import ImportResult, import_graph
 from .schedule_rules import host_target
-from .specs import TensorSpec
 from .tuning import Tuning, compile_tuned
 
 __all__ = [
@@ -173,11 +171,6 @@ def _target_arch(spec: TargetSpec, target: tvm.target.Target) -> str | None:
     return str(arch) if arch else None
 
 
-def _runtime_specs(specs: Sequence[Any]) -> list[TensorSpec]:
-    """Input/output specs as the runtime-side :class:`.specs.TensorSpec`."""
-    return [TensorSpec(s.name, tuple(s.shape), s.dtype) for s in specs]
-
-
 # --------------------------------------------------------------------------- compile
 
 
@@ -215,8 +208,8 @@ def compile_tvm_graph(
     return CompiledModule(
         executable.mod,
         spec,
-        _runtime_specs(imported.inputs),
-        _runtime_specs(imported.outputs),
+        imported.inputs,
+        imported.outputs,
         report=report,
         output_tree=tree,
         cuda_kernels=cuda_kernels,

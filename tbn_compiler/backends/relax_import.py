@@ -52,6 +52,7 @@ from torch import fx
 from tvm import relax
 from tvm.relax.frontend.torch import exported_program_translator as ept
 
+from ..capture import example_tensors
 from . import kernels
 from .specs import TensorSpec, check_index_inputs
 
@@ -978,10 +979,7 @@ def index_input_checks(ep: torch.export.ExportedProgram) -> list[dict[str, Any]]
 
 def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> ImportResult:
     """Relax module for ``gm`` at the shapes of ``example_inputs`` (see module docstring)."""
-    inputs = list(example_inputs)
-    for i, t in enumerate(inputs):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"example input {i} must be a torch.Tensor, got {type(t).__name__}")
+    inputs = list(example_tensors(example_inputs))
     ep = export_graph(gm, inputs)
     float_attention_masks(ep)
     integer_bool_operands(ep)
