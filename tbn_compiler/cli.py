@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import importlib
 import json
 import logging
@@ -60,7 +59,7 @@ from .capture import CaptureError
 from .config import TBNConfig
 from .inspect import inspect
 from .passes import rewrite
-from .targets import known_targets, resolve_target
+from .targets import closest_targets, known_targets, resolve_target
 
 __all__ = [
     "UsageError",
@@ -206,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("compile", cmd_compile, "compile a model and save the artifact", _COMPILE_EXAMPLE),
     ]:
         if name == "compile":
-            names = ", ".join([*_suggestable_targets(), "cuda:sm_XX (e.g. cuda:sm_80)"])
+            names = ", ".join(known_targets())
             epilog = epilog.format(targets=textwrap.fill(f"targets: {names}", width=88))
         p = sub.add_parser(
             name,
@@ -338,19 +337,11 @@ def check_target(name: str) -> None:
 
 def unknown_target_message(name: str) -> str:
     """``unknown target 'x'; did you mean ...?`` (or the known names when none is close)."""
-    names = _suggestable_targets()
-    by_lower = {n.lower(): n for n in names}
-    close = [by_lower[m] for m in difflib.get_close_matches(name.lower(), by_lower, n=3)]
-    if close:
-        quoted = [repr(n) for n in close]
+    quoted = [repr(n) for n in closest_targets(name)]
+    if quoted:
         options = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
         return f"unknown target {name!r}; did you mean {options}?"
     return f"unknown target {name!r}; known targets: {', '.join(known_targets())}"
-
-
-def _suggestable_targets() -> list[str]:
-    # known_targets() ends with a description of the cuda:sm_XX pattern, not a name
-    return [n for n in known_targets() if "(" not in n]
 
 
 def check_writable(path: str, flag: str) -> None:

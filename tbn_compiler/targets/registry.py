@@ -176,13 +176,16 @@ def resolve_target(target: Any = None) -> TargetSpec:
     )
 
 
+def closest_targets(name: str, n: int = 3) -> list[str]:
+    """The registered names and aliases closest to ``name`` (case-insensitive), best first."""
+    by_lower = {k.lower(): k for k in [*_REGISTRY, *_ALIASES]}
+    return [by_lower[c] for c in difflib.get_close_matches(name.lower(), list(by_lower), n=n)]
+
+
 def _did_you_mean(name: str) -> str:
-    """ ", did you mean 'a' or 'b'?" for the closest known names (case-insensitive), or ""."""
-    by_lower = {n.lower(): n for n in [*_REGISTRY, *_ALIASES]}
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    return f" (did you mean {' or '.join(repr(by_lower[c]) for c in close)}?)"
+    """ " (did you mean 'a' or 'b'?)" for the closest known names, or ""."""
+    close = closest_targets(name)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
 # --------------------------------------------------------------------------- builtin targets
