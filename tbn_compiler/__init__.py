@@ -19,8 +19,8 @@ from . import ops  # noqa: F401  (registers torch.ops.tbn.*)
 from .capture import CaptureError, capture
 from .config import TBNConfig
 from .inspect import Report, inspect
-from .nn import TiledConv1d, TiledConv2d, TiledLinear, prepare
-from .passes import convert, rewrite
+from .nn import TiledConv1d, TiledConv2d, TiledLinear
+from .passes import convert, prepare, rewrite
 from .targets import known_targets, register_target, resolve_target
 
 __version__ = "0.1.0"

@@ -1,4 +1,6 @@
-"""Trainable tiled layers (quantization-aware training) and :func:`prepare`.
+"""Trainable tiled layers (quantization-aware training) and the layer facts the passes
+share (conv geometry, weight owners, layer names). ``prepare`` puts these layers in a
+model (:mod:`tbn_compiler.passes.prepare`), following the tile-op records.
 
 ``TiledLinear`` / ``TiledConv1d`` / ``TiledConv2d`` follow the paper exactly:
 
@@ -17,7 +19,6 @@ groups, ...) and ``state_dict`` key of those layers is still there, plus ``score
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,15 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import tiling
-from .config import LayerPlan, TBNConfig
 
 __all__ = [
+    "TiledLayer",
+    "TiledConvNd",
     "TiledLinear",
     "TiledConv1d",
     "TiledConv2d",
-    "TILED_TYPES",
-    "prepare",
-    "plan_module",
     "ConvGeometry",
     "conv_geometry",
     "module_conv_geometry",
@@ -59,9 +58,9 @@ class _TileSTE(torch.autograd.Function):
         return grad, None
 
 
-class _TiledMixin:
-    """Shared tile logic. The host class provides ``weight`` and ``out_features``-like
-    geometry; this adds ``scores``, ``p`` and ``alpha_mode``."""
+class TiledLayer:
+    """Base of the trainable tiled layers: the host torch layer provides ``weight`` and
+    its geometry; this adds ``scores``, ``p`` and ``alpha_mode``."""
 
     p: int
     alpha_mode: str
@@ -101,7 +100,7 @@ class _TiledMixin:
         return f"{super().extra_repr()}, p={self.p}, alpha={self.alpha_mode!r}"  # type: ignore[misc]
 
 
-class TiledLinear(_TiledMixin, nn.Linear):
+class TiledLinear(TiledLayer, nn.Linear):
     """``nn.Linear`` whose weight is a learned binary tile reused ``p`` times."""
 
     def __init__(
@@ -135,7 +134,14 @@ class TiledLinear(_TiledMixin, nn.Linear):
         return F.linear(x, self.tiled_weight(), self.bias)
 
 
-class _TiledConvMixin(_TiledMixin):
+class TiledConvNd(TiledLayer):
+    """Base of the tiled convs: ``class TiledConv3d(TiledConvNd, nn.Conv3d)`` is a tiled
+    ``nn.Conv3d`` (stride, padding, dilation, groups preserved)."""
+
+    def __init__(self, *args, p: int = 4, alpha_mode: str = "per_tile", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_tiling(p, alpha_mode)
+
     @classmethod
     def from_float(cls, layer: nn.Module, p: int, alpha_mode: str = "per_tile"):
         new = cls(
@@ -160,31 +166,15 @@ class _TiledConvMixin(_TiledMixin):
         return self._conv_forward(x, self.tiled_weight(), self.bias)  # type: ignore[attr-defined]
 
 
-class TiledConv1d(_TiledConvMixin, nn.Conv1d):
+class TiledConv1d(TiledConvNd, nn.Conv1d):
     """``nn.Conv1d`` with a tiled weight (stride, padding, dilation, groups preserved)."""
 
-    def __init__(self, *args, p: int = 4, alpha_mode: str = "per_tile", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_tiling(p, alpha_mode)
 
-
-class TiledConv2d(_TiledConvMixin, nn.Conv2d):
+class TiledConv2d(TiledConvNd, nn.Conv2d):
     """``nn.Conv2d`` with a tiled weight (stride, padding, dilation, groups preserved)."""
 
-    def __init__(self, *args, p: int = 4, alpha_mode: str = "per_tile", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_tiling(p, alpha_mode)
 
-
-TILED_TYPES: dict[type, type] = {
-    nn.Linear: TiledLinear,
-    nn.Conv1d: TiledConv1d,
-    nn.Conv2d: TiledConv2d,
-}
-"""Float layer type -> trainable tiled type."""
-
-
-def _copy_float_params(src: nn.Module, dst: _TiledMixin) -> None:
+def _copy_float_params(src: nn.Module, dst: TiledLayer) -> None:
     with torch.no_grad():
         dst.weight.copy_(src.weight)
         dst.scores.copy_(src.weight)
@@ -290,7 +280,7 @@ def conv_geometry(
 
 
 def module_conv_geometry(module: nn.Module) -> tuple[ConvGeometry | None, str | None]:
-    """:func:`conv_geometry` of an ``nn.Conv1d`` / ``nn.Conv2d`` (or tiled) module."""
+    """:func:`conv_geometry` of an ``nn.Conv{n}d`` (or tiled) module."""
     return conv_geometry(
         module.kernel_size,
         module.stride,
@@ -299,104 +289,3 @@ def module_conv_geometry(module: nn.Module) -> tuple[ConvGeometry | None, str | 
         module.groups,
         module.padding_mode,
     )
-
-
-def _float_type(module: nn.Module) -> type | None:
-    """The float layer type a module is (or subclasses), unless it is already tiled."""
-    if isinstance(module, _TiledMixin):
-        return None
-    for base in TILED_TYPES:
-        if isinstance(module, base):
-            return base
-    return None
-
-
-def plan_module(
-    cfg: TBNConfig,
-    name: str,
-    module: nn.Module,
-    is_first: bool,
-    is_last: bool,
-    aliases: tuple[str, ...] = (),
-) -> LayerPlan:
-    """Decide p for one float Linear/Conv module, including the checks the tile ops need
-    (divisible by p, integer symmetric padding, zero padding mode). ``aliases``: the other
-    layer names of its weight when it is shared."""
-    plan = cfg.plan_layer(
-        name, module.weight.numel(), type(module), is_first, is_last, aliases=aliases
-    )
-    if plan.p is None:
-        return plan
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        _, reason = module_conv_geometry(module)
-        if reason is not None:
-            return LayerPlan(None, reason)
-    detail = f"{type(module).__name__}, weight {tuple(module.weight.shape)}"
-    return cfg.divisible(plan, name, module.weight.numel(), detail)
-
-
-def prepare(model: nn.Module, cfg: TBNConfig | None = None) -> nn.Module:
-    """Return a copy of ``model`` with eligible ``nn.Linear`` / ``nn.Conv1d`` /
-    ``nn.Conv2d`` replaced by trainable tiled layers; ``model`` is not modified.
-
-    "First"/"last" (``keep_first``/``keep_last``) follow module registration order.
-    Layers that share a weight ``Parameter`` share their ``scores``/``weight`` after
-    preparation too. The decisions are kept in ``model.tbn_plan`` (name -> LayerPlan).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"prepare expects a torch.nn.Module, got {type(model).__name__}")
-    if cfg is not None and not isinstance(cfg, TBNConfig):
-        raise TypeError(f"cfg must be a TBNConfig, got {type(cfg).__name__}")
-    cfg = cfg or TBNConfig()
-    model = copy.deepcopy(model)
-    candidates = [(n, m) for n, m in model.named_modules() if _float_type(m) is not None]
-    direct = _weights_read_by_parent(model)
-    owners = weight_owners(model)
-    aliases = {n: owners[f"{n}.weight" if n else "weight"].layer_names for n, _ in candidates}
-    cfg.check_patterns_used(a for n, _ in candidates for a in aliases[n])
-    plans: dict[str, LayerPlan] = {}
-    shared: dict[int, _TiledMixin] = {}
-    for i, (name, module) in enumerate(candidates):
-        plan = plan_module(
-            cfg, name, module, i == 0, i == len(candidates) - 1, aliases=aliases[name]
-        )
-        if name in direct:
-            plan = LayerPlan(
-                None,
-                f"its weight is read directly by {direct[name]}, not through "
-                "its forward(); kept float",
-            )
-        source = shared.get(id(module.weight))
-        if plan.p is not None and source is not None and source.p != plan.p:
-            plan = LayerPlan(source.p, f"shares its weight with a layer tiled at p={source.p}")
-        plans[name] = plan
-        if plan.p is None:
-            continue
-        tiled = TILED_TYPES[_float_type(module)].from_float(module, plan.p, cfg.alpha)
-        if source is not None:
-            tiled.scores, tiled.weight = source.scores, source.weight
-        else:
-            shared[id(module.weight)] = tiled
-        if name:
-            _set_submodule(model, name, tiled)
-        else:  # the model is itself a single layer
-            model = tiled
-    model.tbn_plan = plans
-    return model
-
-
-def _weights_read_by_parent(model: nn.Module) -> dict[str, str]:
-    """Layers whose parent uses their ``.weight`` without calling them (for example
-    ``nn.MultiheadAttention.out_proj``): replacing them would change nothing."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            prefix = f"{name}." if name else ""
-            out[f"{prefix}out_proj"] = "nn.MultiheadAttention"
-    return out
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, new)

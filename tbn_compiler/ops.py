@@ -1,7 +1,8 @@
 """torch.library ops for tile-reuse layers: ``tbn::tiled_linear``, ``tbn::tiled_conv1d``,
-``tbn::tiled_conv2d``.
+``tbn::tiled_conv2d``, each defined by one :func:`define_tile_op` call.
 
-They are the graph-level contract between the rewrite passes and every backend.
+They are the graph-level contract between the rewrite passes and every backend (which
+find the rest of an op's declaration in its :mod:`tbn_compiler.tile_ops` record).
 All take ``(input, tile, alphas, bias, <geometry>)``:
 
 * ``tile``: packed ``uint32`` words (see :mod:`tbn_compiler.tiling`), ``L = numel / p``.
@@ -13,8 +14,8 @@ All take ``(input, tile, alphas, bias, <geometry>)``:
     ``y = x @ W.T + b``. ``weight_in_out=True``: stored ``(in, out)`` as in GPT-2's
     ``Conv1D`` and ``y = x @ W + b``. Either way the tile covers the weight flat and
     row-major *as stored*.
-``tiled_conv{1,2}d(x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups)``
-    Same as ``F.conv{1,2}d`` with ``weight_shape = (Cout, Cin/groups, *kernel)`` and
+``tiled_conv{n}d(x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups)``
+    Same as ``F.conv{n}d`` with ``weight_shape = (Cout, Cin/groups, *kernel)`` and
     integer padding.
 
 The CPU implementations here are the numerical reference. When a layer is aligned
@@ -25,14 +26,40 @@ rebuild the weight with modulo indexing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import tiling
 
-__all__ = ["tiled_linear", "tiled_conv1d", "tiled_conv2d", "TILE_OPS"]
+__all__ = [
+    "TILE_OPS",
+    "conv_op_functions",
+    "define_tile_op",
+    "tile_op_name",
+    "tiled_conv1d",
+    "tiled_conv2d",
+    "tiled_linear",
+]
+
+TILE_OPS: dict[object, str] = {}
+"""OpOverloadPacket -> short op name of every op :func:`define_tile_op` defined, for
+passes and backends that look tile ops up."""
+
+
+def define_tile_op(
+    name: str,
+    reference: Callable[..., torch.Tensor],
+    fake: Callable[..., torch.Tensor],
+) -> torch.library.CustomOpDef:
+    """Define ``torch.ops.tbn.<name>``: ``reference`` is its CPU implementation (its type
+    hints give the schema, its first four parameters are ``x, tile, alphas, bias``) and
+    ``fake`` computes the output's shape and dtype for tracing. Returns the op."""
+    op = torch.library.custom_op(f"tbn::{name}", reference, mutates_args=())
+    op.register_fake(fake)
+    TILE_OPS[getattr(torch.ops.tbn, name)] = name
+    return op
 
 
 def _signs(tile: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -73,8 +100,7 @@ def _check_common(
 # --------------------------------------------------------------------------- linear
 
 
-@torch.library.custom_op("tbn::tiled_linear", mutates_args=())
-def tiled_linear(
+def _tiled_linear(
     x: torch.Tensor,
     tile: torch.Tensor,
     alphas: torch.Tensor,
@@ -114,16 +140,18 @@ def tiled_linear(
     return y
 
 
-@tiled_linear.register_fake
-def _(x, tile, alphas, bias, out_features, in_features, weight_in_out=False):
+def _fake_linear(x, tile, alphas, bias, out_features, in_features, weight_in_out=False):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+tiled_linear = define_tile_op("tiled_linear", _tiled_linear, _fake_linear)
 
 
 # --------------------------------------------------------------------------- conv
 
 
-def _conv_fn(spatial: int):
-    return {1: F.conv1d, 2: F.conv2d}[spatial]
+def _conv_fn(spatial: int) -> Callable[..., torch.Tensor]:
+    return getattr(F, f"conv{spatial}d")
 
 
 def _tiled_conv(
@@ -194,54 +222,38 @@ def _fake_conv(spatial, x, tile, alphas, bias, weight_shape, stride, padding, di
     )
 
 
-@torch.library.custom_op("tbn::tiled_conv1d", mutates_args=())
-def tiled_conv1d(
-    x: torch.Tensor,
-    tile: torch.Tensor,
-    alphas: torch.Tensor,
-    bias: torch.Tensor | None,
-    weight_shape: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-) -> torch.Tensor:
-    """``F.conv1d`` with the tiled weight of ``weight_shape = (Cout, Cin/groups, k)``."""
-    return _tiled_conv(1, x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups)
+def conv_op_functions(
+    spatial: int,
+) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """The reference and fake implementations of ``tiled_conv{spatial}d`` for
+    :func:`define_tile_op`: ``F.conv{spatial}d`` with the tiled weight of
+    ``weight_shape = (Cout, Cin/groups, *kernel)`` and integer padding."""
+
+    def reference(
+        x: torch.Tensor,
+        tile: torch.Tensor,
+        alphas: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_shape: list[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+    ) -> torch.Tensor:
+        return _tiled_conv(
+            spatial, x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups
+        )
+
+    def fake(x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups):
+        return _fake_conv(
+            spatial, x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups
+        )
+
+    return reference, fake
 
 
-@tiled_conv1d.register_fake
-def _(x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups):
-    return _fake_conv(1, x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups)
-
-
-@torch.library.custom_op("tbn::tiled_conv2d", mutates_args=())
-def tiled_conv2d(
-    x: torch.Tensor,
-    tile: torch.Tensor,
-    alphas: torch.Tensor,
-    bias: torch.Tensor | None,
-    weight_shape: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-) -> torch.Tensor:
-    """``F.conv2d`` with the tiled weight of ``weight_shape = (Cout, Cin/groups, kh, kw)``."""
-    return _tiled_conv(2, x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups)
-
-
-@tiled_conv2d.register_fake
-def _(x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups):
-    return _fake_conv(2, x, tile, alphas, bias, weight_shape, stride, padding, dilation, groups)
-
-
-TILE_OPS = {
-    torch.ops.tbn.tiled_linear: "tiled_linear",
-    torch.ops.tbn.tiled_conv1d: "tiled_conv1d",
-    torch.ops.tbn.tiled_conv2d: "tiled_conv2d",
-}
-"""OpOverloadPacket -> short op name, for passes and backends that look tile ops up."""
+tiled_conv1d = define_tile_op("tiled_conv1d", *conv_op_functions(1))
+tiled_conv2d = define_tile_op("tiled_conv2d", *conv_op_functions(2))
 
 
 def tile_op_name(target: object) -> str | None:

@@ -1,270 +1,75 @@
-"""Pattern table: which graph nodes are tileable layers, and their operands.
+"""Which graph nodes are tileable layers, and which layers no tile op replaces.
 
-One entry per node target (modelled on the pattern tables of
-``torch.ao.quantization.fx``). Each matcher reads a node of one form (an ``nn.Module``
-call, a ``torch.nn.functional`` call, an ATen op from ``torch.export``, or a
-linear-like matmul whose weight operand is a 2-D parameter) and returns a
-:class:`LayerMatch`, or None when the node does not fit (for example its weight is
-an activation, not a parameter).
+:func:`match_node` asks the tile-op records (:mod:`tbn_compiler.tile_ops`) about a
+node: a call of a module of a record's float types, or a ``call_function`` target in a
+record's ``function_patterns`` (modelled on the pattern tables of
+``torch.ao.quantization.fx``). :func:`dense_layer` names the linear/conv-like nodes
+left over, so that every layer of the model shows up in the report.
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from ..nn import TILED_TYPES, conv_geometry, layer_name, module_conv_geometry
+from ..nn import layer_name
+from ..tile_ops import (
+    LayerMatch,
+    function_matchers,
+    get_attr_tensor,
+    node_arg,
+    tile_op_for_module,
+    tile_op_records,
+)
+
+__all__ = ["DenseLayer", "LayerMatch", "dense_layer", "get_attr_tensor", "match_node"]
 
 aten = torch.ops.aten
 
 
-@dataclass
-class LayerMatch:
-    """A tileable layer found in the graph.
-
-    weight: qualified attribute path of the stored weight tensor.
-    bias: graph node, attribute path (module calls), or None.
-    weight_in_out: the weight is stored (in, out) and used as ``x @ W``.
-    conv: for convs, dict with stride, padding (ints), dilation, groups.
-    unsupported: when set, the layer is reported as skipped with this reason.
-    """
-
-    node: fx.Node
-    op: str  # "linear" | "conv1d" | "conv2d"
-    input: Any
-    weight: str
-    bias: fx.Node | str | None = None
-    weight_in_out: bool = False
-    conv: dict[str, Any] | None = None
-    module_type: type | None = None
-    unsupported: str | None = None
-    weight_nodes: list[fx.Node] = field(default_factory=list)  # get_attr/transpose feeding it
-
-    @property
-    def name(self) -> str:
-        """Layer name: the module path for a ``.weight``, else the full attribute path."""
-        return layer_name(self.weight)
-
-
-def get_attr_tensor(gm: fx.GraphModule, path: str) -> torch.Tensor | None:
-    """The tensor stored at a dotted attribute path of ``gm``, or None."""
-    obj: Any = gm
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj if isinstance(obj, torch.Tensor) else None
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _weight_operand(gm: fx.GraphModule, value: Any, ndim: int) -> tuple[str, bool, list] | None:
-    """Resolve a weight operand to (attribute path, transposed, nodes on the way).
-
-    ``transposed`` is True when a 2-D parameter is used through ``.t()``/transpose."""
-    if not isinstance(value, fx.Node):
-        return None
-    if value.op == "get_attr":
-        tensor = get_attr_tensor(gm, value.target)
-        if tensor is not None and tensor.is_floating_point() and tensor.dim() == ndim:
-            return value.target, False, [value]
-        return None
-    is_t = (
-        (value.op == "call_function" and value.target in (aten.t.default, torch.t))
-        or (value.op == "call_method" and value.target == "t")
-        or (
-            value.op == "call_function"
-            and value.target is aten.transpose.int
-            and sorted(a % 2 for a in value.args[1:3]) == [0, 1]
-        )
-        or (
-            value.op == "call_function"
-            and value.target is aten.permute.default
-            and list(value.args[1]) == [1, 0]
-        )
-    )
-    if ndim == 2 and is_t:
-        inner = _weight_operand(gm, value.args[0], ndim)
-        if inner is not None and not inner[1]:
-            return inner[0], True, [*inner[2], value]
-    return None
-
-
-def _bias_operand(bias: Any) -> fx.Node | None:
-    return bias if isinstance(bias, fx.Node) else None
-
-
-# --------------------------------------------------------------------------- matchers
-
-
-def match_linear_call(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
-    """``F.linear`` / ``aten.linear``: (input, weight (out, in), bias)."""
-    found = _weight_operand(gm, _arg(node, 1, "weight"), 2)
-    if found is None or found[1]:
-        return None
-    return LayerMatch(
-        node,
-        "linear",
-        _arg(node, 0, "input"),
-        found[0],
-        _bias_operand(_arg(node, 2, "bias")),
-        weight_nodes=found[2],
-    )
-
-
-def _conv_geometry(spatial: int, stride, padding, dilation, groups, weight: torch.Tensor):
-    """``(geometry dict, reason or None)`` of a functional/ATen conv (see
-    :func:`~tbn_compiler.nn.conv_geometry`); a refused conv still gets its per-dim
-    stride/dilation/groups for the report."""
-    geometry, reason = conv_geometry(list(weight.shape[2:]), stride, padding, dilation, groups)
-    if geometry is None:
-        return {"groups": int(groups or 1)}, reason
-    return geometry.as_dict(), None
-
-
-def _make_conv_matcher(spatial: int, aten_convolution: bool = False):
-    def match(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
-        found = _weight_operand(gm, _arg(node, 1, "weight"), spatial + 2)
-        if found is None or found[1]:
-            return None
-        if aten_convolution:
-            if _arg(node, 6, "transposed", False):
-                return None
-            groups = _arg(node, 8, "groups", 1)
-        else:
-            groups = _arg(node, 6, "groups", 1)
-        weight = get_attr_tensor(gm, found[0])
-        geometry, reason = _conv_geometry(
-            spatial,
-            _arg(node, 3, "stride", 1),
-            _arg(node, 4, "padding", 0),
-            _arg(node, 5, "dilation", 1),
-            groups,
-            weight,
-        )
-        return LayerMatch(
-            node,
-            f"conv{spatial}d",
-            _arg(node, 0, "input"),
-            found[0],
-            _bias_operand(_arg(node, 2, "bias")),
-            conv=geometry,
-            unsupported=reason,
-            weight_nodes=found[2],
-        )
-
-    return match
-
-
-def match_aten_convolution(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
-    """``aten.convolution``: the spatial rank comes from the weight."""
-    weight = _arg(node, 1, "weight")
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
-        return None
-    tensor = get_attr_tensor(gm, weight.target)
-    if tensor is None or tensor.dim() not in (3, 4):
-        return None
-    return _make_conv_matcher(tensor.dim() - 2, aten_convolution=True)(gm, node)
-
-
-def _make_matmul_matcher(with_bias: bool):
-    """``x @ W`` (mm/matmul) or ``addmm(b, x, W)`` with a 2-D parameter ``W``."""
-
-    def match(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
-        offset = 1 if with_bias else 0
-        found = _weight_operand(gm, _arg(node, offset + 1, "mat2" if with_bias else "other"), 2)
-        if found is None:
-            return None
-        path, transposed, nodes = found
-        x = _arg(node, offset, "mat1" if with_bias else "input")
-        if not isinstance(x, fx.Node):
-            return None
-        bias = _bias_operand(_arg(node, 0, "input")) if with_bias else None
-        unsupported = None
-        if with_bias and (_arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1):
-            unsupported = "addmm with beta/alpha != 1 is not supported; kept dense"
-        return LayerMatch(
-            node,
-            "linear",
-            x,
-            path,
-            bias,
-            weight_in_out=not transposed,
-            unsupported=unsupported,
-            weight_nodes=nodes,
-        )
-
-    return match
-
-
 def match_module_call(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
-    """A call of an ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` submodule."""
+    """A call of a submodule of some record's float types (``nn.Linear``, ...)."""
     module = gm.get_submodule(node.target)
-    base = next((t for t in TILED_TYPES if isinstance(module, t)), None)
-    if base is None or isinstance(module, tuple(TILED_TYPES.values())):
+    record = tile_op_for_module(module)
+    if record is None:
         return None
     bias = f"{node.target}.bias" if module.bias is not None else None
-    weight_path = f"{node.target}.weight"
+    weight = f"{node.target}.weight"
     if parametrize.is_parametrized(module, "weight"):
         return LayerMatch(
             node,
-            base.__name__.lower(),
+            record,
             node.args[0],
-            weight_path,
+            weight,
             bias,
             module_type=type(module),
             unsupported=_COMPUTED_WEIGHT,
         )
-    if base is nn.Linear:
-        return LayerMatch(node, "linear", node.args[0], weight_path, bias, module_type=type(module))
-    spatial = 1 if base is nn.Conv1d else 2
-    geometry, reason = module_conv_geometry(module)
+    attrs, reason = record.module_attrs(module)
     return LayerMatch(
         node,
-        f"conv{spatial}d",
+        record,
         node.args[0],
-        weight_path,
+        weight,
         bias,
-        conv=None if geometry is None else geometry.as_dict(),
+        attrs=attrs,
         module_type=type(module),
         unsupported=reason,
     )
 
 
-Matcher = Callable[[fx.GraphModule, fx.Node], "LayerMatch | None"]
-
-FUNCTION_PATTERNS: dict[Any, Matcher] = {
-    aten.linear.default: match_linear_call,
-    F.linear: match_linear_call,
-    torch._C._nn.linear: match_linear_call,
-    aten.conv1d.default: _make_conv_matcher(1),
-    aten.conv1d.padding: _make_conv_matcher(1),
-    torch.conv1d: _make_conv_matcher(1),
-    aten.conv2d.default: _make_conv_matcher(2),
-    aten.conv2d.padding: _make_conv_matcher(2),
-    torch.conv2d: _make_conv_matcher(2),
-    aten.convolution.default: match_aten_convolution,
-    aten.addmm.default: _make_matmul_matcher(with_bias=True),
-    torch.addmm: _make_matmul_matcher(with_bias=True),
-    aten.mm.default: _make_matmul_matcher(with_bias=False),
-    aten.matmul.default: _make_matmul_matcher(with_bias=False),
-    torch.mm: _make_matmul_matcher(with_bias=False),
-    torch.matmul: _make_matmul_matcher(with_bias=False),
-    operator.matmul: _make_matmul_matcher(with_bias=False),
-}
-"""call_function target -> matcher."""
+def match_function_call(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
+    """The first match of the records' patterns for the node's target."""
+    for record, matcher in function_matchers(node.target):
+        match = matcher(record, gm, node)
+        if match is not None:
+            return match
+    return None
 
 
 def match_node(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
@@ -272,11 +77,7 @@ def match_node(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | None:
     if node.op == "call_module":
         return match_module_call(gm, node)
     if node.op == "call_function":
-        try:
-            matcher = FUNCTION_PATTERNS.get(node.target)
-        except TypeError:
-            return None
-        return matcher(gm, node) if matcher else None
+        return match_function_call(gm, node)
     return None
 
 
@@ -324,7 +125,7 @@ def dense_layer(gm: fx.GraphModule, node: fx.Node) -> DenseLayer | None:
     weight is computed from parameters only), else None (e.g. a matmul of activations)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if isinstance(module, _NO_TILE_MODULES):
+        if isinstance(module, _NO_TILE_MODULES) and tile_op_for_module(module) is None:
             op = type(module).__name__.lower()
             return DenseLayer(node, node.target, op, tuple(module.weight.shape), _no_tile_op(op))
         return None
@@ -332,15 +133,17 @@ def dense_layer(gm: fx.GraphModule, node: fx.Node) -> DenseLayer | None:
         return None
     try:
         op = _NO_TILE_OP.get(node.target)
-        known = node.target in FUNCTION_PATTERNS
+        known = next(function_matchers(node.target), None) is not None
     except TypeError:  # unhashable target
         return None
     if op is None and node.target is aten.convolution.default:
-        if _arg(node, 6, "transposed", False):
+        if node_arg(node, 6, "transposed", False):
             op = "conv_transpose"
-        elif _rank(_arg(node, 1, "weight")) == 5:
+        elif _rank(node_arg(node, 1, "weight")) == 5:
             op = "conv3d"
-    weight = _arg(node, _WEIGHT_INDEX.get(node.target, 1), "weight")
+    if op in {r.label for r in tile_op_records()}:  # a registered op that did not match
+        op, known = None, True
+    weight = node_arg(node, _WEIGHT_INDEX.get(node.target, 1), "weight")
     if not isinstance(weight, fx.Node):
         return None
     params = _parameter_sources(weight)

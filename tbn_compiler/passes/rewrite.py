@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -24,8 +23,10 @@ from ..capture import capture
 from ..config import LayerPlan, TBNConfig
 from ..nn import WeightOwners, weight_owners
 from ..ops import tile_op_name
+from ..tile_ops import LayerMatch, float_layer_types, get_attr_tensor
 from .convert import convert
-from .patterns import LayerMatch, dense_layer, get_attr_tensor, match_node
+from .patterns import dense_layer, match_node
+from .plan import plan_weight
 
 __all__ = [
     "SkippedLayer",
@@ -121,57 +122,35 @@ def _plan(
     is_last: bool,
 ) -> LayerPlan:
     """One decision for a weight tensor, over every call that uses it: ``unsupported``
-    is the reason of a call the tile ops cannot compute, ``is_first``/``is_last`` whether
-    one of its calls is the first/last layer of the graph."""
+    is the reason of a call the tile ops cannot compute, ``shared_use`` a use of the
+    weight by something that is not a layer, ``is_first``/``is_last`` whether one of its
+    calls is the first/last layer of the graph."""
     weight = get_attr_tensor(gm, match.weight)
-    if unsupported:
-        return LayerPlan(None, unsupported)
-    if shared_use:
-        return LayerPlan(
-            None, f"weight also used by {shared_use}, which is not a linear/conv layer; kept dense"
+    if shared_use and not unsupported:
+        unsupported = (
+            f"weight also used by {shared_use}, which is not a linear/conv layer; kept dense"
         )
-    plan = cfg.plan_layer(
-        owners.layer_names[0],
+    return plan_weight(
+        cfg,
+        owners.layer_names,
         weight.numel(),
         owners.module_types or match.module_type,
         is_first,
         is_last,
-        aliases=owners.layer_names,
+        f"{match.op}, weight {tuple(weight.shape)}",
+        unsupported,
     )
-    detail = f"{match.op}, weight {tuple(weight.shape)}"
-    return cfg.divisible(plan, owners.layer_names[0], weight.numel(), detail)
 
 
 def _emit_tile_op(gm: fx.GraphModule, match: LayerMatch, tiled: _Tiled) -> fx.Node:
-    graph, node = gm.graph, match.node
-    weight_shape = _layer_shape(gm, match)
+    """Insert the record's tile op for ``match`` before its node, on the tile buffers."""
+    graph, node, record = gm.graph, match.node, match.record
     with graph.inserting_before(node):
         tile = graph.get_attr(tiled.tile)
         alphas = graph.get_attr(tiled.alphas)
         bias = graph.get_attr(match.bias) if isinstance(match.bias, str) else match.bias
-        if match.op == "linear":
-            in_f, out_f = weight_shape if match.weight_in_out else weight_shape[::-1]
-            new = graph.call_function(
-                torch.ops.tbn.tiled_linear.default,
-                (match.input, tile, alphas, bias, int(out_f), int(in_f), match.weight_in_out),
-            )
-        else:
-            op = torch.ops.tbn.tiled_conv1d if match.op == "conv1d" else torch.ops.tbn.tiled_conv2d
-            geo = match.conv
-            new = graph.call_function(
-                op.default,
-                (
-                    match.input,
-                    tile,
-                    alphas,
-                    bias,
-                    list(weight_shape),
-                    geo["stride"],
-                    geo["padding"],
-                    geo["dilation"],
-                    geo["groups"],
-                ),
-            )
+        args = record.op_args(_layer_shape(gm, match), match.attrs)
+        new = graph.call_function(record.op.default, (match.input, tile, alphas, bias, *args))
     new.meta.update(
         {k: v for k, v in node.meta.items() if k in ("val", "stack_trace", "nn_module_stack")}
     )
@@ -192,7 +171,7 @@ def _drop_unused_weights(gm: fx.GraphModule, tensor_ids: set[int]) -> None:
         owner_path, leaf = _owner_and_leaf(path)
         owner = gm.get_submodule(owner_path) if owner_path else gm
         if (
-            isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d))
+            isinstance(owner, float_layer_types())
             and leaf == "weight"
             and owner_path not in used_modules
         ):
@@ -202,7 +181,7 @@ def _drop_unused_weights(gm: fx.GraphModule, tensor_ids: set[int]) -> None:
 
 
 def _replace_layer_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    """Swap a replaced nn.Linear/Conv for a plain holder of its tile buffers and bias."""
+    """Swap a replaced float layer module for a plain holder of its tile buffers and bias."""
     holder = nn.Module()
     for name, buf in module.named_buffers(recurse=False):
         holder.register_buffer(name, buf)
