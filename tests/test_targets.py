@@ -23,7 +23,6 @@ def test_default_is_llvm() -> None:
     spec = resolve_target(None)
     assert spec.name == "llvm" and spec.kind == "llvm"
     assert spec.tvm_target == {"kind": "llvm"}
-    assert spec.device == "cpu"
     assert resolve_target("cpu") == spec == resolve_target("host")
 
 
@@ -34,7 +33,7 @@ def test_llvm_generic() -> None:
 
 def test_cuda_default_arch(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = resolve_target("cuda")
-    assert spec.kind == "cuda" and spec.device == "cuda"
+    assert spec.kind == "cuda"
     assert spec.arch == (targets.local_cuda_arch() or targets.DEFAULT_CUDA_ARCH)
     assert spec.tvm_host == {"kind": "llvm"}
     assert spec.name == f"cuda:{spec.arch}"
@@ -98,6 +97,17 @@ def test_register_board_preset() -> None:
         assert backend_for("cortex-m").runnable_here(spec) is None
     with pytest.raises(ValueError, match="already registered"):
         register_target("test-board-an386", spec)
+
+
+@pytest.mark.skipif(not HAS_TVM, reason="the backends need apache-tvm")
+def test_device_comes_from_the_backend() -> None:
+    def device(name):
+        spec = resolve_target(name)
+        return backend_for(spec.kind).device(spec).type
+
+    assert device(None) == device("llvm-generic") == "cpu"
+    assert device("cuda") == device("cuda:sm_80") == "cuda"
+    assert device("mps2-an386") == "cpu"
 
 
 @pytest.mark.skipif(not HAS_TVM, reason="the backends need apache-tvm")

@@ -97,11 +97,6 @@ class TargetSpec:
     tvm_object: Any = field(default=None, compare=False, repr=False)
 
     @property
-    def device(self) -> str:
-        """torch device type the compiled module runs on: "cpu" or "cuda"."""
-        return "cuda" if self.kind == "cuda" else "cpu"
-
-    @property
     def arch(self) -> str | None:
         """GPU architecture (``"sm_90"``) for CUDA targets, else None."""
         return self.tvm_target.get("arch") if self.kind == "cuda" else None
