@@ -1,16 +1,22 @@
-"""Reports on rewritten graphs: a per-layer table, a dict, and a DOT rendering.
+"""Reports on rewritten graphs: a per-layer table, a dict, a DOT rendering and an HTML page.
 
 ``inspect(gm)`` reads the tile ops in the graph (the source of truth for tiled
 layers) and ``gm.meta["tbn_skipped"]`` (layers the rewrite kept dense, with why).
+networkx (graphs) and matplotlib (the HTML page's chart) are imported only by the
+methods that need them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import base64
+import html
+import io
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import torch.fx as fx
 from tabulate import tabulate
 
@@ -19,9 +25,24 @@ from .ops import tile_op_name
 from .passes.patterns import get_attr_tensor
 from .passes.rewrite import SkippedLayer, tile_op_layer_name
 
+if TYPE_CHECKING:
+    import networkx as nx
+
 __all__ = ["LayerInfo", "Report", "inspect", "graph_to_networkx"]
 
 FLOAT_BYTES = 4
+TABLE_HEADERS = (
+    "layer",
+    "op",
+    "weight",
+    "p",
+    "aligned",
+    "bits/w",
+    "dense B",
+    "TBN B",
+    "uses",
+    "status",
+)
 
 
 @dataclass(frozen=True)
@@ -98,11 +119,11 @@ def _tiled_info(gm: fx.GraphModule, node: fx.Node) -> LayerInfo:
     )
 
 
-def _skipped_info(s: SkippedLayer) -> LayerInfo:
+def _skipped_info(gm: fx.GraphModule, s: SkippedLayer) -> LayerInfo:
     numel = 1
     for d in s.shape:
         numel *= int(d)
-    dense = FLOAT_BYTES * numel
+    dense = FLOAT_BYTES * (numel + _bias_numel(gm, s.name))
     return LayerInfo(
         s.name,
         s.op,
@@ -116,6 +137,15 @@ def _skipped_info(s: SkippedLayer) -> LayerInfo:
         dense,
         aliases=tuple(s.aliases),
     )
+
+
+def _bias_numel(gm: fx.GraphModule, layer: str) -> int:
+    """Elements of the parameter ``<layer>.bias`` of a layer kept dense (0 when the graph
+    has none): the bias of the layer's module, as in the model."""
+    try:
+        return gm.get_parameter(f"{layer}.bias").numel()
+    except AttributeError:
+        return 0
 
 
 @dataclass
@@ -151,7 +181,8 @@ class Report:
             rows.append(d)
         return {"layers": rows, "totals": self.totals}
 
-    def __str__(self) -> str:
+    def table_rows(self) -> list[list[Any]]:
+        """One row per layer, then the TOTAL row; the columns of :data:`TABLE_HEADERS`."""
         rows = [
             [
                 r.label,
@@ -168,33 +199,33 @@ class Report:
             for r in self.layers
         ]
         t = self.totals
-        rows.append(
-            [
-                "TOTAL",
-                "",
-                "",
-                "",
-                "",
-                "",
-                t["dense_bytes"],
-                t["tbn_bytes"],
-                "",
-                f"{t['tiled']} tiled, {t['skipped']} skipped, {t['compression']:.1f}x smaller",
-            ]
-        )
-        headers = [
-            "layer",
-            "op",
-            "weight",
-            "p",
-            "aligned",
-            "bits/w",
-            "dense B",
-            "TBN B",
-            "uses",
-            "status",
-        ]
-        return tabulate(rows, headers=headers)
+        summary = f"{t['tiled']} tiled, {t['skipped']} skipped, {t['compression']:.1f}x smaller"
+        rows.append(["TOTAL", "", "", "", "", "", t["dense_bytes"], t["tbn_bytes"], "", summary])
+        return rows
+
+    def __str__(self) -> str:
+        return tabulate(self.table_rows(), headers=TABLE_HEADERS)
+
+    def to_html(
+        self,
+        path: str | os.PathLike | None = None,
+        memory: Mapping[str, Any] | None = None,
+        title: str = "Tiled Bit Network report",
+    ) -> str:
+        """A standalone HTML page: the totals, a bar chart of dense vs TBN bytes per layer
+        (a PNG drawn with matplotlib, embedded as base64), the per-layer table and, when
+        ``memory`` is given (``cm.memory`` of a Cortex-M module), the flash and RAM split
+        (weights, code, arena) against the board's limits. Writes it to ``path`` when
+        given (its directory is created); returns the HTML text. Needs matplotlib
+        (ImportError naming the package otherwise); ValueError for a ``memory`` dict
+        without the sizes above."""
+        memory_html = _memory_section(memory) if memory is not None else ""
+        page = _html_page(self, title, _bytes_chart_png(self.layers), memory_html)
+        if path is not None:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(page, encoding="utf-8")
+        return page
 
     def to_networkx(self) -> nx.DiGraph:
         return graph_to_networkx(self.graph_module)
@@ -218,6 +249,8 @@ def _escape(text: str) -> str:
 def graph_to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     """The fx graph as a networkx DiGraph (get_attr nodes left out); node attributes:
     ``label``, ``op``, ``tiled``."""
+    import networkx as nx
+
     g = nx.DiGraph()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -256,5 +289,239 @@ def inspect(gm: fx.GraphModule) -> Report:
             f"inspect expects the fx.GraphModule returned by rewrite, got {type(gm).__name__}"
         )
     rows = [_tiled_info(gm, n) for n in gm.graph.nodes if tile_op_name(n.target)]
-    rows += [_skipped_info(s) for s in gm.meta.get("tbn_skipped", [])]
+    rows += [_skipped_info(gm, s) for s in gm.meta.get("tbn_skipped", [])]
     return Report(_merge_uses(rows), gm)
+
+
+# --------------------------------------------------------------------------- HTML page
+
+CHART_MAX_LAYERS = 40  # more rows make an unreadable chart: the largest layers are drawn
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em;
+       color: #1f2933; max-width: 72em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: 0.92em; }
+th, td { border-bottom: 1px solid #d9dee3; padding: 0.3em 0.7em; text-align: left; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.skipped td { color: #7b8794; }
+tfoot td { font-weight: bold; border-top: 2px solid #9aa5b1; }
+.bar { display: flex; width: 36em; height: 1.1em; background: #eef1f4; border: 1px solid #9aa5b1; }
+.bar span { display: block; height: 100%; }
+.weights { background: #2e9e5b; } .code { background: #3e7cb1; }
+.arena { background: #d9822b; } .other { background: #9aa5b1; }
+.over { color: #c62828; font-weight: bold; }
+img { max-width: 100%; border: 1px solid #d9dee3; }
+.note { color: #52606d; font-size: 0.9em; }
+"""
+
+
+def _html_page(report: Report, title: str, chart_png: str | None, memory_html: str) -> str:
+    esc = html.escape
+    if chart_png is None:
+        chart = '<p class="note">No Linear or Conv layers: nothing to draw.</p>'
+    else:
+        n = len(report.layers)
+        shown = "" if n <= CHART_MAX_LAYERS else f" (the {CHART_MAX_LAYERS} largest of {n})"
+        chart = (
+            f'<p class="note">Bytes of each layer\'s weights and bias, dense float32 vs '
+            f"TBN (packed tile, alphas, bias), log scale{shown}.</p>\n"
+            f'<img id="bytes-chart" alt="dense vs TBN bytes per layer" '
+            f'src="data:image/png;base64,{chart_png}">'
+        )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{esc(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>{esc(title)}</h1>
+<section id="totals">
+<h2>Totals</h2>
+{_totals_table(report.totals)}
+</section>
+<section id="chart">
+<h2>Dense vs TBN bytes per layer</h2>
+{chart}
+</section>
+{memory_html}
+<section id="layers">
+<h2>Layers</h2>
+{_layers_table(report)}
+</section>
+</body>
+</html>
+"""
+
+
+def _totals_table(t: Mapping[str, Any]) -> str:
+    rows = [
+        ("layers", t["layers"]),
+        ("tiled", t["tiled"]),
+        ("skipped (kept dense)", t["skipped"]),
+        ("dense bytes", t["dense_bytes"]),
+        ("TBN bytes", t["tbn_bytes"]),
+        ("compression", f"{t['compression']:.1f}x"),
+    ]
+    body = "\n".join(
+        f'<tr><th>{label}</th><td class="num">{html.escape(str(v))}</td></tr>' for label, v in rows
+    )
+    return f'<table class="totals">\n{body}\n</table>'
+
+
+_NUMERIC_COLUMNS = frozenset({"p", "bits/w", "dense B", "TBN B", "uses"})
+_NUM_CLASS = ' class="num"'
+
+
+def _layers_table(report: Report) -> str:
+    def cells(row: list[Any], tag: str = "td") -> str:
+        return "".join(
+            f"<{tag}{_NUM_CLASS if h in _NUMERIC_COLUMNS else ''}>{html.escape(str(v))}</{tag}>"
+            for h, v in zip(TABLE_HEADERS, row, strict=True)
+        )
+
+    *rows, total = report.table_rows()
+    body = "\n".join(
+        f'<tr class="{r.status}">{cells(row)}</tr>'
+        for r, row in zip(report.layers, rows, strict=True)
+    )
+    head = cells(list(TABLE_HEADERS), "th")
+    return (
+        f'<table class="layers">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n'
+        f"<tfoot><tr>{cells(total)}</tr></tfoot>\n</table>"
+    )
+
+
+def _bytes_chart_png(layers: list[LayerInfo]) -> str | None:
+    """Base64 PNG of grouped horizontal bars (dense vs TBN bytes per layer, log scale), or
+    None when there are no layers. Drawn on an Agg canvas: no pyplot, no global backend."""
+    if not layers:
+        return None
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(
+            "Report.to_html draws its chart with matplotlib, which is not installed: "
+            "pip install matplotlib"
+        ) from e
+    shown = _largest_layers(layers, CHART_MAX_LAYERS)
+    fig = Figure(figsize=(9, 1.4 + 0.42 * len(shown)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ys = range(len(shown))
+    dense = [r.dense_bytes for r in shown]
+    tbn = [r.tbn_bytes for r in shown]
+    ax.barh([y - 0.2 for y in ys], dense, height=0.4, color="#9aa5b1", label="dense float32")
+    ax.barh([y + 0.2 for y in ys], tbn, height=0.4, color="#2e9e5b", label="TBN")
+    for y, d, t in zip(ys, dense, tbn, strict=True):
+        ax.annotate(f" {d / t:.1f}x", (d, y - 0.2), va="center", fontsize=8, color="#52606d")
+    ax.set_yticks(list(ys), [r.label for r in shown])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(right=max(dense) * 4)  # room for the ratio labels
+    ax.set_xlabel("bytes (log scale)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", which="major", color="#e4e7eb")
+    ax.set_axisbelow(True)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _largest_layers(layers: list[LayerInfo], n: int) -> list[LayerInfo]:
+    """The ``n`` layers with the most dense bytes, in report order."""
+    if len(layers) <= n:
+        return list(layers)
+    keep = set(sorted(range(len(layers)), key=lambda i: -layers[i].dense_bytes)[:n])
+    return [r for i, r in enumerate(layers) if i in keep]
+
+
+_MEMORY_KEYS = ("weights_bytes", "code_bytes", "arena_bytes", "flash_bytes", "ram_bytes")
+
+
+def memory_split(memory: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"flash": {...}, "ram": {...}}`` from ``cm.memory``: each with ``parts`` (name ->
+    bytes; flash: weights, code, other; RAM: arena, other), ``used`` and ``limit`` (the
+    board's bytes, or None for a library preset). ValueError naming missing sizes."""
+    missing = [k for k in _MEMORY_KEYS if not isinstance(memory.get(k), int)]
+    if missing:
+        raise ValueError(
+            f"memory must be the sizes of a Cortex-M module (cm.memory); missing {missing}"
+        )
+    weights, code, arena = memory["weights_bytes"], memory["code_bytes"], memory["arena_bytes"]
+    flash, ram = memory["flash_bytes"], memory["ram_bytes"]
+    return {
+        "flash": {
+            "parts": {"weights": weights, "code": code, "other": max(0, flash - weights - code)},
+            "used": flash,
+            "limit": memory.get("board_flash_bytes"),
+        },
+        "ram": {
+            "parts": {"arena": arena, "other": max(0, ram - arena)},
+            "used": ram,
+            "limit": memory.get("board_ram_bytes"),
+        },
+    }
+
+
+def _memory_section(memory: Mapping[str, Any]) -> str:
+    split = memory_split(memory)
+    rows = []
+    for key, label in (("flash", "flash"), ("ram", "RAM")):
+        m = split[key]
+        used, limit = m["used"], m["limit"]
+        parts = m["parts"]
+        part_cells = "".join(
+            f'<td class="num">{parts.get(p, "-")}</td>'
+            for p in ("weights", "code", "arena", "other")
+        )
+        if limit:
+            pct = 100 * used / limit
+            fits = "" if used <= limit else ' class="over"'
+            limit_cells = (
+                f'<td class="num">{limit}</td><td class="num"><span{fits}>{pct:.2f}%</span></td>'
+                f'<td class="num">{limit - used}</td>'
+            )
+        else:
+            limit_cells = '<td colspan="3">no board limit (library preset)</td>'
+        rows.append(
+            f'<tr id="memory-{key}"><th>{label}</th>{part_cells}<td class="num">{used}</td>'
+            f"{limit_cells}<td>{_memory_bar(parts, limit or used)}</td></tr>"
+        )
+    firmware = ""
+    if "firmware_flash_bytes" in memory:
+        firmware = (
+            f'<p class="note">The whole firmware image of the emulated board, QEMU harness '
+            f"and C library included: {memory['firmware_flash_bytes']} bytes of flash, "
+            f"{memory.get('firmware_ram_bytes', '?')} bytes of RAM.</p>"
+        )
+    head = "".join(
+        f'<th class="num">{h}</th>'
+        for h in ("weights", "code", "arena", "other", "used", "board", "used %", "free")
+    )
+    return f"""<section id="memory">
+<h2>Flash and RAM</h2>
+<p class="note">Bytes of the model library from the real build (arm-none-eabi-size):
+flash holds the code and the weights (const), RAM the static arena of activations;
+the stack is not counted. Bars are drawn against the board's memory.</p>
+<table class="memory">
+<thead><tr><th>memory</th>{head}<th>share of the board</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody>
+</table>
+{firmware}
+</section>"""
+
+
+def _memory_bar(parts: Mapping[str, int], whole: int) -> str:
+    spans = "".join(
+        f'<span class="{name}" title="{name}: {size} bytes" '
+        f'style="width: {100 * size / whole:.3f}%; min-width: {1 if size else 0}px"></span>'
+        for name, size in parts.items()
+    )
+    return f'<div class="bar">{spans}</div>'
