@@ -479,16 +479,19 @@ def tiled_conv_primfunc(
     has_bias: bool,
     dtype: str = "float32",
 ) -> tirx.PrimFunc:
-    """Tiled ``conv1d`` / ``conv2d`` (same semantics as ``F.conv{1,2}d``).
+    """Tiled ``conv{n}d`` for any number ``n >= 1`` of spatial dims (same semantics as
+    ``F.conv{n}d``).
 
-    Buffers: ``x (n, c, [h,] w) dtype``, ``tile (ceil(L/32),) uint32``,
-    ``alphas (p,) dtype``, ``[bias (cout,) dtype]``, ``out (n, cout, [oh,] ow) dtype``,
-    with ``weight_shape = (cout, c / groups, [kh,] kw)`` and symmetric integer padding.
+    Buffers: ``x (batch, c, *spatial) dtype``, ``tile (ceil(L/32),) uint32``,
+    ``alphas (p,) dtype``, ``[bias (cout,) dtype]``, ``out (batch, cout, *out_spatial)
+    dtype``, with ``weight_shape = (cout, c / groups, *kernel)`` and symmetric integer
+    padding.
     """
     nd = len(weight_shape) - 2
-    if nd not in (1, 2) or len(x_shape) != nd + 2:
+    if nd < 1 or len(x_shape) != nd + 2:
         raise ValueError(
-            f"conv needs x {nd + 2}-D and weight 3-D/4-D, got {x_shape}, {weight_shape}"
+            f"conv needs a weight of 3 or more dims and an input of as many, got x "
+            f"{x_shape}, weight {weight_shape}"
         )
     stride, padding, dilation = (_as_tuple(v, nd) for v in (stride, padding, dilation))
     cout, cg, *ksize = (int(d) for d in weight_shape)
