@@ -1,7 +1,7 @@
 """Relax converters of the tile ops, named by their records (``relax_converter``).
 
 Each converter takes an fx node of ``torch.ops.tbn.tiled_*`` and the importer, builds
-the op's TIR kernel with its record's ``kernel_builder`` (tagged with
+the op's TIR kernel with its record's ``kernel_builder`` (which must tag it with
 :data:`.kernels.KERNEL_ATTR`, so later steps find and schedule it) and emits one
 ``relax.call_tir`` to it on the packed tile, alphas and bias constants.
 """
@@ -13,13 +13,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import tvm
 from torch import fx
 from tvm import relax
 
 from ..ops import tile_op_name
-from .kernels import KERNEL_ATTR
-from .relax_import import GraphImportError, _static_shape
+from .relax_import import GraphImportError, _add_kernel, _static_shape
 from .tile_ops import kernel_builder
 
 __all__ = ["convert_tiled_conv", "convert_tiled_linear"]
@@ -52,15 +50,6 @@ def _check_dtype(expr: relax.Expr, node: fx.Node) -> str:
     return dtype
 
 
-def _add_kernel(importer: Any, func: tvm.tirx.PrimFunc, node: fx.Node) -> relax.GlobalVar:
-    op = tile_op_name(node.target)
-    if not (func.attrs and KERNEL_ATTR in func.attrs):
-        raise GraphImportError(
-            f"kernel builder for {op} returned a PrimFunc without {KERNEL_ATTR!r}"
-        )
-    return importer.block_builder.add_func(func, f"tbn_{op}")
-
-
 def _operands(a: dict[str, Any], x: relax.Expr) -> list[relax.Expr]:
     return [x, a["tile"], a["alphas"]] + ([a["bias"]] if a["bias"] is not None else [])
 
@@ -80,7 +69,7 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> relax.Expr:
     p = _static_shape(a["alphas"], "alphas", node)[0]
     build = kernel_builder(node.target)
     func = build(m, in_f, out_f, p, bool(a["weight_in_out"]), a["bias"] is not None, dtype)
-    gv = _add_kernel(importer, func, node)
+    gv = _add_kernel(importer, func, tile_op_name(node.target))
     x2 = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, (m, in_f)))
     y = bb.emit(relax.call_tir(gv, _operands(a, x2), relax.TensorType((m, out_f), dtype)))
     if len(shape) == 2:
@@ -113,7 +102,7 @@ def convert_tiled_conv(node: fx.Node, importer: Any) -> relax.Expr:
         a["bias"] is not None,
         dtype,
     )
-    gv = _add_kernel(importer, func, node)
+    gv = _add_kernel(importer, func, tile_op_name(node.target))
     out_shape = _expected_out_shape(node, unbatched)
     y = bb.emit(relax.call_tir(gv, _operands(a, x), relax.TensorType(out_shape, dtype)))
     return bb.emit(relax.op.squeeze(y, [0])) if unbatched else y
