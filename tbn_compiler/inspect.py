@@ -303,14 +303,16 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; mar
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
 table { border-collapse: collapse; font-size: 0.92em; }
 th, td { border-bottom: 1px solid #d9dee3; padding: 0.3em 0.7em; text-align: left; }
+th { white-space: nowrap; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.skipped td { color: #7b8794; }
 tfoot td { font-weight: bold; border-top: 2px solid #9aa5b1; }
-.bar { display: flex; width: 36em; height: 1.1em; background: #eef1f4; border: 1px solid #9aa5b1; }
+.bar { display: flex; width: 16em; height: 1.1em; background: #eef1f4; border: 1px solid #9aa5b1; }
 .bar span { display: block; height: 100%; }
 .weights { background: #2e9e5b; } .code { background: #3e7cb1; }
 .arena { background: #d9822b; } .other { background: #9aa5b1; }
 .over { color: #c62828; font-weight: bold; }
+.swatch { display: inline-block; width: 0.8em; height: 0.8em; margin: 0 0.3em 0 0.9em; }
 img { max-width: 100%; border: 1px solid #d9dee3; }
 .note { color: #52606d; font-size: 0.9em; }
 """
@@ -507,7 +509,9 @@ def _memory_section(memory: Mapping[str, Any]) -> str:
 <h2>Flash and RAM</h2>
 <p class="note">Bytes of the model library from the real build (arm-none-eabi-size):
 flash holds the code and the weights (const), RAM the static arena of activations;
-the stack is not counted. Bars are drawn against the board's memory.</p>
+the stack is not counted. Bars are drawn against the board's memory:
+<span class="swatch weights"></span>weights <span class="swatch code"></span>code
+<span class="swatch arena"></span>arena <span class="swatch other"></span>other.</p>
 <table class="memory">
 <thead><tr><th>memory</th>{head}<th>share of the board</th></tr></thead>
 <tbody>
