@@ -30,6 +30,7 @@ __all__ = [
     "as_input_tuple",
     "capture",
     "example_tensors",
+    "graph_with_outputs",
     "output_tree",
 ]
 
@@ -82,7 +83,22 @@ def _batch_dynamic_shapes(args: tuple, kwargs: Mapping[str, Any]):
     return spec(args), {k: spec(v) for k, v in kwargs.items()}
 
 
+def register_output_pytrees(cls: type) -> None:
+    """Make the output classes of ``cls``'s library flattenable by ``torch.utils._pytree``
+    where the library says how: for Hugging Face ``transformers`` classes, its own
+    ``register_dynamic_cache_export_support`` (a ``DynamicCache`` holding the key/value
+    cache is what decoders return by default). Idempotent; other classes: nothing."""
+    if not cls.__module__.startswith("transformers."):
+        return
+    try:
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except ImportError:  # a transformers without it: its caches cannot be exported
+        return
+    register_dynamic_cache_export_support()
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> fx.GraphModule:
+    register_output_pytrees(type(model))
     dyn_args, dyn_kwargs = _batch_dynamic_shapes(args, kwargs)
     dynamic = (*dyn_args, *dyn_kwargs.values()) if kwargs else dyn_args
     try:
@@ -160,6 +176,30 @@ def capture(
     )
 
 
+def graph_with_outputs(
+    gm: fx.GraphModule, outputs: Sequence[fx.Node] | None = None
+) -> fx.GraphModule:
+    """A GraphModule computing ``outputs`` (nodes of ``gm.graph``; default: the tensors
+    ``gm`` returns, in pytree order) as a flat tuple from the flat positional inputs,
+    with the nodes that do not lead to them removed. ``gm`` is left unchanged and the
+    copy shares its parameters. Graphs from ``torch.export`` rebuild their output tree
+    (a ``ModelOutput``, a ``DynamicCache``, ...) in Python; the copy does not, so that
+    a further ``torch.export`` traces tensor code only."""
+    graph = fx.Graph()
+    copies: dict[fx.Node, fx.Node] = {}
+    returned = graph.graph_copy(gm.graph, copies)
+    if outputs is None:
+        wanted = [v for v in torch.utils._pytree.tree_leaves(returned) if isinstance(v, fx.Node)]
+    else:
+        wanted = [copies[n] for n in outputs]
+    graph.output(tuple(wanted))
+    flat = fx.GraphModule(gm, graph)
+    flat.graph.eliminate_dead_code()
+    flat.recompile()
+    flat.meta.update(gm.meta)
+    return flat
+
+
 def _first_lines(error: BaseException, n: int = 3) -> str:
     text = f"{type(error).__name__}: {error}".strip()
     return " | ".join(line.strip() for line in text.splitlines()[:n] if line.strip())
@@ -172,10 +212,18 @@ _CONSTANT_TYPES = (type(None), bool, int, float, str)
 
 class OutputTree:
     """The structure of a model's output (tensors inside tuples, lists, dicts, named
-    tuples and dict-like output classes), so that compiled modules return what the model
-    returns. Tensors are the leaves, numbered in ``torch.utils._pytree`` order (the order
-    in which ``torch.export`` lists graph outputs); constants (None, numbers, strings) are
-    kept in the tree. JSON-serializable with :meth:`to_json` / :meth:`from_json`."""
+    tuples, dict-like output classes and other classes registered with
+    ``torch.utils._pytree``, such as Hugging Face's ``DynamicCache``), so that compiled
+    modules return what the model returns. Tensors are the leaves, numbered in
+    ``torch.utils._pytree`` order (the order in which ``torch.export`` lists graph
+    outputs); constants (None, numbers, strings) are kept in the tree. JSON-serializable
+    with :meth:`to_json` / :meth:`from_json`.
+
+    A registered class is stored with the context its flatten function gives (which
+    must be made of None, numbers, strings, lists, tuples and dicts) and rebuilt by its
+    unflatten function; where that class is not registered (a process that loads a saved
+    module without having captured one), :func:`register_output_pytrees` registers it
+    first, else the output holds a tuple of its children instead, with a warning."""
 
     def __init__(self, node: dict[str, Any]) -> None:
         self._node = node
@@ -240,10 +288,51 @@ def _encode(value: Any, where: str) -> dict[str, Any]:
         if type(value) is not dict:
             node["cls"] = _class_path(type(value))
         return node
+    registered = torch.utils._pytree.SUPPORTED_NODES.get(type(value))
+    if registered is not None:
+        return _encode_pytree_node(value, registered, where)
     raise TypeError(
         f"{where}: outputs of type {type(value).__name__} are not supported; return tensors "
         "in tuples, lists, dicts or named tuples"
     )
+
+
+def _encode_pytree_node(value: Any, registered: Any, where: str) -> dict[str, Any]:
+    children, context = registered.flatten_fn(value)
+    try:
+        ctx = _context_to_json(context)
+    except TypeError as exc:
+        raise TypeError(
+            f"{where}: the pytree context of {type(value).__name__} cannot be saved ({exc})"
+        ) from exc
+    return {
+        "t": "pytree",
+        "cls": _class_path(type(value)),
+        "ctx": ctx,
+        "c": [_encode(v, f"{where}.{i}") for i, v in enumerate(children)],
+    }
+
+
+def _context_to_json(value: Any) -> Any:
+    """A pytree context as JSON, lists, tuples and dicts tagged (JSON has lists only)."""
+    if isinstance(value, _CONSTANT_TYPES):
+        return value
+    if isinstance(value, (list, tuple)):
+        kind = "list" if isinstance(value, list) else "tuple"
+        return {kind: [_context_to_json(v) for v in value]}
+    if isinstance(value, dict) and all(isinstance(k, (str, int)) for k in value):
+        return {"dict": [[k, _context_to_json(v)] for k, v in value.items()]}
+    raise TypeError(f"a {type(value).__name__} in its context")
+
+
+def _context_from_json(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    ((kind, items),) = value.items()
+    if kind == "dict":
+        return {k: _context_from_json(v) for k, v in items}
+    values = [_context_from_json(v) for v in items]
+    return values if kind == "list" else tuple(values)
 
 
 def _count_leaves(node: dict[str, Any]) -> int:
@@ -270,6 +359,8 @@ def _decode(node: dict[str, Any], leaves: Iterator[Any]) -> Any:
     if kind == "const":
         return node["v"]
     children = [_decode(c, leaves) for c in node["c"]]
+    if kind == "pytree":
+        return _decode_pytree_node(node, children)
     if kind == "tuple":
         return tuple(children)
     if kind == "list":
@@ -284,3 +375,20 @@ def _decode(node: dict[str, Any], leaves: Iterator[Any]) -> Any:
     if cls is None:  # a plain dict, or a dict-like class not importable here
         return items
     return cls(**items) if all(isinstance(k, str) for k in items) else cls(items)
+
+
+def _decode_pytree_node(node: dict[str, Any], children: list[Any]) -> Any:
+    cls = _import_class(node["cls"])
+    if cls is not None and cls not in torch.utils._pytree.SUPPORTED_NODES:
+        register_output_pytrees(cls)
+    registered = None if cls is None else torch.utils._pytree.SUPPORTED_NODES.get(cls)
+    if registered is None:
+        warnings.warn(
+            f"the model's output holds a {node['cls']}, which cannot be rebuilt here (not "
+            "importable, or not registered with torch.utils._pytree); it is returned as a "
+            "tuple of its parts",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return tuple(children)
+    return registered.unflatten_fn(children, _context_from_json(node["ctx"]))

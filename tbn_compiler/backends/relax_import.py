@@ -3,7 +3,12 @@
 Contract of :func:`import_graph`:
 
 * The graph is re-exported with ``torch.export`` using the example inputs (static shapes),
-  decomposed to core ATen, and handed to TVM's ``from_exported_program``.
+  with its output leaves as a flat tuple (the output structure is the
+  :class:`~tbn_compiler.capture.OutputTree`'s), decomposed to core ATen, and handed to
+  TVM's ``from_exported_program``. Before that, operands that add nothing to a ``cat``
+  (an empty key/value cache) are dropped (:func:`drop_empty_cat_operands`), boolean
+  attention masks become additive float masks (:func:`float_attention_masks`), and the
+  boolean operands of ops TVM mishandles become integers (:func:`integer_bool_operands`).
 * ``tbn::tiled_linear`` / ``tbn::tiled_conv1d`` / ``tbn::tiled_conv2d`` go through
   :data:`CONVERTERS` (op name -> converter, like TVM's own convert map): each emits a
   ``relax.call_tir`` to the PrimFunc from :mod:`tbn_compiler.backends.kernels`, tagged
@@ -29,6 +34,9 @@ Contract of :func:`import_graph`:
     ``embedding_bag`` and ``scatter_reduce`` have no TVM converter and are refused.
   - ``scaled_dot_product_attention`` honours ``scale``, ``is_causal``, ``enable_gqa``,
     float masks of any broadcastable rank and 2-D/3-D/4-D inputs.
+  - ``select`` (``x[:, i]``) counts a negative ``i`` from the end (TVM's converter reads
+    out of bounds), and ``x ** n`` for a whole ``n`` in 2..8 multiplies (as torch does
+    for 2 and 3; TVM's ``pow`` warns on stderr at every build).
   - Refused with :class:`UnsupportedOpError` naming the node: attention with
     ``dropout_p > 0`` and the index output of ``max_pool*_with_indices``.
 * Every other op goes through TVM's frontend. An op it cannot import raises
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +61,7 @@ from torch import fx
 from tvm import relax
 from tvm.relax.frontend.torch import exported_program_translator as ept
 
-from ..capture import example_tensors
+from ..capture import example_tensors, graph_with_outputs
 from . import kernels
 from .specs import TensorSpec, check_index_inputs
 
@@ -634,6 +643,38 @@ def convert_indexing(node: fx.Node, importer: Any) -> relax.Expr:
     return y if tuple(out_shape) == wanted else bb.emit(relax.op.reshape(y, wanted))
 
 
+def convert_select(node: fx.Node, importer: Any) -> relax.Expr:
+    """``x.select(dim, i)`` (``x[:, i]``): a negative ``i`` counts from the end, as in
+    torch (TVM's converter reads out of bounds for it, and warns at every build)."""
+    x = importer.env[node.args[0]]
+    dim, index = int(node.args[1]), int(node.args[2])
+    return importer.block_builder.emit(
+        relax.op.take(x, relax.const(index, "int64"), axis=dim, mode="wrap")
+    )
+
+
+_MAX_MULTIPLIED_POWER = 8
+
+
+def convert_pow_scalar(node: fx.Node, importer: Any) -> relax.Expr:
+    """``x ** n`` for a whole ``n`` in 2..8 of a float tensor: products of ``x`` (torch
+    computes 2 and 3 so; TVM's ``pow`` warns at every build for exponents of 3 and more,
+    GPT-2's GELU has one). Other exponents and dtypes: TVM's converter."""
+    x, exponent = importer.env[node.args[0]], node.args[1]
+    whole = isinstance(exponent, (int, float)) and float(exponent).is_integer()
+    if not (_is_float(x) and whole and 2 <= exponent <= _MAX_MULTIPLIED_POWER):
+        return importer.stock_convert_map[_op_name(node)](node)
+    bb, n = importer.block_builder, int(exponent)
+    result, square = None, x
+    while n:  # binary exponentiation: x**3 = x * (x * x), as torch
+        if n & 1:
+            result = square if result is None else bb.emit(relax.op.multiply(result, square))
+        n >>= 1
+        if n:
+            square = bb.emit(relax.op.multiply(square, square))
+    return result
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -750,6 +791,8 @@ SEMANTIC_CONVERTERS: dict[str, Converter] = {
     "scatter.value": convert_indexing,
     "scatter_add.default": convert_indexing,
     "index_put.default": convert_indexing,
+    "select.int": convert_select,
+    "pow.Tensor_Scalar": convert_pow_scalar,
     "scaled_dot_product_attention.default": convert_sdpa,
 }
 """Ops whose TVM converters break torch's semantics (see the module docstring)."""
@@ -816,19 +859,32 @@ def _check_supported(ep: torch.export.ExportedProgram, convert_map: dict) -> Non
         )
 
 
+_LEAF_SPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
 def export_graph(
     gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` with static shapes, decomposed to core ATen (tile ops kept).
+    """``torch.export`` with static shapes, decomposed to core ATen (tile ops kept), of
+    the graph's tensor code: a GraphModule is exported with its outputs as a flat tuple
+    (:func:`~tbn_compiler.capture.graph_with_outputs`; the output structure is the
+    :class:`~tbn_compiler.capture.OutputTree`'s business). Rebuilding a Hugging Face
+    ``DynamicCache`` inside the traced code would add tensor constants that the
+    decomposition loses.
 
     ``scaled_dot_product_attention`` is kept whole: TVM imports it directly, and its
     decomposition gives fake strides on which a following ``transpose/reshape/view``
     chain (GPT-2 attention) fails to retrace."""
+    if isinstance(gm, fx.GraphModule):
+        gm = graph_with_outputs(gm)
     try:
         ep = torch.export.export(gm, tuple(example_inputs))
         table = torch.export.default_decompositions()
         table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
-        return ep.run_decompositions(table)
+        with warnings.catch_warnings():
+            # torch deep-copies the module call graph, whose leaf specs warn when copied
+            warnings.filterwarnings("ignore", _LEAF_SPEC_WARNING, FutureWarning)
+            return ep.run_decompositions(table)
     except Exception as exc:
         raise GraphImportError(
             f"torch.export failed on the rewritten graph: {type(exc).__name__}: {exc}"
@@ -923,6 +979,35 @@ def integer_bool_operands(ep: torch.export.ExportedProgram) -> None:
     ep.graph_module.recompile()
 
 
+def _is_empty_operand(node: Any, rank: int, dim: int) -> bool:
+    """Whether a ``cat`` operand adds nothing: a 1-D tensor of size 0 (torch skips those
+    whatever the other operands' rank) or an operand of the same rank empty along ``dim``."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.numel() != 0:
+        return False
+    return tuple(val.shape) == (0,) or (val.dim() == rank and val.shape[dim] == 0)
+
+
+def drop_empty_cat_operands(ep: torch.export.ExportedProgram) -> None:
+    """Remove the operands of every ``cat`` that add nothing, in place: an empty
+    key/value cache (Hugging Face's ``DynamicCache`` starts each layer as a 1-D empty
+    tensor) is concatenated to the new keys; torch skips it, TVM refuses operands of
+    another rank. The constants dropped stay in the graph, unused."""
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten.cat.default:
+            continue
+        out = node.meta.get("val")
+        if not isinstance(out, torch.Tensor) or out.dim() == 0:
+            continue
+        dim = int(_arg(node, 1, "dim", 0)) % out.dim()
+        operands = list(node.args[0])
+        kept = [t for t in operands if not _is_empty_operand(t, out.dim(), dim)]
+        if kept and len(kept) < len(operands):
+            node.args = (kept, *node.args[1:])
+    ep.graph_module.recompile()
+
+
 # ops that only move or repeat values: every id an embedding sees is an input element
 _VALUE_PRESERVING = {
     torch.ops.aten.view.default,
@@ -981,6 +1066,7 @@ def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) ->
     """Relax module for ``gm`` at the shapes of ``example_inputs`` (see module docstring)."""
     inputs = list(example_tensors(example_inputs))
     ep = export_graph(gm, inputs)
+    drop_empty_cat_operands(ep)
     float_attention_masks(ep)
     integer_bool_operands(ep)
     importer = _Importer()
