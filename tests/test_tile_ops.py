@@ -105,3 +105,47 @@ def test_backend_paths_resolve() -> None:
         assert callable(backend_tile_ops.kernel_builder(record.op.default))
     with pytest.raises(ImportError, match="cannot resolve 'tbn_compiler.backends.kernels:nope'"):
         backend_tile_ops.resolve("tbn_compiler.backends.kernels:nope")
+
+
+@pytest.mark.skipif(not HAS_TVM, reason="the backends need apache-tvm")
+@pytest.mark.parametrize(
+    ("x_shape", "weight_shape", "stride", "groups", "p", "kind"),
+    [
+        ((2, 4, 5, 6, 7), (8, 4, 3, 3, 3), 1, 1, 4, "conv_aligned"),  # direct conv
+        ((1, 4, 5, 6, 6), (4, 4, 1, 2, 2), 2, 1, 2, "conv_aligned"),  # im2col rows of 16
+        ((1, 4, 5, 6, 7), (4, 2, 3, 3, 3), 1, 2, 2, "conv_general"),  # grouped
+    ],
+)
+def test_conv_kernel_builder_takes_three_spatial_dims(
+    x_shape, weight_shape, stride, groups, p, kind
+) -> None:
+    """The conv kernel builder of the conv records is rank-generic: a 3-D conv kernel,
+    scheduled and built for the host, computes ``F.conv3d`` with the tiled weight."""
+    import numpy as np
+    import tvm
+
+    from tbn_compiler import tiling
+    from tbn_compiler.backends import kernels, schedule_rules
+
+    g = torch.Generator().manual_seed(0)
+    numel = int(np.prod(weight_shape))
+    signs = torch.where(torch.rand(numel // p, generator=g) > 0.5, 1.0, -1.0)
+    words, alphas = tiling.pack_bits(signs), torch.rand(p, generator=g) + 0.5
+    x, bias = torch.randn(*x_shape, generator=g), torch.randn(weight_shape[0], generator=g)
+    weight = tiling.reconstruct(signs, alphas, list(weight_shape))
+    want = torch.nn.functional.conv3d(x, weight, bias, stride, 1, 1, groups)
+    func = kernels.tiled_conv_primfunc(x_shape, weight_shape, stride, 1, 1, groups, p, True)
+    assert kernels.kernel_kind(func) == kind
+    host = schedule_rules.host_target()
+    func = schedule_rules.schedule_for(func, host).with_attr("global_symbol", "main")
+    built = tvm.compile(tvm.IRModule({"main": func}), target=host)
+    dev = tvm.cpu()
+    args = [
+        tvm.runtime.tensor(x.numpy(), dev),
+        tvm.runtime.tensor(words.view(torch.int32).numpy().view(np.uint32), dev),
+        tvm.runtime.tensor(alphas.numpy(), dev),
+        tvm.runtime.tensor(bias.numpy(), dev),
+    ]
+    out = tvm.runtime.tensor(np.zeros(tuple(want.shape), np.float32), dev)
+    built["main"](*args, out)
+    np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
