@@ -9,12 +9,13 @@ Contract of :func:`import_graph`:
   (an empty key/value cache) are dropped (:func:`drop_empty_cat_operands`), boolean
   attention masks become additive float masks (:func:`float_attention_masks`), and the
   boolean operands of ops TVM mishandles become integers (:func:`integer_bool_operands`).
-* ``tbn::tiled_linear`` / ``tbn::tiled_conv1d`` / ``tbn::tiled_conv2d`` go through
-  :data:`CONVERTERS` (op name -> converter, like TVM's own convert map): each emits a
-  ``relax.call_tir`` to the PrimFunc from :mod:`tbn_compiler.backends.kernels`, tagged
-  with the attribute :data:`KERNEL_ATTR` (set by the kernel builders) so later steps
+* The tile ops (``tbn::tiled_linear``, ``tbn::tiled_conv1d``, ... : every registered
+  :class:`~tbn_compiler.tile_ops.TileOpRecord`) go through their records' converters
+  (:func:`converters`: op name -> converter, like TVM's own convert map; they live in
+  :mod:`.tile_converters`): each emits a ``relax.call_tir`` to the PrimFunc of its
+  record's kernel builder, tagged with the attribute :data:`KERNEL_ATTR` so later steps
   can find and schedule it.
-* Ops whose TVM converters break torch's semantics go through :data:`CONVERTERS` too
+* Ops whose TVM converters break torch's semantics go through :func:`converters` too
   (:data:`SEMANTIC_CONVERTERS`):
 
   - NaN propagates, as in torch, through ``relu``/``relu6``/``hardtanh``/``clamp*``,
@@ -64,10 +65,11 @@ from tvm.relax.frontend.torch import exported_program_translator as ept
 from ..capture import example_tensors, graph_with_outputs
 from . import kernels
 from .specs import TensorSpec, check_index_inputs
+from .tile_ops import relax_converters
 
 __all__ = [
     "KERNEL_ATTR",
-    "CONVERTERS",
+    "converters",
     "SEMANTIC_CONVERTERS",
     "TensorSpec",
     "ImportResult",
@@ -110,26 +112,6 @@ class ImportResult:
 Converter = Callable[[fx.Node, Any], relax.Expr]
 
 
-def _bound_args(node: fx.Node, importer: Any) -> dict[str, Any]:
-    """Arguments of a tile op node by schema name (defaults filled in), as Relax values."""
-    schema = node.target._schema
-    args = importer._retrieve_args(tuple(node.args))
-    kwargs = importer._retrieve_args(dict(node.kwargs))
-    bound: dict[str, Any] = {}
-    for i, arg in enumerate(schema.arguments):
-        if i < len(args):
-            bound[arg.name] = args[i]
-        elif arg.name in kwargs:
-            bound[arg.name] = kwargs[arg.name]
-        elif arg.has_default_value():
-            bound[arg.name] = arg.default_value
-        else:
-            raise GraphImportError(
-                f"node {node.name!r}: missing argument {arg.name!r} of {schema.name}"
-            )
-    return bound
-
-
 def _static_shape(expr: relax.Expr, what: str, node: fx.Node) -> tuple[int, ...]:
     shape = expr.ty.shape
     try:
@@ -140,86 +122,12 @@ def _static_shape(expr: relax.Expr, what: str, node: fx.Node) -> tuple[int, ...]
         ) from exc
 
 
-def _check_dtype(expr: relax.Expr, node: fx.Node) -> str:
-    dtype = str(expr.ty.dtype)
-    if dtype != "float32":
-        raise GraphImportError(f"node {node.name!r}: tile kernels take float32 inputs, got {dtype}")
-    return dtype
-
-
 def _add_kernel(importer: Any, func: tvm.tirx.PrimFunc, op: str) -> relax.GlobalVar:
     if not (func.attrs and KERNEL_ATTR in func.attrs):
         raise GraphImportError(
             f"kernel builder for {op} returned a PrimFunc without {KERNEL_ATTR!r}"
         )
     return importer.block_builder.add_func(func, f"tbn_{op}")
-
-
-def convert_tiled_linear(node: fx.Node, importer: Any) -> relax.Expr:
-    """``tbn::tiled_linear``: flatten leading dims into ``m``, call the kernel, reshape back."""
-    a = _bound_args(node, importer)
-    x, bb = a["x"], importer.block_builder
-    dtype = _check_dtype(x, node)
-    shape = _static_shape(x, "input", node)
-    in_f, out_f = int(a["in_features"]), int(a["out_features"])
-    m = math.prod(shape[:-1])
-    p = _static_shape(a["alphas"], "alphas", node)[0]
-    has_bias = a["bias"] is not None
-    func = kernels.tiled_linear_primfunc(
-        m, in_f, out_f, p, bool(a["weight_in_out"]), has_bias, dtype
-    )
-    gv = _add_kernel(importer, func, "tiled_linear")
-    x2 = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, (m, in_f)))
-    args = [x2, a["tile"], a["alphas"]] + ([a["bias"]] if has_bias else [])
-    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((m, out_f), dtype)))
-    if len(shape) == 2:
-        return y
-    return bb.emit(relax.op.reshape(y, (*shape[:-1], out_f)))
-
-
-def _convert_tiled_conv(spatial: int) -> Converter:
-    def convert(node: fx.Node, importer: Any) -> relax.Expr:
-        a = _bound_args(node, importer)
-        x, bb = a["x"], importer.block_builder
-        dtype = _check_dtype(x, node)
-        shape = _static_shape(x, "input", node)
-        unbatched = len(shape) == spatial + 1
-        if unbatched:
-            x = bb.emit(relax.op.expand_dims(x, 0))
-            shape = (1, *shape)
-        p = _static_shape(a["alphas"], "alphas", node)[0]
-        has_bias = a["bias"] is not None
-        func = kernels.tiled_conv_primfunc(
-            shape,
-            _ints(a["weight_shape"]),
-            _ints(a["stride"]),
-            _ints(a["padding"]),
-            _ints(a["dilation"]),
-            int(a["groups"]),
-            p,
-            has_bias,
-            dtype,
-        )
-        gv = _add_kernel(importer, func, f"tiled_conv{spatial}d")
-        args = [x, a["tile"], a["alphas"]] + ([a["bias"]] if has_bias else [])
-        out_shape = _expected_out_shape(node, unbatched)
-        y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, dtype)))
-        return bb.emit(relax.op.squeeze(y, [0])) if unbatched else y
-
-    return convert
-
-
-def _expected_out_shape(node: fx.Node, unbatched: bool) -> list[int]:
-    """Output shape from torch's fake tensor on the node (batched form)."""
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        raise GraphImportError(f"node {node.name!r}: no shape metadata from torch.export")
-    shape = [int(d) for d in val.shape]
-    return [1, *shape] if unbatched else shape
-
-
-def _ints(values: Sequence[Any]) -> list[int]:
-    return [int(v) for v in values]
 
 
 # --------------------------------------------------------------------------- torch semantics
@@ -797,13 +705,12 @@ SEMANTIC_CONVERTERS: dict[str, Converter] = {
 }
 """Ops whose TVM converters break torch's semantics (see the module docstring)."""
 
-CONVERTERS: dict[str, Converter] = {
-    "tiled_linear.default": convert_tiled_linear,
-    "tiled_conv1d.default": _convert_tiled_conv(1),
-    "tiled_conv2d.default": _convert_tiled_conv(2),
-    **SEMANTIC_CONVERTERS,
-}
-"""Op name as ``from_exported_program`` sees it (``target.__name__``) -> converter."""
+
+def converters() -> dict[str, Converter]:
+    """Op name as ``from_exported_program`` sees it (``target.__name__``) -> converter:
+    every registered tile op's (its record's ``relax_converter``), then
+    :data:`SEMANTIC_CONVERTERS`."""
+    return {**relax_converters(), **SEMANTIC_CONVERTERS}
 
 
 # --------------------------------------------------------------------------- importer
@@ -1070,14 +977,15 @@ def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) ->
     float_attention_masks(ep)
     integer_bool_operands(ep)
     importer = _Importer()
-    _check_supported(ep, {**importer.convert_map, **CONVERTERS})
+    convert_map = converters()
+    _check_supported(ep, {**importer.convert_map, **convert_map})
     try:
         mod = importer.from_exported_program(
             ep,
             keep_params_as_input=False,
             unwrap_unit_return_tuple=True,
             no_bind_return_tuple=False,
-            custom_convert_map=CONVERTERS,
+            custom_convert_map=convert_map,
         )
     except GraphImportError:
         raise
