@@ -847,15 +847,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config = _config(args)
     model, inputs = load_model_and_inputs(args.model, args.shape)
     report = inspect(rewrite(model, inputs, config))
-    if args.json != "-":
+    json_to_stdout = args.json == "-"  # then stdout holds the JSON alone
+    if not json_to_stdout:
         print(report)
-    if args.json:
-        _emit_json(args.json, report.to_dict())
     if args.dot:
         Path(args.dot).write_text(report.to_dot())
     if args.html:
         report.to_html(args.html, title=f"{args.model}: Tiled Bit Network report")
-        print(f"wrote {args.html}")
+        if not json_to_stdout:
+            print(f"wrote {args.html}")
+    if args.json:
+        _emit_json(args.json, report.to_dict())
     return EXIT_OK
 
 
@@ -961,18 +963,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         inputs = random_inputs(cm.input_specs, device)
     model = _eager_model(args.model, cm.input_specs, inputs, device) if args.model else None
+
+    def timed(name: str, fn: Callable[[], Any]) -> dict[str, Any]:
+        return _timing(name, time_calls(fn, args.warmup, args.repeat, device))
+
     with torch.no_grad():
-        rows = [
-            _timing(
-                f"tbn ({cm.target.name})",
-                time_calls(lambda: cm(*inputs), args.warmup, args.repeat, device),
-            )
-        ]
+        rows = [timed(f"tbn ({cm.target.name})", lambda: cm(*inputs))]
         if cortex_m:
             rows[0]["instructions"] = (cm.last_run or {}).get("instructions")
         if model is not None:
-            eager = time_calls(lambda: model(*inputs), args.warmup, args.repeat, device)
-            rows.append(_timing(f"torch eager ({device.type})", eager))
+            rows.append(timed(f"torch eager ({device.type})", lambda: model(*inputs)))
     result: dict[str, Any] = {
         "artifact": args.artifact,
         "target": cm.target.name,
