@@ -657,3 +657,20 @@ def test_targets_lists_every_registered_target(capsys):
     assert code == 0
     for row in rows:
         assert row["name"] in stdout
+
+
+def test_cortex_m_html_without_toolchain_fails_before_compiling(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tvm")
+    from tbn_compiler.backends.cortex_m import toolchain
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(toolchain, "_missing", lambda qemu: ("arm-none-eabi-gcc",))
+    monkeypatch.setattr(cli, "load_model", no_compile)
+    code, _, err = run_tbnc(
+        capsys, "compile", *MLP_ARGS, "--target", "mps2-an386", "-o", str(tmp_path / "p"),
+        "--html", str(tmp_path / "m.html"),
+    )  # fmt: skip
+    assert code == 2
+    assert_one_error_line(err, "missing arm-none-eabi-gcc", "apt-get install")
