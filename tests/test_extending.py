@@ -21,8 +21,9 @@ def test_extending_examples_run():
     if shutil.which("arm-none-eabi-gcc") is None or shutil.which("qemu-system-arm") is None:
         pytest.skip("the board example needs arm-none-eabi-gcc and qemu-system-arm")
     code = doc_code()
-    assert "register_target(" in code and "register_backend(" in code
-    # a fresh process: the examples register a board and a target kind for good
+    assert all(f"{kind}(" in code for kind in ("register_target", "register_backend"))
+    assert "register_tile_op(" in code
+    # a fresh process: the examples register a board, a target kind and a tile op for good
     done = subprocess.run(
         [sys.executable, "-c", code + "\nprint('examples ok')"],
         capture_output=True,
