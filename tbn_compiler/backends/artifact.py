@@ -136,6 +136,8 @@ class CompiledModule:
                 f"{len(self.output_specs)}"
             )
         self._per_thread = threading.local()  # one Relax VM per calling thread
+        self._direct = _direct_inputs(self.target.kind, self.input_specs)
+        self._single_output = output_tree is None or output_tree == _SINGLE_TENSOR
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in self.input_specs)
@@ -183,17 +185,32 @@ class CompiledModule:
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         main = self._function()
-        self.check_inputs(inputs)
-        if self.index_checks and self.target.kind == "cuda":  # host kernels raise themselves
-            named = {s.name: t for s, t in zip(self.input_specs, inputs, strict=True)}
-            check_index_inputs(self.index_checks, named)
-        args = [tvm.runtime.from_dlpack(_dlpack_ready(t)) for t in inputs]
-        result = _to_torch(main(*args))
+        result = main(*self._arguments(inputs))
+        if self._single_output and isinstance(result, torch.Tensor):
+            return result
+        result = _to_torch(result)
         if self.output_tree is None:
             return result
         flat = result if isinstance(result, tuple) else (result,)
         # constants (None, ...) in the output come back from the VM too; the tree has them
         return self.output_tree.unflatten([v for v in flat if isinstance(v, torch.Tensor)])
+
+    def _arguments(self, inputs: Sequence[Any]) -> Sequence[Any]:
+        """What ``main`` is called with. Host modules take the torch tensors themselves
+        (TVM's FFI converts them with DLPack, and hands back torch tensors); inputs that
+        match the specs and are already compact and 64-byte aligned (what TVM's kernels
+        assume) pass through with these few checks. Anything else takes the full checks
+        (:meth:`check_inputs`) and is made detached, compact and aligned (a copy only if
+        needed); CUDA modules also check gather ids, then convert to TVM tensors."""
+        if self._direct is not None and _ready_as_is(self._direct, inputs):
+            return inputs
+        self.check_inputs(inputs)
+        if self.target.kind == "cuda":
+            if self.index_checks:  # host kernels raise themselves
+                named = {s.name: t for s, t in zip(self.input_specs, inputs, strict=True)}
+                check_index_inputs(self.index_checks, named)
+            return [tvm.runtime.from_dlpack(_dlpack_ready(t)) for t in inputs]
+        return [_dlpack_ready(t) for t in inputs]
 
     # ------------------------------------------------------------------ inspection
 
@@ -282,13 +299,53 @@ def _check_input(spec: TensorSpec, value: Any, device: torch.device) -> None:
         )
 
 
+_ALIGNMENT = 64  # bytes; TVM's kernels assume it (tvm.runtime.from_dlpack requires it)
+_SINGLE_TENSOR = OutputTree({"t": "tensor"})
+
+
+def _direct_inputs(kind: str, specs: Sequence[TensorSpec]) -> tuple | None:
+    """Per input (shape, torch dtype) for the pass-through test of
+    :meth:`CompiledModule._arguments`; None where inputs are always converted (CUDA,
+    or a dtype torch does not name)."""
+    if kind != "llvm":
+        return None
+    dtypes = [getattr(torch, s.dtype, None) for s in specs]
+    if not all(isinstance(d, torch.dtype) for d in dtypes):
+        return None
+    return tuple((torch.Size(s.shape), d) for s, d in zip(specs, dtypes, strict=True))
+
+
+def _ready_as_is(expected: tuple, inputs: Sequence[Any]) -> bool:
+    """True when ``inputs`` are plain CPU tensors of the expected shapes and dtypes,
+    compact and aligned: what the kernels can read in place."""
+    if len(inputs) != len(expected):
+        return False
+    for (shape, dtype), t in zip(expected, inputs, strict=True):
+        if not (
+            type(t) is torch.Tensor
+            and t.dtype is dtype
+            and t.shape == shape
+            and t.is_cpu
+            and t.is_contiguous()
+            and t.data_ptr() % _ALIGNMENT == 0
+        ):
+            return False
+    return True
+
+
 def _dlpack_ready(t: torch.Tensor) -> torch.Tensor:
-    """Detached (DLPack refuses tensors that require grad) and compact (copy only if not)."""
+    """Detached (DLPack refuses tensors that require grad), compact and 64-byte aligned
+    (a copy only if not: a view into the middle of a tensor may be unaligned)."""
     t = t.detach()
-    return t if t.is_contiguous() else t.contiguous()
+    if t.is_contiguous() and t.data_ptr() % _ALIGNMENT == 0:
+        return t
+    copy = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # allocator: 64-aligned
+    return copy.copy_(t)
 
 
 def _to_torch(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):  # TVM's FFI converted it (torch inputs)
+        return value
     if isinstance(value, tvm.runtime.Tensor):
         return torch.from_dlpack(value)
     if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
