@@ -38,6 +38,9 @@ Contract of :func:`import_graph`:
   - ``select`` (``x[:, i]``) counts a negative ``i`` from the end (TVM's converter reads
     out of bounds), and ``x ** n`` for a whole ``n`` in 2..8 multiplies (as torch does
     for 2 and 3; TVM's ``pow`` warns on stderr at every build).
+  - Randomness is refused, never frozen: ``dropout`` that drops (``train=True``,
+    ``p > 0``; TVM returns the input) and the ops that draw random numbers (``rand*``,
+    ``randn*`` (TVM bakes one draw into a constant), ``randint*``, ``bernoulli``, ...).
   - Refused with :class:`UnsupportedOpError` naming the node: attention with
     ``dropout_p > 0`` and the index output of ``max_pool*_with_indices``.
 * Every other op goes through TVM's frontend. An op it cannot import raises
@@ -583,6 +586,34 @@ def convert_pow_scalar(node: fx.Node, importer: Any) -> relax.Expr:
     return result
 
 
+def convert_dropout(node: fx.Node, importer: Any) -> relax.Expr:
+    """``dropout`` / ``native_dropout``: the identity when it does not drop (``train``
+    false or ``p == 0``); refused when it does (TVM's converter returns the input)."""
+    p = float(_arg(node, 1, "p", 0.5))
+    train = _arg(node, 2, "train", True)
+    if train and p > 0.0:
+        raise _refuse(
+            node,
+            f"drops at random (p={p}, train=True) and a compiled module draws no random "
+            "numbers; call model.eval(), or pass training=False to F.dropout",
+        )
+    x = importer.env[node.args[0]]
+    if "native_dropout" not in _op_name(node):
+        return x
+    keep = relax.op.ones(x.ty.shape, "bool")  # native_dropout also returns its mask
+    return importer.block_builder.emit(relax.Tuple([x, importer.block_builder.emit(keep)]))
+
+
+def refuse_random(node: fx.Node, importer: Any) -> relax.Expr:
+    """Ops that draw random numbers at every call: refused (TVM's converters freeze one
+    draw into a constant, or return the input)."""
+    raise _refuse(
+        node,
+        "draws random numbers at every call, and a compiled module draws none; "
+        "pass the random tensor as an input instead",
+    )
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -701,6 +732,22 @@ SEMANTIC_CONVERTERS: dict[str, Converter] = {
     "index_put.default": convert_indexing,
     "select.int": convert_select,
     "pow.Tensor_Scalar": convert_pow_scalar,
+    "dropout.default": convert_dropout,
+    "dropout_.default": convert_dropout,
+    "native_dropout.default": convert_dropout,
+    "bernoulli.default": refuse_random,
+    "bernoulli.p": refuse_random,
+    "rand.default": refuse_random,
+    "rand_like.default": refuse_random,
+    "randn.default": refuse_random,
+    "randn_like.default": refuse_random,
+    "randint.default": refuse_random,
+    "randint.low": refuse_random,
+    "randint_like.default": refuse_random,
+    "normal.Tensor_Tensor": refuse_random,
+    "uniform.default": refuse_random,
+    "multinomial.default": refuse_random,
+    "randperm.default": refuse_random,
     "scaled_dot_product_attention.default": convert_sdpa,
 }
 """Ops whose TVM converters break torch's semantics (see the module docstring)."""

@@ -1,0 +1,103 @@
+"""Relax import: ops whose TVM converters break torch's semantics, against plain torch.
+
+select with a negative index, whole powers, concatenation with an empty operand (the
+empty key/value cache of Hugging Face decoders), dropout and random ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tbn_compiler as tbn
+from tbn_compiler.backends.relax_import import UnsupportedOpError
+
+DENSE = tbn.TBNConfig(exclude=["*"])  # compare with the float model itself
+
+
+class Selects(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x[:, -1], x[-2], x[:, 0, -3], x.select(2, 1)
+
+
+class Powers(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x**2, x**3, x**5, x**8, x**2.5, x**-1
+
+
+class EmptyCache(nn.Module):
+    """``torch.cat`` of a 1-D empty tensor (skipped by torch whatever the rank) and of an
+    empty slice, as a key/value cache does on its first step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.cat([torch.tensor([]), self.proj(x)], dim=-2)
+        values = torch.cat([x[:, :0], x, x[:, :0]], dim=1)
+        return keys * 2, values
+
+
+def _compiled_matches(model: nn.Module, x: torch.Tensor) -> None:
+    cm = tbn.compile(model, x, config=DENSE)
+    expected, got = model(x), cm(x)
+    assert len(got) == len(expected)
+    for e, g in zip(expected, got, strict=True):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_select_counts_negative_indices_from_the_end() -> None:
+    _compiled_matches(Selects(), torch.randn(4, 5, 6))
+
+
+def test_whole_powers_match_torch_also_for_negative_bases() -> None:
+    x = torch.linspace(-3.0, 3.0, 24).reshape(4, 6)
+    _compiled_matches(Powers(), x)
+
+
+def test_concatenation_skips_empty_operands_of_any_rank() -> None:
+    torch.manual_seed(0)
+    _compiled_matches(EmptyCache().eval(), torch.randn(2, 3, 8))
+
+
+class Dropout(nn.Module):
+    def __init__(self, training: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.training_flag = training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.fc(x), 0.25, training=self.training_flag)
+
+
+def test_dropout_that_drops_is_refused_and_inactive_dropout_is_the_identity() -> None:
+    x = torch.randn(3, 8)
+    with pytest.raises(UnsupportedOpError, match=r"drops at random \(p=0.25, train=True\)"):
+        tbn.compile(Dropout(training=True), x, config=DENSE)
+    model = Dropout(training=False)
+    torch.testing.assert_close(
+        tbn.compile(model, x, config=DENSE)(x), model(x), rtol=1e-5, atol=1e-6
+    )
+
+
+class Noise(nn.Module):
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "randn_like":
+            return x + torch.randn_like(x)
+        if self.op == "randn":
+            return x + torch.randn(x.shape)
+        return torch.bernoulli(torch.sigmoid(x))
+
+
+@pytest.mark.parametrize("op", ["randn_like", "randn", "bernoulli"])
+def test_random_ops_are_refused_not_frozen(op: str) -> None:
+    with pytest.raises(UnsupportedOpError, match="draws random numbers at every call"):
+        tbn.compile(Noise(op), torch.randn(2, 4), config=DENSE)
