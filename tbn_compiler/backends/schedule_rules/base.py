@@ -27,6 +27,7 @@ that tell the Relax pipelines which functions are our kernels (:func:`mark_opaqu
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,6 +129,17 @@ class KernelAnalysis:
     @property
     def product(self) -> Stage | None:
         return self.first("product")
+
+    @property
+    def work(self) -> int:
+        """Block iterations of the whole function (the sum over blocks of the product
+        of their extents); -1 when an extent is symbolic."""
+        total = 0
+        for stage in self.stages:
+            if any(e < 0 for e in stage.extents):
+                return -1
+            total += math.prod(stage.extents)
+        return total
 
     @property
     def table_product(self) -> bool:

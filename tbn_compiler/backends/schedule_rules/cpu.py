@@ -22,14 +22,20 @@ predicates, clean vector loops). :data:`CPU_RULES`, first that applies:
 
 Around the product each rule schedules the other blocks alike: padding and epilogues
 parallel and vectorized, other reductions parallel over outputs, the table left as built.
+A kernel doing less than :data:`MIN_PARALLEL_WORK` block iterations stays serial
+(:func:`worth_parallel`): a parallel launch costs more than it takes.
 
 :func:`parallelize_generic` is the schedule of the functions no rule scheduled (TVM's
-legalized operators). A schedule step TVM refuses raises :class:`ScheduleError` (a
-``RuntimeError``); the optional steps of :func:`parallelize_generic` catch exactly that.
+legalized operators and what FuseOps fused): producers inlined, functions with
+reductions (softmax, LayerNorm, attention, matmuls) run row by row in one parallel loop,
+elementwise passes vectorized (parallel only from :data:`MIN_PARALLEL_ELEMENTS` on). A
+schedule step TVM refuses raises :class:`ScheduleError` (a ``RuntimeError``); the
+optional steps of :func:`parallelize_generic` catch exactly that.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import tvm
@@ -46,6 +52,7 @@ from .base import (
     cores,
     extent,
     factor,
+    reduces,
     root_block,
     split_loops,
 )
@@ -57,9 +64,23 @@ __all__ = [
     "DirectConv",
     "ParallelOutputs",
     "RowTableProduct",
+    "MIN_PARALLEL_ELEMENTS",
+    "MIN_PARALLEL_WORK",
     "host_target",
+    "inline_producers",
     "parallelize_generic",
+    "worth_parallel",
 ]
+
+
+MIN_PARALLEL_WORK = 1 << 16
+"""Block iterations below which a function runs serially: on 2 cores a parallel launch
+costs microseconds (tens when the cores are busy), more than such a function takes."""
+
+MIN_PARALLEL_ELEMENTS = 1 << 20
+"""Iterations below which an elementwise function (memory-bound) runs serially: on 2
+busy cores a second thread made elementwise passes of up to a million elements slower
+(ResNet-18 BatchNorm + ReLU at batch 16, transformer layout copies), not faster."""
 
 
 def host_target() -> Target:
@@ -90,17 +111,24 @@ class _ProductRule(ScheduleRule):
         return sch
 
 
+def worth_parallel(kernel: KernelAnalysis) -> bool:
+    """True when ``kernel`` does enough work (:data:`MIN_PARALLEL_WORK` block iterations,
+    or a symbolic extent) that running it on several cores pays for the fork and join."""
+    return kernel.work < 0 or kernel.work >= MIN_PARALLEL_WORK
+
+
 def _schedule_around(sch: Schedule, kernel: KernelAnalysis, product: Callable[[], None]) -> None:
     """Input stages (padding: elementwise; other reductions: parallel outputs), then the
     product, then the epilogue (elementwise). The sign table stays as built."""
+    parallel = worth_parallel(kernel)
     for stage in kernel.stages:
         if stage.role == "padding":
-            _cpu_elementwise(sch, stage.block)
+            _cpu_elementwise(sch, stage.block, parallel)
         elif stage.role == "pre":
-            _cpu_reduce_simple(sch, stage.block)
+            _cpu_reduce_simple(sch, stage.block, parallel)
     product()
     for stage in kernel.with_role("epilogue"):
-        _cpu_elementwise(sch, stage.block)
+        _cpu_elementwise(sch, stage.block, parallel)
 
 
 class ChecksStaySerial(ScheduleRule):
@@ -123,7 +151,8 @@ class RowTableProduct(_ProductRule):
 
     def schedule_product(self, sch: Schedule, kernel: KernelAnalysis) -> None:
         patches = kernel.first("im2col") if kernel.im2col_product else None
-        _cpu_lut_gemm(sch, kernel.product.block, None if patches is None else patches.block)
+        patches = None if patches is None else patches.block
+        _cpu_lut_gemm(sch, kernel.product.block, patches, worth_parallel(kernel))
 
 
 class ColumnTableProduct(_ProductRule):
@@ -135,7 +164,7 @@ class ColumnTableProduct(_ProductRule):
         return kernel.table_product and kernel.product.iter_kinds == "SSSSR"
 
     def schedule_product(self, sch: Schedule, kernel: KernelAnalysis) -> None:
-        _cpu_column_table(sch, kernel.product.block)
+        _cpu_column_table(sch, kernel.product.block, worth_parallel(kernel))
 
 
 class DirectConv(_ProductRule):
@@ -147,7 +176,7 @@ class DirectConv(_ProductRule):
         return kernel.kind in CONV_KINDS and not kernel.im2col_product
 
     def schedule_product(self, sch: Schedule, kernel: KernelAnalysis) -> None:
-        _cpu_direct_conv(sch, kernel.product.block)
+        _cpu_direct_conv(sch, kernel.product.block, worth_parallel(kernel))
 
 
 class ParallelOutputs(_ProductRule):
@@ -159,7 +188,7 @@ class ParallelOutputs(_ProductRule):
         return True
 
     def schedule_product(self, sch: Schedule, kernel: KernelAnalysis) -> None:
-        _cpu_reduce_simple(sch, kernel.product.block)
+        _cpu_reduce_simple(sch, kernel.product.block, worth_parallel(kernel))
 
 
 CPU_RULES: tuple[ScheduleRule, ...] = (
@@ -175,7 +204,13 @@ CPU_RULES: tuple[ScheduleRule, ...] = (
 # --------------------------------------------------------------------------- schedules
 
 
-def _cpu_elementwise(sch: Schedule, block, vec: int = 8) -> None:
+def _parallel(sch: Schedule, loop, enabled: bool) -> None:
+    """``loop`` parallel when ``enabled`` and it has more than one iteration."""
+    if enabled and extent(sch, loop) > 1:
+        sch.parallel(loop)
+
+
+def _cpu_elementwise(sch: Schedule, block, parallel: bool = True, vec: int = 8) -> None:
     """Parallel outer loops, vectorized innermost loop (any shape)."""
     loops = sch.get_loops(block)
     v = factor(extent(sch, loops[-1]), (vec * 4, vec * 2, vec, 4, 2))
@@ -183,20 +218,20 @@ def _cpu_elementwise(sch: Schedule, block, vec: int = 8) -> None:
         outer_inner = sch.split(loops[-1], [None, v])
         sch.vectorize(outer_inner[1])
         loops = sch.get_loops(block)[:-1]
+    if not loops:
+        return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    if extent(sch, fused) > 1:
-        sch.parallel(fused)
+    _parallel(sch, fused, parallel)
 
 
-def _cpu_reduce_simple(sch: Schedule, block) -> None:
+def _cpu_reduce_simple(sch: Schedule, block, parallel: bool = True) -> None:
     """Parallel over all outputs, serial reduction (fallback for odd shapes)."""
     spatial, _ = split_loops(sch, block)
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-    if extent(sch, fused) > 1:
-        sch.parallel(fused)
+    _parallel(sch, fused, parallel)
 
 
-def _cpu_lut_gemm(sch: Schedule, block, patches=None) -> None:
+def _cpu_lut_gemm(sch: Schedule, block, patches=None, parallel: bool = True) -> None:
     """``block[i, r] = sum over (word, byte, bit)``: the 8 bits of a table entry become
     vector lanes (rfactor); ``mr x nr`` register blocks accumulate over the whole
     reduction; parallel over blocks. ``block`` keeps the final 8-lane sum. With
@@ -212,7 +247,7 @@ def _cpu_lut_gemm(sch: Schedule, block, patches=None) -> None:
     ro, ri = sch.split(r, [None, nr])
     sch.reorder(io, ro, im, kw, kb, ii, ri, kl)
     task = sch.fuse(io, ro) if patches is None else io
-    sch.parallel(task)
+    _parallel(sch, task, parallel)
     if patches is not None:
         _cpu_patches_at(sch, patches, task)
     acc = sch.cache_write(rf, 0, "local")
@@ -237,7 +272,7 @@ def _cpu_patches_at(sch: Schedule, patches, task) -> None:
                 sch.unroll(loop)
 
 
-def _cpu_column_table(sch: Schedule, block) -> None:
+def _cpu_column_table(sch: Schedule, block, parallel: bool = True) -> None:
     """``block[i, ow, ob, ol] = sum over j``: ``mr`` rows x one tile word of columns per
     register block, the 8 columns of a table entry as lanes, parallel over blocks."""
     i, ow, ob, ol, j = sch.get_loops(block)
@@ -245,7 +280,7 @@ def _cpu_column_table(sch: Schedule, block) -> None:
     io, ii = sch.split(i, [None, mr])
     sch.reorder(io, ow, j, ii, ob, ol)
     outer = sch.fuse(io, ow)
-    sch.parallel(outer)
+    _parallel(sch, outer, parallel)
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, outer)
     sch.unroll(ii)
@@ -275,7 +310,7 @@ def _row_blocks(m: int, n_cores: int) -> tuple[int, int]:
     return factor(m, (4, 2)), 1
 
 
-def _cpu_direct_conv(sch: Schedule, block) -> None:
+def _cpu_direct_conv(sch: Schedule, block, parallel: bool = True) -> None:
     """``fr`` filters x output-width vector per register block, parallel over blocks,
     one scalar sign per filter tap."""
     spatial, red = split_loops(sch, block)
@@ -288,7 +323,7 @@ def _cpu_direct_conv(sch: Schedule, block) -> None:
     outer_sp = [batch, fo, *sp[:-1], wo]
     sch.reorder(*outer_sp, *red, fi, wi)
     outer = sch.fuse(*outer_sp)
-    sch.parallel(outer)
+    _parallel(sch, outer, parallel)
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, outer)
     sch.unroll(fi)
@@ -303,23 +338,285 @@ def _cpu_direct_conv(sch: Schedule, block) -> None:
 # --------------------------------------------------------------------------- generic
 
 
-def parallelize_generic(func: tirx.PrimFunc, min_work: int = 4096) -> tirx.PrimFunc:
-    """Default CPU schedule for kernels nobody scheduled (TVM-legalized ops such as
-    attention, softmax, LayerNorm): every top-level reduction block doing at least
-    ``min_work`` iterations gets its innermost reduction split into 8 vector lanes
-    (``rfactor``, when it is contiguous and long enough) and its leading data-parallel
-    loops run in parallel (fused until there are a few tasks per core). A step a block
-    refuses is skipped; the result is exact either way."""
+def parallelize_generic(
+    func: tirx.PrimFunc,
+    min_work: int = MIN_PARALLEL_WORK,
+    min_elementwise: int = MIN_PARALLEL_ELEMENTS,
+) -> tirx.PrimFunc:
+    """Default CPU schedule for the functions no rule scheduled (TVM-legalized operators
+    such as attention, softmax, LayerNorm, matmuls, and the chains FuseOps made):
+
+    1. :func:`inline_producers`: intermediate blocks folded into their readers, so an
+       elementwise chain is one pass over memory and layout changes cost no pass;
+    2. a function with reductions is scheduled row by row when it can be
+       (:func:`_try_row_fusion`: every block computed inside the row loops of the last
+       one, one parallel loop over rows, vector lanes inside a row); data movement
+       left after the last reduction is scheduled as elementwise (step 4);
+    3. otherwise every reduction block doing at least ``min_work`` iterations gets its
+       innermost reduction split into 8 vector lanes (``rfactor``, when contiguous and
+       long enough) and its leading data-parallel loops run in parallel;
+    4. every elementwise block of at least ``min_elementwise`` iterations gets its
+       innermost loop vectorized and its outer loops fused and parallel.
+
+    Smaller work stays serial: its fork and join would cost more than it takes. A step
+    a block refuses is skipped; the result is exact either way."""
     sch = Schedule(func)
     root = root_block(sch)
     if root is None:
         return func
-    for block in sch.get_child_blocks(root):
+    inline_producers(sch, root)
+    fused = _try_row_fusion(sch, root, min_work)
+    if fused is not None:
+        sch, rest = fused
+    else:
+        rest = sch.get_child_blocks(root)
+    for block in rest:
+        if not reduces(sch, block):
+            sch = _try_parallel_elementwise(sch, block, min_elementwise) or sch
+            continue
         rf_sch, rf_block = _try_vector_reduction(sch, block, min_work)
         if rf_block is not None:
             sch = _try_parallel_prefix(rf_sch, rf_block, min_work) or rf_sch
         sch = _try_parallel_prefix(sch, block, min_work) or sch
     return sch.mod["main"]
+
+
+def _try_row_fusion(sch: Schedule, root, min_work: int, lanes: int = 8) -> tuple | None:
+    """(schedule, blocks left to schedule) with the blocks up to the last reduction
+    computed row by row, or None when the function does not fit (no reduction, a block
+    TVM cannot move into the rows, a last block with a single data-parallel loop).
+
+    A row is one iteration of the leading data-parallel loops of the last of those
+    blocks (all but its innermost): e.g. a row of LayerNorm or softmax, or one query row
+    of one attention head, where every intermediate is a row or a few numbers. The row
+    loop is parallel when the function does ``min_work`` iterations. Inside a row:
+    reductions over a contiguous innermost index keep ``lanes`` partial sums as a vector
+    (``rfactor``, done first: TVM refuses it inside another loop); reductions whose
+    output index is contiguous in an input (``x[k] * w[k, j]``) run with ``j`` as the
+    vector; data-parallel blocks get their innermost loop as the vector."""
+    blocks = sch.get_child_blocks(root)
+    body, tail = _split_movement_tail(sch, blocks)
+    if not any(reduces(sch, b) for b in body):
+        return None
+    work = sum(_iterations(sch, b) for b in blocks)
+    trial = sch.copy()
+    try:
+        rf_blocks = [rf for b in body if (rf := _try_lane_rfactor(trial, b, lanes)) is not None]
+        tail_names = {trial.get(b).name_hint for b in tail}
+        body = [b for b in trial.get_child_blocks(root) if trial.get(b).name_hint not in tail_names]
+        spatial, _ = split_loops(trial, body[-1])
+        if len(spatial) < 2:
+            return None
+        for block in reversed(body[:-1]):
+            trial.compute_at(block, spatial[-2], preserve_unit_loops=True)
+        rows = trial.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
+        _parallel(trial, rows, work >= min_work)
+        rf_names = {trial.get(rf).name_hint for rf in rf_blocks}
+        for block in rf_blocks:
+            _lane_loop_innermost(trial, block, lanes)
+        for block in body:
+            if trial.get(block).name_hint not in rf_names:
+                _vectorize_in_row(trial, block, lanes)
+    except ScheduleError:
+        return None
+    return trial, tail
+
+
+def _split_movement_tail(sch: Schedule, blocks: list) -> tuple[list, list]:
+    """(blocks, trailing data-movement blocks): a transpose after the last reduction is
+    better as its own elementwise pass than as the row anchor."""
+    body = list(blocks)
+    tail = []
+    while (
+        len(body) > 1
+        and not reduces(sch, body[-1])
+        and _value_kind(sch.get(body[-1]).body) == "move"
+    ):
+        tail.insert(0, body.pop())
+    return body, tail
+
+
+def _iterations(sch: Schedule, block) -> int:
+    """Iterations of ``block`` (its iteration domain; symbolic extents count as large)."""
+    total = 1
+    for iv in sch.get(block).iter_vars:
+        if not isinstance(iv.dom.extent, tirx.IntImm):
+            return 1 << 40
+        total *= int(iv.dom.extent)
+    return total
+
+
+def _single_reduction_var(sch: Schedule, block) -> tirx.Var | None:
+    red = [iv.var for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2]
+    return red[0] if len(red) == 1 else None
+
+
+def _try_lane_rfactor(sch: Schedule, block, lanes: int):
+    """The rfactor block of ``block``'s single reduction split into ``lanes`` partial
+    sums (the lane index last), when every input it reduces over is contiguous in it;
+    else None (``block`` unchanged)."""
+    k = _single_reduction_var(sch, block)
+    if k is None:
+        return None
+    contiguous = _contiguous_reads(sch, block, k)
+    _, reduction = split_loops(sch, block)
+    n = extent(sch, reduction[0])
+    if not contiguous or not all(contiguous) or n % lanes or n < 2 * lanes:
+        return None
+    _, inner = sch.split(reduction[0], [None, lanes])
+    return sch.rfactor(inner, factor_axis=len(sch.get(block).iter_vars) - 1)
+
+
+def _lane_loop_innermost(sch: Schedule, rf, lanes: int) -> None:
+    """Inside a row, move the lane loop of an rfactor block innermost and vectorize it
+    (compute_at makes one loop per block variable, in the block's variable order)."""
+    block = sch.get(rf)
+    lane = block.writes[0].region[-1].min
+    ivs = list(block.iter_vars)
+    pos = next(i for i, iv in enumerate(ivs) if iv.var.same_as(lane))
+    loops = sch.get_loops(rf)[-len(ivs) :]
+    if extent(sch, loops[pos]) != lanes:
+        return
+    sch.reorder(*[loop for i, loop in enumerate(loops) if i != pos], loops[pos])
+    sch.vectorize(loops[pos])
+
+
+def _vectorize_in_row(sch: Schedule, block, lanes: int) -> None:
+    """Vector lanes for one block inside a row (see :func:`_try_row_fusion`)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    if not reduces(sch, block):
+        inner = factor(extent(sch, loops[-1]), (lanes,))
+        if inner > 1:
+            sch.vectorize(sch.split(loops[-1], [None, inner])[1])
+        return
+    k = _single_reduction_var(sch, block)
+    spatial, reduction = split_loops(sch, block)
+    if k is None or len(reduction) != 1 or not spatial or extent(sch, spatial[-1]) % lanes:
+        return
+    j = [iv.var for iv in sch.get(block).iter_vars if int(iv.iter_type) == 0][-1]
+    if all(_contiguous_reads(sch, block, k)) or not any(_contiguous_reads(sch, block, j)):
+        return  # reduces over the contiguous index (a lane sum), or nothing to vectorize
+    outer, inner = sch.split(spatial[-1], [None, lanes])
+    sch.reorder(reduction[0], outer, inner)
+    sch.vectorize(inner)
+    init = sch.decompose_reduction(block, reduction[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _contiguous_reads(sch: Schedule, block, var: tirx.Var) -> list[bool]:
+    """For each input region of ``block`` indexed by ``var``: True when ``var`` is only
+    in its last (contiguous) index, after simplifying the indices over the block's
+    iteration domain (inlined reshapes leave ``(k // 64 + i) % 64``-like indices)."""
+    b = sch.get(block)
+    analyzer = tvm.sym.Analyzer()
+    for iv in b.iter_vars:
+        analyzer.bind(iv.var, iv.dom)
+    out = []
+    for region in b.reads:
+        idx = [analyzer.simplify(r.min) for r in region.region]
+        if any(_uses(i, var) for i in idx):
+            out.append(_uses(idx[-1], var) and not any(_uses(i, var) for i in idx[:-1]))
+    return out
+
+
+def _uses(expr: object, var: tirx.Var) -> bool:
+    """True when ``expr`` refers to ``var``."""
+    if isinstance(expr, tirx.Var):
+        return expr.same_as(var)
+    for name in ("a", "b", "value", "condition", "true_value", "false_value"):
+        if hasattr(expr, name) and _uses(getattr(expr, name), var):
+            return True
+    for name in ("args", "indices"):
+        if hasattr(expr, name) and any(_uses(x, var) for x in getattr(expr, name)):
+            return True
+    return False
+
+
+_COSTLY_CALLS = frozenset(
+    f"tirx.{name}"
+    for name in (
+        "exp", "exp2", "exp10", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "pow",
+        "tanh", "sigmoid", "erf", "sin", "cos", "tan", "asin", "acos", "atan", "atan2",
+    )
+)  # fmt: skip
+
+
+def inline_producers(sch: Schedule, root) -> None:
+    """Inline the data-parallel blocks of ``root`` that feed other blocks, where that
+    adds no work: pure data movement (a load, maybe cast: transpose, reshape, broadcast
+    copies) into any reader; other arithmetic without costly calls (``exp``, ``sqrt``,
+    ...) into data-parallel readers only (inlined into a reduction it would be redone
+    for every reduction step). Costly blocks stay, computed once. A block TVM refuses to
+    inline stays too."""
+    for block in sch.get_child_blocks(root):
+        if reduces(sch, block) or not sch.get_consumers(block):
+            continue
+        kind = _value_kind(sch.get(block).body)
+        if kind == "costly":
+            continue
+        if kind == "arith" and any(reduces(sch, c) for c in sch.get_consumers(block)):
+            continue
+        try:
+            sch.compute_inline(block)
+        except ScheduleError:  # e.g. it writes an output, or a reader is not affine
+            continue
+
+
+def _value_kind(body: object) -> str:
+    """``"move"`` for a store of a load (maybe cast), ``"costly"`` when the stored value
+    calls a costly function on a non-constant, else ``"arith"``."""
+    value = getattr(body, "value", None)
+    if not isinstance(body, tirx.BufferStore) or value is None:
+        return "costly"  # not a plain store: leave it alone
+    inner = value.value if isinstance(value, tirx.Cast) else value
+    if isinstance(inner, tvm.ir.TensorLoad):  # what tirx.BufferLoad builds
+        return "move"
+    return "costly" if _has_costly_call(value) else "arith"
+
+
+def _has_costly_call(expr: object) -> bool:
+    op = getattr(expr, "op", None)
+    args = getattr(expr, "args", None)
+    if op is not None and args is not None:  # a call
+        if getattr(op, "name", "") in _COSTLY_CALLS and not all(_is_constant(a) for a in args):
+            return True
+        return any(_has_costly_call(a) for a in args)
+    children = ("a", "b", "value", "condition", "true_value", "false_value")
+    return any(_has_costly_call(getattr(expr, c)) for c in children if hasattr(expr, c))
+
+
+def _is_constant(expr: object) -> bool:
+    return isinstance(expr, (tirx.IntImm, tirx.FloatImm))
+
+
+def _try_parallel_elementwise(sch: Schedule, block, min_elements: int) -> Schedule | None:
+    """A copy of ``sch`` with the data-parallel ``block`` vectorized (its trailing loops
+    fused up to a vector's width) and, from ``min_elements`` iterations on, parallel
+    over its outer loops; None when its extents are symbolic or TVM refuses a step."""
+    loops = sch.get_loops(block)
+    extents = [sch.get(loop).extent for loop in loops]
+    if not loops or not all(isinstance(e, tirx.IntImm) for e in extents):
+        return None
+    trial = sch.copy()
+    try:
+        _fuse_trailing(trial, block, 8)
+        _cpu_elementwise(trial, block, math.prod(int(e) for e in extents) >= min_elements)
+    except ScheduleError:
+        return None
+    return trial
+
+
+def _fuse_trailing(sch: Schedule, block, lanes: int) -> None:
+    """Fuse the innermost loops of ``block`` while the innermost is shorter than
+    ``lanes`` (e.g. the 4 x 4 pixels of a channel become one loop of 16)."""
+    loops = sch.get_loops(block)
+    n = 1
+    while n < len(loops) and math.prod(extent(sch, lp) for lp in loops[-n:]) < lanes:
+        n += 1
+    if n > 1:
+        sch.fuse(*loops[-n:])
 
 
 def _try_vector_reduction(sch: Schedule, block, min_work: int, lanes: int = 8):
@@ -353,8 +650,6 @@ def _try_parallel_prefix(sch: Schedule, block, min_work: int) -> Schedule | None
     work = 1
     for e in extents + [extent(sch, loop) for loop in reduction]:
         work *= e
-    # Elementwise kernels are memory-bound: on a few cores their fork/join costs more
-    # than it saves (measured on ResNet-18). Reductions (matmuls, softmax) gain.
     if not spatial or not reduction or work < min_work:
         return None
     n, tasks = 0, 1
