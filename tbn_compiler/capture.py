@@ -3,8 +3,10 @@
 ``torch.export`` (non-strict) first: it handles real models that ``symbolic_trace``
 cannot (Hugging Face transformers, in-place tensor writes, ...) and yields an
 ATen-level graph whose parameters are ``get_attr`` nodes. The leading (batch)
-dimension of tensor inputs is exported as dynamic where the model allows it, so
-the captured graph runs on other batch sizes too (an example batch of 1 pins it).
+dimension of tensor inputs is exported as one symbolic dimension, :data:`BATCH`
+(:func:`export_dynamic_batch`; an example batch of 1 too), so the captured graph runs
+on other batch sizes; where the model fixes it, each input's leading dimension is
+dynamic where the model allows it (``Dim.AUTO``), else static.
 ``torch.fx.symbolic_trace`` is the fallback. When both fail, :class:`CaptureError`
 names both failures and what to do.
 """
@@ -25,11 +27,14 @@ import torch
 import torch.fx as fx
 
 __all__ = [
+    "BATCH",
     "CaptureError",
     "OutputTree",
     "as_input_tuple",
     "capture",
+    "example_batch",
     "example_tensors",
+    "export_dynamic_batch",
     "graph_with_outputs",
     "output_tree",
 ]
@@ -68,12 +73,31 @@ def example_tensors(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return inputs
 
 
-def _batch_dynamic_shapes(args: tuple, kwargs: Mapping[str, Any]):
-    """``Dim.AUTO`` on dim 0 of every tensor with at least one dim; None elsewhere."""
+BATCH = "batch"
+"""Name of the symbolic batch dimension: dim 0 of every batched input (see
+:func:`export_dynamic_batch`), as compiled modules' signatures name it."""
+
+
+def example_batch(values: Any) -> int | None:
+    """The example's batch size: dim 0 of the first tensor of at least one dim among
+    ``values`` (pytree order), or None."""
+    for leaf in torch.utils._pytree.tree_leaves(values):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return None
+
+
+def _is_batched(value: Any, batch: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+
+
+def _batch_dynamic_shapes(args: tuple, kwargs: Mapping[str, Any], dim: Any, batch: int | None):
+    """``dynamic_shapes`` for ``torch.export``: ``{0: dim}`` for every tensor whose dim 0
+    is ``batch`` (None: every tensor of at least one dim); None elsewhere."""
 
     def spec(value):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return {0: torch.export.Dim.AUTO}
+            return {0: dim} if batch is None or value.shape[0] == batch else None
         if isinstance(value, (list, tuple)):
             return type(value)(spec(v) for v in value)
         if isinstance(value, dict):
@@ -81,6 +105,57 @@ def _batch_dynamic_shapes(args: tuple, kwargs: Mapping[str, Any]):
         return None
 
     return spec(args), {k: spec(v) for k, v in kwargs.items()}
+
+
+def _as_export_arg(args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+    """``dynamic_shapes`` as ``torch.export.export`` takes it: the positional specs,
+    followed by the keyword ones when there are keyword inputs."""
+    return (*args, *kwargs.values()) if kwargs else args
+
+
+def _doubled(values: Any, batch: int) -> Any:
+    """``values`` with every batched tensor repeated twice along dim 0."""
+    return torch.utils._pytree.tree_map(
+        lambda v: torch.cat([v, v]) if _is_batched(v, batch) else v, values
+    )
+
+
+def export_dynamic_batch(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: Mapping[str, Any] | None = None,
+    **export_kwargs: Any,
+) -> tuple[torch.export.ExportedProgram | None, str | None]:
+    """``torch.export`` of ``model`` with one symbolic batch dimension, :data:`BATCH`:
+    dim 0 of every tensor input whose dim 0 is that of the first tensor input (of at
+    least one dim). Returns ``(program, None)``, or ``(None, why not)`` when no input has
+    a batch dimension or the model fixes it (torch's error, first lines).
+
+    An example batch of 1 is traced at 2 (each batched input repeated): torch.export
+    specializes sizes 0 and 1, and refuses a symbolic dimension whose example is one.
+    The program is valid for every batch size; torch's own output is kept from stderr."""
+    kwargs = dict(kwargs or {})
+    batch = example_batch((args, kwargs))
+    if batch is None:
+        return None, "no input has a batch dimension"
+    if batch == 0:
+        return None, "the example batch is empty"
+    dim = torch.export.Dim(BATCH)
+    dyn_args, dyn_kwargs = _batch_dynamic_shapes(args, kwargs, dim, batch)
+    if batch == 1:
+        args, kwargs = _doubled((args, kwargs), batch)
+    try:
+        with _quiet_export():
+            program = torch.export.export(
+                model,
+                tuple(args),
+                kwargs,
+                dynamic_shapes=_as_export_arg(dyn_args, dyn_kwargs),
+                **export_kwargs,
+            )
+    except Exception as exc:  # the model fixes the batch (or does not run at another)
+        return None, f"the model fixes its batch size (torch.export: {_first_lines(exc, 2)})"
+    return program, None
 
 
 def register_output_pytrees(cls: type) -> None:
@@ -98,9 +173,14 @@ def register_output_pytrees(cls: type) -> None:
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> fx.GraphModule:
+    """The model exported with a symbolic batch (:func:`export_dynamic_batch`), else
+    with each input's dim 0 dynamic where the model allows it, else static."""
     register_output_pytrees(type(model))
-    dyn_args, dyn_kwargs = _batch_dynamic_shapes(args, kwargs)
-    dynamic = (*dyn_args, *dyn_kwargs.values()) if kwargs else dyn_args
+    program, _ = export_dynamic_batch(model, args, kwargs, strict=False)
+    if program is not None:
+        return program.module()
+    dyn_args, dyn_kwargs = _batch_dynamic_shapes(args, kwargs, torch.export.Dim.AUTO, None)
+    dynamic = _as_export_arg(dyn_args, dyn_kwargs)
     try:
         ep = torch.export.export(model, args, dict(kwargs), strict=False, dynamic_shapes=dynamic)
     except Exception:  # a model may refuse a dynamic batch; static shapes are still useful
