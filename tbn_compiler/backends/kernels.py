@@ -2,7 +2,10 @@
 
 Every builder returns an unscheduled, schedulable ``tvm.tirx.PrimFunc`` (made with
 ``te.create_prim_func``, int64 shapes, no ``global_symbol`` so it can be added to a
-Relax module). Buffers, in order: ``x``, ``tile``, ``alphas``, ``[bias]``, ``out``:
+Relax module). The batch extent may be symbolic (any int64 ``PrimExpr``, e.g. the
+Relax import's ``batch``): the kernel then takes a ``tirx.Var`` of its own there (``m``
+rows of a linear, ``n`` images of a conv, ``n0, n1, ...`` in the indexing kernels),
+bound from its buffers' shapes when called, so one kernel serves every batch size. Buffers, in order: ``x``, ``tile``, ``alphas``, ``[bias]``, ``out``:
 
 * ``tile``: packed ``uint32[ceil(L / 32)]`` words; tile element ``j`` is bit ``j % 32``
   of word ``j // 32``; bit 1 means ``+1`` (see :mod:`tbn_compiler.tiling`).
@@ -62,10 +65,12 @@ stage); ``xpad`` is the zero-padded conv input.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import tvm_ffi
 from tvm import te, tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as IRT
@@ -83,6 +88,7 @@ __all__ = [
     "max_pool_te",
     "pool_output_size",
     "kernel_kind",
+    "is_static",
     "KERNEL_ATTR",
 ]
 
@@ -101,8 +107,42 @@ def _i64(v: int) -> tirx.IntImm:
     return tirx.IntImm("int64", int(v))
 
 
-def _shape(dims: Sequence[int]) -> list[tirx.IntImm]:
-    return [_i64(d) for d in dims]
+Extent = int | tirx.Expr
+"""A static extent, or a symbolic one (an int64 expression)."""
+
+
+def is_static(v: Extent) -> bool:
+    """True for a Python int or an integer constant."""
+    return isinstance(v, (int, tirx.IntImm))
+
+
+def _dim(v: Extent) -> tirx.Expr:
+    """An extent as an int64 expression."""
+    if isinstance(v, tirx.Expr):
+        return v if str(v.ty) == "int64" else v.astype("int64")
+    return _i64(v)
+
+
+def _shape(dims: Sequence[Extent]) -> list[tirx.Expr]:
+    return [_dim(d) for d in dims]
+
+
+def _own_extent(v: Extent, name: str) -> Extent:
+    """``v`` as a kernel extent: an int when static, else a new ``tirx.Var`` named
+    ``name`` (a kernel binds it from its buffers' shapes; an expression would need the
+    variables it is made of passed separately)."""
+    return int(v) if is_static(v) else tirx.Var(name, "int64")
+
+
+def _same(a: Extent, b: Extent) -> bool:
+    """True when two extents are the same (equal ints, or structurally equal exprs)."""
+    if is_static(a) and is_static(b):
+        return int(a) == int(b)
+    return not is_static(a) and not is_static(b) and tvm_ffi.structural_equal(a, b)
+
+
+def _is_one(v: Extent) -> bool:
+    return is_static(v) and int(v) == 1
 
 
 def _u32(v: int) -> tirx.IntImm:
@@ -155,7 +195,7 @@ def _check(numel: int, p: int) -> int:
 
 
 def _inputs(
-    x_shape: Sequence[int], length: int, p: int, out_ch: int, has_bias: bool, dtype: str
+    x_shape: Sequence[Extent], length: int, p: int, out_ch: int, has_bias: bool, dtype: str
 ) -> tuple[te.Tensor, te.Tensor, te.Tensor, te.Tensor | None]:
     x = te.placeholder(_shape(x_shape), dtype, name="x")
     tile = te.placeholder(_shape((n_words(length),)), "uint32", name="tile")
@@ -180,7 +220,7 @@ def kernel_kind(func: tirx.PrimFunc) -> str:
 
 
 def tiled_linear_primfunc(
-    m: int,
+    m: Extent,
     in_features: int,
     out_features: int,
     p: int,
@@ -193,8 +233,10 @@ def tiled_linear_primfunc(
     Buffers: ``x (m, in) dtype``, ``tile (ceil(L/32),) uint32``, ``alphas (p,) dtype``,
     ``[bias (out,) dtype]``, ``out (m, out) dtype``. ``weight_in_out=False``: ``W`` is
     stored ``(out, in)`` (``nn.Linear``); ``True``: stored ``(in, out)`` (GPT-2
-    ``Conv1D``) and ``y = x @ W + b``; the tile covers the stored layout flat.
+    ``Conv1D``) and ``y = x @ W + b``; the tile covers the stored layout flat. A
+    symbolic ``m`` gives a kernel for any number of rows (its own var ``m``).
     """
+    m = _own_extent(m, "m")
     k, n = int(in_features), int(out_features)
     numel = k * n
     length = _check(numel, p)
@@ -245,7 +287,7 @@ class _RowTable:
         return _lut_mask(self.lut, tile[tirx.floordiv(byte, 4)], tirx.floormod(byte, 4), self.kl)
 
 
-def _linear_aligned(x, tile, alphas, bias, m: int, k: int, n: int, p: int) -> te.Tensor:
+def _linear_aligned(x, tile, alphas, bias, m: Extent, k: int, n: int, p: int) -> te.Tensor:
     """``small (m, n/p) = x T^T`` once, then ``out[:, i*R + r] = alpha_i small[:, r] + b``."""
     rows = n // p
     dtype = x.dtype
@@ -270,7 +312,7 @@ def _linear_aligned(x, tile, alphas, bias, m: int, k: int, n: int, p: int) -> te
     )
 
 
-def _linear_in_out_aligned(x, tile, alphas, bias, m: int, k: int, n: int, p: int) -> te.Tensor:
+def _linear_in_out_aligned(x, tile, alphas, bias, m: Extent, k: int, n: int, p: int) -> te.Tensor:
     """``xs (m, in/p) = sum_i alpha_i x[:, chunk_i]``; ``out = xs @ T + b``, ``T (in/p, out)``."""
     rows = k // p
     dtype = x.dtype
@@ -330,7 +372,7 @@ def _general_weight(
 
 
 def _linear_general(
-    x, tile, alphas, bias, m: int, k: int, n: int, length: int, weight_in_out: bool
+    x, tile, alphas, bias, m: Extent, k: int, n: int, length: int, weight_in_out: bool
 ) -> te.Tensor:
     """Modulo-indexed: weight element ``e`` is ``alpha[e // L] * sign(bit e % L)``.
 
@@ -391,7 +433,7 @@ def _row_alpha(alphas, row_start, q, length: int, p: int) -> tirx.Expr:
 
 
 def _linear_general_words(
-    x, tile, alphas, bias, m: int, k: int, n: int, length: int, p: int
+    x, tile, alphas, bias, m: Extent, k: int, n: int, length: int, p: int
 ) -> te.Tensor:
     """``(out, in)`` weight, ``in % 32 == 0``: reduction split ``(word, byte, bit)``."""
     dtype = x.dtype
@@ -411,7 +453,7 @@ def _linear_general_words(
 
 
 def _linear_general_in_out_words(
-    x, tile, alphas, bias, m: int, k: int, n: int, length: int, p: int
+    x, tile, alphas, bias, m: Extent, k: int, n: int, length: int, p: int
 ) -> te.Tensor:
     """``(in, out)`` weight, ``out % 32 == 0``: ``small[i, ow, ob, ol]`` is column
     ``32 ow + 8 ob + ol``, one realigned word per (stored row, ``ow``)."""
@@ -450,7 +492,7 @@ def _pad(x: te.Tensor, padding: tuple[int, ...]) -> te.Tensor:
     """Zero padding of the spatial dims of ``x (n, c, *spatial)`` (identity if no padding)."""
     if not any(padding):
         return x
-    dims = [int(d) for d in x.shape]
+    dims = [int(d) if i > 0 else d for i, d in enumerate(x.shape)]  # batch may be symbolic
     nd = len(padding)
     out_shape = dims[:2] + [d + 2 * q for d, q in zip(dims[2:], padding, strict=True)]
     zero = tirx.const(0, x.dtype)
@@ -469,7 +511,7 @@ def _pad(x: te.Tensor, padding: tuple[int, ...]) -> te.Tensor:
 
 
 def tiled_conv_primfunc(
-    x_shape: tuple[int, ...],
+    x_shape: Sequence[Extent],
     weight_shape: tuple[int, ...],
     stride: int | Sequence[int],
     padding: int | Sequence[int],
@@ -485,7 +527,7 @@ def tiled_conv_primfunc(
     Buffers: ``x (batch, c, *spatial) dtype``, ``tile (ceil(L/32),) uint32``,
     ``alphas (p,) dtype``, ``[bias (cout,) dtype]``, ``out (batch, cout, *out_spatial)
     dtype``, with ``weight_shape = (cout, c / groups, *kernel)`` and symmetric integer
-    padding.
+    padding. A symbolic ``batch`` gives a kernel for any batch (its own var ``n``).
     """
     nd = len(weight_shape) - 2
     if nd < 1 or len(x_shape) != nd + 2:
@@ -495,7 +537,8 @@ def tiled_conv_primfunc(
         )
     stride, padding, dilation = (_as_tuple(v, nd) for v in (stride, padding, dilation))
     cout, cg, *ksize = (int(d) for d in weight_shape)
-    batch, cin, *in_sp = (int(d) for d in x_shape)
+    batch = _own_extent(x_shape[0], "n")
+    cin, *in_sp = (int(d) for d in x_shape[1:])
     if cin != cg * groups or cout % groups:
         raise ValueError(
             f"x channels {cin} do not match weight {weight_shape} with groups={groups}"
@@ -510,7 +553,7 @@ def tiled_conv_primfunc(
     ]
     if any(d <= 0 for d in out_sp):
         raise ValueError(f"conv output would be empty: {out_sp}")
-    x, tile, alphas, bias = _inputs(x_shape, length, p, cout, has_bias, dtype)
+    x, tile, alphas, bias = _inputs((batch, cin, *in_sp), length, p, cout, has_bias, dtype)
     xp = _pad(x, padding)
     geom = _ConvGeom(cg, tuple(ksize), stride, dilation)
     aligned = groups == 1 and is_aligned(numel, p, numel // cout)
@@ -552,7 +595,7 @@ class _ConvGeom:
 
 
 def _conv_aligned(
-    xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int], p: int
+    xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[Extent], p: int
 ) -> te.Tensor:
     """``small``: the ``cout/p`` binary filters once; ``out = alpha * small + b``.
 
@@ -591,7 +634,7 @@ def _unflatten(index, dims: Sequence[int]) -> list:
     return [index, *reversed(idx)]
 
 
-def _im2col(xp, geom: _ConvGeom, out_shape: list[int], groups: int) -> te.Tensor:
+def _im2col(xp, geom: _ConvGeom, out_shape: list[Extent], groups: int) -> te.Tensor:
     """``patches (n * prod(out_sp), groups * cg * prod(k))``: row ``i`` is output position
     ``i`` (batch-major), column ``g * R + t`` is tap ``t`` of group ``g`` (``R = cg*prod(k)``)."""
     out_sp = out_shape[2:]
@@ -615,7 +658,7 @@ def _im2col(xp, geom: _ConvGeom, out_shape: list[int], groups: int) -> te.Tensor
     )
 
 
-def _positions_to_nchw(small: te.Tensor, out_shape: list[int], value) -> te.Tensor:
+def _positions_to_nchw(small: te.Tensor, out_shape: list[Extent], value) -> te.Tensor:
     """``out (n, cout, *sp)`` from ``small (positions, ...)`` via ``value(small, i, co)``."""
     out_sp = out_shape[2:]
 
@@ -637,7 +680,7 @@ def _lut_axes(words: int) -> tuple[tirx.IterVar, tirx.IterVar, tirx.IterVar]:
 
 
 def _conv_aligned_im2col(
-    xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int], filters: int, row: int
+    xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[Extent], filters: int, row: int
 ) -> te.Tensor:
     dtype = xp.dtype
     patches = _im2col(xp, geom, out_shape, 1)
@@ -647,7 +690,7 @@ def _conv_aligned_im2col(
         xv = patches[i, table.q]
         return te.sum(_flip(xv, table.mask(tile, f), dtype), axis=table.axes)
 
-    small = te.compute(_shape((int(patches.shape[0]), filters)), body, name="small")
+    small = te.compute(_shape((patches.shape[0], filters)), body, name="small")
 
     def value(sm, i, co):
         v = alphas[tirx.floordiv(co, filters)] * sm[i, tirx.floormod(co, filters)]
@@ -662,7 +705,7 @@ def _conv_general_im2col(
     alphas,
     bias,
     geom: _ConvGeom,
-    out_shape: list[int],
+    out_shape: list[Extent],
     groups: int,
     row: int,
     length: int,
@@ -682,12 +725,12 @@ def _conv_general_im2col(
         term = _flip(xv, _lut_mask(lut, word, kb, kl), dtype)
         return te.sum(_row_alpha(alphas, co * row, q, length, p) * term, axis=[kw, kb, kl])
 
-    small = te.compute(_shape((int(patches.shape[0]), out_shape[1])), body, name="small")
+    small = te.compute(_shape((patches.shape[0], out_shape[1])), body, name="small")
     return _positions_to_nchw(small, out_shape, lambda sm, i, co: _add_bias(sm[i, co], bias, co))
 
 
 def _conv_general(
-    xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[int], groups: int, length: int
+    xp, tile, alphas, bias, geom: _ConvGeom, out_shape: list[Extent], groups: int, length: int
 ) -> te.Tensor:
     """Modulo-indexed conv (grouped or unaligned)."""
     dtype = xp.dtype
@@ -729,18 +772,19 @@ class IdTensor:
     along; an id dim of size 1 is broadcast (always read at 0). Valid ids are
     ``[0, size)``, or ``[-size, size)`` with ``wrap`` (``-1`` is the last position, as
     in torch indexing). A bad id fails an assert of error kind ``error`` (the Python
-    exception host targets raise) with text ``message``."""
+    exception host targets raise) with text ``message``. ``shape`` and ``size`` may be
+    symbolic (the batch)."""
 
-    shape: tuple[int, ...]
+    shape: tuple[Extent, ...]
     dtype: str
     axes: tuple[int, ...]
-    size: int
+    size: Extent
     wrap: bool
     message: str
     error: str = "IndexError"
 
     @property
-    def low(self) -> int:
+    def low(self) -> Extent:
         """The smallest valid id."""
         return -self.size if self.wrap else 0
 
@@ -751,10 +795,11 @@ class IndexMap:
     data dim ``d`` is source axis ``dims[d]`` (an int) or the id tensor ``dims[d]`` read at
     that source element. A gather reads data at those places into a source-shaped output;
     a scatter writes source-shaped values there. A source axis named by no data dim is
-    *free* (a scatter loops over it in order). Tied axes are no longer than their data dim."""
+    *free* (a scatter loops over it in order). Tied axes are no longer than their data dim.
+    Extents may be symbolic (the batch; checked where static)."""
 
-    data: tuple[int, ...]
-    source: tuple[int, ...]
+    data: tuple[Extent, ...]
+    source: tuple[Extent, ...]
     dims: tuple[int | IdTensor, ...]
 
     def __post_init__(self) -> None:
@@ -765,7 +810,8 @@ class IndexMap:
             )
 
     def _problems(self) -> list[str]:
-        if not self.data or not self.source or min(*self.data, *self.source) < 1:
+        static = [int(d) for d in (*self.data, *self.source) if is_static(d)]
+        if not self.data or not self.source or min(static, default=1) < 1:
             return ["empty shapes (kernels need at least one axis and one element)"]
         if len(self.dims) != len(self.data):
             return [f"{len(self.dims)} dims for data of rank {len(self.data)}"]
@@ -773,12 +819,13 @@ class IndexMap:
         problems = [
             f"source axis {a} tied to data dim {d}"
             for d, a in enumerate(self.dims)
-            if isinstance(a, int) and not (0 <= a < rank and self.source[a] <= self.data[d])
+            if isinstance(a, int) and not (0 <= a < rank and _fits(self.source[a], self.data[d]))
         ]
         for t in self.ids:
             along = zip(t.shape, t.axes, strict=False)
             if len(t.axes) != len(t.shape) or any(
-                n != 1 and not (0 <= a < rank and self.source[a] == n) for n, a in along
+                not _is_one(n) and not (0 <= a < rank and _same(self.source[a], n))
+                for n, a in along
             ):
                 problems.append(f"ids of shape {t.shape} along source axes {t.axes}")
         return problems
@@ -799,6 +846,44 @@ class IndexMap:
         tied = {a for a in self.dims if isinstance(a, int)}
         return [a for a in range(len(self.source)) if a not in tied]
 
+    def with_own_extents(self) -> IndexMap:
+        """This map with every symbolic extent replaced by a kernel var of its own
+        (``n0``, ``n1``, ...; one per distinct expression, so equal extents stay equal)."""
+        own: list[tuple[tirx.Expr, tirx.Var]] = []
+
+        def extent(v: Extent) -> Extent:
+            if is_static(v):
+                return int(v)
+            for expr, var in own:
+                if tvm_ffi.structural_equal(expr, v):
+                    return var
+            own.append((v, tirx.Var(f"n{len(own)}", "int64")))
+            return own[-1][1]
+
+        dims = tuple(
+            d
+            if isinstance(d, int)
+            else dataclasses.replace(
+                d, shape=tuple(extent(n) for n in d.shape), size=extent(d.size)
+            )
+            for d in self.dims
+        )
+        data, source = tuple(extent(d) for d in self.data), tuple(extent(d) for d in self.source)
+        return self if not own else IndexMap(data, source, dims)
+
+
+def _fits(length: Extent, within: Extent) -> bool:
+    """False only when both extents are static and ``length`` exceeds ``within``."""
+    return not (is_static(length) and is_static(within)) or int(length) <= int(within)
+
+
+def _shorter(length: Extent, than: Extent) -> bool:
+    """True unless ``length`` is known not to be shorter than ``than`` (equal, or static
+    and not less): where True, a kernel guards the difference."""
+    if is_static(length) and is_static(than):
+        return int(length) < int(than)
+    return not _same(length, than)
+
 
 def _read_ids(
     bufs: Sequence[tirx.Buffer], index: IndexMap, s: Sequence[tirx.Expr]
@@ -807,25 +892,25 @@ def _read_ids(
     id dims broadcast)."""
     found = []
     for buf, t in zip(bufs, index.ids, strict=True):
-        at = tuple(_i64(0) if n == 1 else s[a] for n, a in zip(t.shape, t.axes, strict=True))
+        at = tuple(_i64(0) if _is_one(n) else s[a] for n, a in zip(t.shape, t.axes, strict=True))
         found.append((buf[at].astype("int64"), t))
     return found
 
 
 def _valid_id(i: tirx.Expr, t: IdTensor) -> tirx.Expr:
-    return tirx.all(_i64(t.low) <= i, i < _i64(t.size))
+    return tirx.all(_dim(t.low) <= i, i < _dim(t.size))
 
 
 def _position(i: tirx.Expr, t: IdTensor) -> tirx.Expr:
     """Position ``i`` names (negative ids counted from the end with ``wrap``); bad ids give
     a value outside ``[0, size)``."""
-    return tirx.Select(i < _i64(0), i + _i64(t.size), i) if t.wrap else i
+    return tirx.Select(i < _i64(0), i + _dim(t.size), i) if t.wrap else i
 
 
 def _clamped(i: tirx.Expr, t: IdTensor) -> tirx.Expr:
     """Position of ``i`` clamped into ``[0, size)``: a read there never leaves the data. The
     clamp is outside any select on the range test, so the simplifier cannot drop it."""
-    return tirx.max(tirx.min(_position(i, t), _i64(t.size - 1)), _i64(0))
+    return tirx.max(tirx.min(_position(i, t), _dim(t.size) - _i64(1)), _i64(0))
 
 
 def _asserts(checks: Sequence[tuple[tirx.Expr, IdTensor]]) -> contextlib.ExitStack:
@@ -871,6 +956,7 @@ def gather_primfunc(index: IndexMap, dtype: str) -> tirx.PrimFunc:
     asserts (CUDA kernels, bare-metal C) yields visibly invalid values instead of
     reading out of bounds. Kind ``gather``; a single block ``gather``.
     """
+    index = index.with_own_extents()
     with IRBuilder() as builder, IRT.prim_func(is_private=True, s_tir=True):
         data, bufs, _, out = _kernel_args(index, dtype, values=False)
         with IRT.grid(*_shape(index.source)) as loops, IRT.sblock("gather"):
@@ -906,6 +992,7 @@ def scatter_primfunc(index: IndexMap, dtype: str, accumulate: bool) -> tirx.Prim
     """
     if accumulate and dtype == "bool":
         raise ValueError("an accumulating scatter needs numbers, got bool")
+    index = index.with_own_extents()
     tied = [d for d, a in enumerate(index.dims) if isinstance(a, int)]
     with IRBuilder() as builder, IRT.prim_func(is_private=True, s_tir=True):
         data, bufs, values, out = _kernel_args(index, dtype, values=True)
@@ -926,7 +1013,7 @@ def scatter_primfunc(index: IndexMap, dtype: str, accumulate: bool) -> tirx.Prim
 
 
 @contextlib.contextmanager
-def _serial(extents: Iterable[int]) -> Iterator[list[tirx.Var]]:
+def _serial(extents: Iterable[Extent]) -> Iterator[list[tirx.Var]]:
     """Nested serial loops over ``extents`` (none for no extents); yields their vars."""
     extents = list(extents)
     if not extents:
@@ -936,7 +1023,7 @@ def _serial(extents: Iterable[int]) -> Iterator[list[tirx.Var]]:
         yield [loops] if isinstance(loops, tirx.Var) else list(loops)
 
 
-def _fill(shape: Sequence[int], *coords: dict[int, tirx.Expr]) -> tuple[tirx.Expr, ...]:
+def _fill(shape: Sequence[Extent], *coords: dict[int, tirx.Expr]) -> tuple[tirx.Expr, ...]:
     """An index into a tensor of rank ``len(shape)`` from per-dim coordinate maps."""
     merged = {d: v for c in coords for d, v in c.items()}
     return tuple(merged[d] for d in range(len(shape)))
@@ -953,9 +1040,9 @@ def _scatter_column(
     """Write the source elements of ``column`` (tied data dim -> coordinate) in order
     over the free source axes; nothing when the column lies beyond a tied source axis."""
     inside = [
-        v < _i64(index.source[index.dims[d]])
+        v < _dim(index.source[index.dims[d]])
         for d, v in column.items()
-        if index.source[index.dims[d]] < index.data[d]
+        if _shorter(index.source[index.dims[d]], index.data[d])
     ]
     with contextlib.ExitStack() as stack:
         if inside:
@@ -965,7 +1052,7 @@ def _scatter_column(
         with _serial(index.source[a] for a in free) as loops:
             s: list[tirx.Expr] = [_i64(0)] * len(index.source)
             for d, v in column.items():  # clamped too: values and ids never read outside
-                s[index.dims[d]] = tirx.min(v, _i64(index.source[index.dims[d]] - 1))
+                s[index.dims[d]] = tirx.min(v, _dim(index.source[index.dims[d]]) - _i64(1))
             for a, v in zip(free, loops, strict=True):
                 s[a] = v
             checks = _read_ids(bufs, index, s)
@@ -1026,7 +1113,7 @@ def max_pool_te(
     dims), torch's semantics: ``-inf`` padding, ``ceil_mode`` windows, and a window
     holding a NaN gives NaN. Stage ``pad`` (the padded input) then reduction ``pool``."""
     nd = len(kernel)
-    lead = [int(d) for d in x.shape[: len(x.shape) - nd]]
+    lead = list(x.shape[: len(x.shape) - nd])  # the batch may be symbolic
     size = [int(d) for d in x.shape[len(x.shape) - nd :]]
     out = [
         pool_output_size(size[a], kernel[a], stride[a], padding[a], dilation[a], ceil_mode)

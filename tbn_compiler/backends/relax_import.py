@@ -51,6 +51,7 @@ Contract of :func:`import_graph`:
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import warnings
@@ -61,11 +62,18 @@ from typing import Any
 import numpy as np
 import torch
 import tvm
+import tvm_ffi
 from torch import fx
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.frontend.torch import exported_program_translator as ept
 
-from ..capture import example_tensors, graph_with_outputs
+from ..capture import (
+    BATCH,
+    example_batch,
+    example_tensors,
+    export_dynamic_batch,
+    graph_with_outputs,
+)
 from . import kernels
 from .specs import TensorSpec, check_index_inputs
 from .tile_ops import relax_converters
@@ -102,17 +110,24 @@ class ImportResult:
 
     ``index_checks`` (JSON-friendly, see :func:`index_input_checks`) lets a caller
     check id inputs before running the module, for targets whose kernels cannot raise
-    (CUDA): :func:`check_index_inputs` raises the kernel's exception and message."""
+    (CUDA): :func:`check_index_inputs` raises the kernel's exception and message.
+    ``static_batch``: None when ``main`` takes any batch (the dims named
+    :data:`~tbn_compiler.capture.BATCH` in the specs), else why the batch is static."""
 
     mod: tvm.IRModule
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     index_checks: list[dict[str, Any]] = field(default_factory=list)
+    static_batch: str | None = None
 
 
 # --------------------------------------------------------------------------- converters
 
 Converter = Callable[[fx.Node, Any], relax.Expr]
+
+
+Extent = kernels.Extent
+"""A static extent (int) or a symbolic one (an int64 ``tirx.Expr`` of the batch)."""
 
 
 def _static_shape(expr: relax.Expr, what: str, node: fx.Node) -> tuple[int, ...]:
@@ -123,6 +138,105 @@ def _static_shape(expr: relax.Expr, what: str, node: fx.Node) -> tuple[int, ...]
         raise GraphImportError(
             f"node {node.name!r}: {what} needs a static shape, got {shape}"
         ) from exc
+
+
+def _dims(expr: relax.Expr) -> tuple[Extent, ...]:
+    """Shape of a Relax tensor: ints where static, expressions where symbolic."""
+    return tuple(int(d) if isinstance(d, tirx.IntImm) else d for d in expr.ty.shape)
+
+
+def _static_dim(value: Extent, what: str, node: fx.Node) -> int:
+    """``value`` as an int; GraphImportError naming ``node`` when it is symbolic."""
+    if not kernels.is_static(value):
+        raise GraphImportError(f"node {node.name!r}: {what} must be static, got {value}")
+    return int(value)
+
+
+def _same_dims(a: Sequence[Extent], b: Sequence[Extent]) -> bool:
+    """True when two shapes are the same (ints equal, expressions structurally equal)."""
+    return len(a) == len(b) and all(
+        int(x) == int(y) if kernels.is_static(x) and kernels.is_static(y) else _same_expr(x, y)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def _same_expr(x: Any, y: Any) -> bool:
+    if kernels.is_static(x) or kernels.is_static(y):
+        return False
+    return bool(tvm_ffi.structural_equal(x, y))
+
+
+def _product(dims: Sequence[Extent]) -> Extent:
+    """Product of extents: an int when all are static."""
+    result: Extent = 1
+    for d in dims:
+        if kernels.is_static(d):
+            result = result * int(d)
+        else:
+            result = d if isinstance(result, int) and result == 1 else result * d
+    return result
+
+
+Symbols = dict[str, tirx.Var]
+"""torch's size symbol (``s77``) -> the Relax variable of that dimension."""
+
+
+def _symbols(importer: Any) -> Symbols:
+    """The size symbols of the graph's inputs and their Relax variables (cached)."""
+    found = getattr(importer, "_tbn_symbols", None)
+    if found is None:
+        found = {}
+        for node, var in list(importer.env.items()):
+            val = node.meta.get("val") if isinstance(node, fx.Node) else None
+            if node.op != "placeholder" or not isinstance(val, torch.Tensor):
+                continue
+            if not isinstance(getattr(var, "ty", None), relax.TensorType):
+                continue
+            for size, dim in zip(val.shape, var.ty.shape, strict=False):
+                if isinstance(size, torch.SymInt) and isinstance(dim, tirx.Var):
+                    found.setdefault(str(size.node.expr), dim)
+        importer._tbn_symbols = found
+    return found
+
+
+def _tir_of(expr: Any, symbols: Symbols) -> Extent:
+    """A sympy size expression of torch's shapes as an int or a TIR expression."""
+    from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
+
+    if expr.is_Integer:
+        return int(expr)
+    if expr.is_Symbol:
+        if str(expr) not in symbols:
+            symbols[str(expr)] = tirx.Var(str(expr), "int64")
+        return symbols[str(expr)]
+    args = [_tir_of(a, symbols) for a in expr.args]
+    if expr.is_Add:
+        return functools.reduce(operator.add, args)
+    if expr.is_Mul:
+        return functools.reduce(operator.mul, args)
+    if isinstance(expr, FloorDiv):
+        return tirx.floordiv(_as_expr(args[0]), _as_expr(args[1]))
+    if isinstance(expr, (Mod, PythonMod)):
+        return tirx.floormod(_as_expr(args[0]), _as_expr(args[1]))
+    raise GraphImportError(f"size {expr} of a symbolic shape cannot be expressed in TIR")
+
+
+def _as_expr(value: Extent) -> tirx.Expr:
+    return tirx.IntImm("int64", value) if isinstance(value, int) else value
+
+
+def _shape_of(node: Any, symbols: Symbols | None = None) -> tuple[Extent, ...]:
+    """The shape torch traced for ``node``; a symbolic size as a TIR expression of the
+    variables in ``symbols`` (a new variable per unknown symbol, added to it)."""
+    dims = []
+    for size in node.meta["val"].shape:
+        if isinstance(size, torch.SymInt):
+            expr = size.node.expr
+            table = {} if symbols is None else symbols
+            dims.append(int(expr) if expr.is_number else _tir_of(expr, table))
+        else:
+            dims.append(int(size))
+    return tuple(dims)
 
 
 def _add_kernel(importer: Any, func: tvm.tirx.PrimFunc, op: str) -> relax.GlobalVar:
@@ -361,18 +475,15 @@ class _Indexing:
     accumulate: bool = False
 
 
-def _shape_of(node: Any) -> tuple[int, ...]:
-    return tuple(int(d) for d in node.meta["val"].shape)
-
-
 def _id_tensor(
     node: fx.Node,
     ids: Any,
     axes: Sequence[int],
     what: str,
     dim: int,
-    size: int,
+    size: Extent,
     wrap: bool,
+    symbols: Symbols,
     error: str = "IndexError",
 ) -> kernels.IdTensor:
     """The :class:`.kernels.IdTensor` for the fx node ``ids`` that indexes data dim ``dim``
@@ -391,15 +502,16 @@ def _id_tensor(
         text = f"index out of bounds: {what} {where} along dim {dim} of size {size}"
     message = f"{text}, every id must be in [{low}, {size - 1}]"
     dtype = str(val.dtype).removeprefix("torch.")
-    return kernels.IdTensor(tuple(val.shape), dtype, tuple(axes), size, wrap, message, error)
+    shape = _shape_of(ids, symbols)
+    return kernels.IdTensor(shape, dtype, tuple(axes), size, wrap, message, error)
 
 
-def _embedding_indexing(node: fx.Node) -> _Indexing:
+def _embedding_indexing(node: fx.Node, symbols: Symbols) -> _Indexing:
     """``embedding(weight, ids, ...)``: ``out[*i, e] = weight[ids[*i], e]`` (the other
     arguments only concern gradients)."""
     weight, ids = node.args[0], node.args[1]
-    (rows, width), id_shape = _shape_of(weight), _shape_of(ids)
-    t = _id_tensor(node, ids, range(len(id_shape)), "embedding", 0, rows, wrap=False)
+    (rows, width), id_shape = _shape_of(weight, symbols), _shape_of(ids, symbols)
+    t = _id_tensor(node, ids, range(len(id_shape)), "embedding", 0, rows, False, symbols)
     index = kernels.IndexMap((rows, width), (*id_shape, width), (t, len(id_shape)))
     return _Indexing(weight, (ids,), index)
 
@@ -409,44 +521,54 @@ def _along_dim(data_shape: tuple[int, ...], dim: int, ids: kernels.IdTensor) -> 
     return tuple(ids if d == dim else d for d in range(len(data_shape)))
 
 
-def _index_select_indexing(node: fx.Node) -> _Indexing:
+def _index_select_indexing(node: fx.Node, symbols: Symbols) -> _Indexing:
     """``index_select(data, dim, ids)``: ids (1-D or 0-D) pick slices along ``dim``."""
     data, ids = node.args[0], node.args[2]
-    shape = _shape_of(data)
+    shape, id_shape = _shape_of(data, symbols), _shape_of(ids, symbols)
     dim = int(node.args[1]) % len(shape)
-    axes = (dim,) * len(_shape_of(ids))
-    t = _id_tensor(node, ids, axes, "index_select", dim, shape[dim], wrap=False)
-    source = (*shape[:dim], max(1, math.prod(_shape_of(ids))), *shape[dim + 1 :])
+    axes = (dim,) * len(id_shape)
+    t = _id_tensor(node, ids, axes, "index_select", dim, shape[dim], False, symbols)
+    picked = _product(id_shape)
+    picked = max(1, picked) if isinstance(picked, int) else picked
+    source = (*shape[:dim], picked, *shape[dim + 1 :])
     return _Indexing(data, (ids,), kernels.IndexMap(shape, source, _along_dim(shape, dim, t)))
 
 
-def _elementwise_indexing(node: fx.Node, op: str, write: bool, accumulate: bool) -> _Indexing:
+def _elementwise_indexing(
+    node: fx.Node, symbols: Symbols, op: str, write: bool, accumulate: bool
+) -> _Indexing:
     """``gather`` / ``scatter*`` ``(data, dim, index, ...)``: element ``i`` of ``index``
     sits at ``i`` with ``i[dim]`` replaced by ``index[i]`` (no negative ids: torch raises
     ``RuntimeError``)."""
     data, ids = node.args[0], node.args[2]
-    shape, id_shape = _shape_of(data), _shape_of(ids)
+    shape, id_shape = _shape_of(data, symbols), _shape_of(ids, symbols)
     if not shape or len(id_shape) != len(shape):
         raise _refuse(node, f"{op} of a {len(shape)}-D tensor by a {len(id_shape)}-D index")
     dim = int(node.args[1]) % len(shape)
     axes = range(len(shape))
-    t = _id_tensor(node, ids, axes, op, dim, shape[dim], wrap=False, error="RuntimeError")
+    t = _id_tensor(node, ids, axes, op, dim, shape[dim], False, symbols, "RuntimeError")
     index = kernels.IndexMap(shape, id_shape, _along_dim(shape, dim, t))
     return _Indexing(data, (ids,), index, write, accumulate)
 
 
 def _advanced_indexing(
-    node: fx.Node, data: fx.Node, indices: Sequence[Any], op: str, wrap: bool, error: str
-) -> tuple[tuple[int, ...], tuple, tuple[fx.Node, ...]]:
+    node: fx.Node,
+    data: fx.Node,
+    indices: Sequence[Any],
+    op: str,
+    wrap: bool,
+    error: str,
+    symbols: Symbols,
+) -> tuple[tuple[Extent, ...], tuple, tuple[fx.Node, ...]]:
     """``(source shape, index-map dims, id nodes)`` of torch's ``data[indices]`` (``None``
     entries and missing trailing entries take whole dims). The index tensors broadcast
     together to ``B``; ``B`` replaces the indexed dims where they are adjacent, else it
     comes first, followed by the other dims (NumPy's rule)."""
-    shape = _shape_of(data)
+    shape = _shape_of(data, symbols)
     given = [(d, i) for d, i in enumerate(indices) if i is not None]
     if not given:
         raise _refuse(node, "indexing without an index tensor")
-    bcast = tuple(torch.broadcast_shapes(*(_shape_of(i) for _, i in given)))
+    bcast = _broadcast(node, [_shape_of(i, symbols) for _, i in given])
     indexed = [d for d, _ in given]
     adjacent = indexed == list(range(indexed[0], indexed[-1] + 1))
     start = indexed[0] if adjacent else 0
@@ -461,17 +583,34 @@ def _advanced_indexing(
     for k, d in enumerate(after):
         dims[d] = len(before) + len(bcast) + k
     for d, ids in given:
-        rank = len(_shape_of(ids))
+        rank = len(_shape_of(ids, symbols))
         axes = range(start + len(bcast) - rank, start + len(bcast))
-        dims[d] = _id_tensor(node, ids, axes, op, d, shape[d], wrap, error)
+        dims[d] = _id_tensor(node, ids, axes, op, d, shape[d], wrap, symbols, error)
     return source, tuple(dims), tuple(i for _, i in given)
 
 
-def _index_indexing(node: fx.Node) -> _Indexing:
+def _broadcast(node: fx.Node, shapes: Sequence[tuple[Extent, ...]]) -> tuple[Extent, ...]:
+    """The shape ``shapes`` broadcast to (torch's rule; symbolic sizes must match)."""
+    if all(kernels.is_static(d) for shape in shapes for d in shape):
+        return tuple(torch.broadcast_shapes(*shapes))
+    rank = max(len(shape) for shape in shapes)
+    out: list[Extent] = []
+    for k in range(rank):
+        sizes = [shape[len(shape) - rank + k] for shape in shapes if len(shape) - rank + k >= 0]
+        wide = [d for d in sizes if not (kernels.is_static(d) and int(d) == 1)] or [1]
+        if not all(_same_dims([wide[0]], [d]) for d in wide):
+            raise GraphImportError(f"node {node.name!r}: index shapes {shapes} do not broadcast")
+        out.append(wide[0])
+    return tuple(out)
+
+
+def _index_indexing(node: fx.Node, symbols: Symbols) -> _Indexing:
     """``data[indices]`` (``aten.index.Tensor``): negative ids count from the end."""
     data = node.args[0]
-    source, dims, ids = _advanced_indexing(node, data, node.args[1], "indexing", True, "IndexError")
-    return _Indexing(data, ids, kernels.IndexMap(_shape_of(data), source, dims))
+    source, dims, ids = _advanced_indexing(
+        node, data, node.args[1], "indexing", True, "IndexError", symbols
+    )
+    return _Indexing(data, ids, kernels.IndexMap(_shape_of(data, symbols), source, dims))
 
 
 # op that decomposed to ``index_put`` -> (negative ids wrap, exception torch raises)
@@ -481,35 +620,36 @@ _INDEX_PUT_ORIGINS = {
 }
 
 
-def _index_put_indexing(node: fx.Node) -> _Indexing:
+def _index_put_indexing(node: fx.Node, symbols: Symbols) -> _Indexing:
     """``index_put(data, indices, values, accumulate)`` (``x[ids] = v``, and ``index_add``
     / ``index_copy`` / ``index_fill`` decomposed to it, whose id rules it keeps)."""
     data = node.args[0]
     origin = getattr(node.meta.get("original_aten"), "_opname", "index_put")
     wrap, error = _INDEX_PUT_ORIGINS.get(origin, (True, "IndexError"))
-    source, dims, ids = _advanced_indexing(node, data, node.args[1], origin, wrap, error)
-    index = kernels.IndexMap(_shape_of(data), source, dims)
+    source, dims, ids = _advanced_indexing(node, data, node.args[1], origin, wrap, error, symbols)
+    index = kernels.IndexMap(_shape_of(data, symbols), source, dims)
     return _Indexing(data, ids, index, write=True, accumulate=bool(_arg(node, 3, "accumulate")))
 
 
 _aten = torch.ops.aten
-_INDEXING: dict[Any, Callable[[fx.Node], _Indexing]] = {
+_INDEXING: dict[Any, Callable[[fx.Node, Symbols], _Indexing]] = {
     _aten.embedding.default: _embedding_indexing,
     _aten.index_select.default: _index_select_indexing,
     _aten.index.Tensor: _index_indexing,
-    _aten.gather.default: lambda n: _elementwise_indexing(n, "gather", False, False),
-    _aten.scatter.src: lambda n: _elementwise_indexing(n, "scatter", True, False),
-    _aten.scatter.value: lambda n: _elementwise_indexing(n, "scatter", True, False),
-    _aten.scatter_add.default: lambda n: _elementwise_indexing(n, "scatter_add", True, True),
+    _aten.gather.default: lambda n, s: _elementwise_indexing(n, s, "gather", False, False),
+    _aten.scatter.src: lambda n, s: _elementwise_indexing(n, s, "scatter", True, False),
+    _aten.scatter.value: lambda n, s: _elementwise_indexing(n, s, "scatter", True, False),
+    _aten.scatter_add.default: lambda n, s: _elementwise_indexing(n, s, "scatter_add", True, True),
     _aten.index_put.default: _index_put_indexing,
 }
 """fx op -> the checked gather/scatter it is (:func:`convert_indexing`)."""
 
 
-def _indexing_of(node: fx.Node) -> _Indexing | None:
-    """The checked gather or scatter ``node`` performs, or None for any other node."""
+def _indexing_of(node: fx.Node, symbols: Symbols) -> _Indexing | None:
+    """The checked gather or scatter ``node`` performs, or None for any other node
+    (symbolic sizes in terms of ``symbols``)."""
     describe = _INDEXING.get(node.target) if node.op == "call_function" else None
-    return None if describe is None else describe(node)
+    return None if describe is None else describe(node, symbols)
 
 
 def _scatter_values(node: fx.Node, importer: Any, index: kernels.IndexMap) -> relax.Expr:
@@ -525,7 +665,7 @@ def _scatter_values(node: fx.Node, importer: Any, index: kernels.IndexMap) -> re
         values = bb.emit(relax.op.astype(values, dtype))
     if put:
         return bb.emit(relax.op.broadcast_to(values, source))
-    if _static_shape(values, "src", node) != source:
+    if not _same_dims(_dims(values), source):
         axes = list(range(len(source)))
         values = bb.emit(relax.op.strided_slice(values, axes, [0] * len(axes), list(source)))
     return values
@@ -535,7 +675,8 @@ def convert_indexing(node: fx.Node, importer: Any) -> relax.Expr:
     """``embedding`` / ``index_select`` / ``x[...]`` / ``gather`` as the checked gather of
     :func:`.kernels.gather_primfunc`; ``scatter`` / ``scatter_add`` / ``index_put`` as
     the checked scatter of :func:`.kernels.scatter_primfunc` (see :data:`_INDEXING`)."""
-    g = _indexing_of(node)
+    symbols = _symbols(importer)
+    g = _indexing_of(node, symbols)
     bb, data = importer.block_builder, importer.env[node.args[0]]
     dtype, index = _dtype(data), g.index
     ids = [importer.env[i] for i in g.ids]
@@ -550,8 +691,8 @@ def convert_indexing(node: fx.Node, importer: Any) -> relax.Expr:
         args, out_shape = [data, *ids], index.source
     gv = _add_kernel(importer, func, "scatter" if g.write else "gather")
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, dtype)))
-    wanted = _shape_of(node)
-    return y if tuple(out_shape) == wanted else bb.emit(relax.op.reshape(y, wanted))
+    wanted = _shape_of(node, symbols)
+    return y if _same_dims(out_shape, wanted) else bb.emit(relax.op.reshape(y, wanted))
 
 
 def convert_select(node: fx.Node, importer: Any) -> relax.Expr:
@@ -626,7 +767,7 @@ def _as_4d(bb: Any, x: relax.Expr, rank: int) -> relax.Expr:
 
 def _attention_bias(bb: Any, node: fx.Node, mask: relax.Expr, rank: int, dtype: str) -> relax.Expr:
     """A float mask broadcastable to the scores ``(..., L, S)`` of rank ``rank``, as 4-D."""
-    shape = _static_shape(mask, "attention mask", node)
+    shape = _dims(mask)
     if len(shape) > rank:
         raise _refuse(node, f"mask of rank {len(shape)} for inputs of rank {rank}")
     if not _is_float(mask):
@@ -672,21 +813,21 @@ def convert_sdpa(node: fx.Node, importer: Any) -> relax.Expr:
             f"dropout_p={dropout_p} drops at random (torch does so even in eval mode); "
             "pass dropout_p=0.0 for inference",
         )
-    shapes = [_static_shape(t, name, node) for t, name in ((q, "query"), (k, "key"), (v, "value"))]
+    shapes = [_dims(t) for t in (q, k, v)]
     rank = len(shapes[0])
     if rank not in (2, 3, 4) or any(len(s) != rank for s in shapes):
         raise _refuse(node, f"inputs of shapes {shapes} (expected equal ranks 2, 3 or 4)")
     q4, k4, v4 = (_as_4d(bb, t, rank) for t in (q, k, v))
-    (b, h, length, e), (bk, _, source, ek), (bv, _, sv, ev) = (
-        _static_shape(t, "attention input", node) for t in (q4, k4, v4)
-    )
-    if not (b == bk == bv and e == ek and source == sv):
+    (b, h, length, e), (bk, _, source, ek), (bv, _, sv, ev) = (_dims(t) for t in (q4, k4, v4))
+    if not _same_dims((b, e, source), (bk, ek, sv)) or not _same_dims((b,), (bv,)):
         raise _refuse(node, f"query/key/value shapes {shapes} do not match")
+    h = _static_dim(h, "the number of heads", node)
     k4, v4 = (_match_kv_heads(bb, node, t, h, gqa) for t in (k4, v4))
     dtype = _dtype(q)
     bias = None if mask is None else _attention_bias(bb, node, mask, rank, dtype)
     if is_causal:
-        causal = _causal_bias(length, source, dtype)
+        lengths = (_static_dim(d, "a causal attention length", node) for d in (length, source))
+        causal = _causal_bias(*lengths, dtype)
         bias = causal if bias is None else bb.emit(relax.op.add(bias, causal))
     bsnh = [bb.emit(relax.op.permute_dims(t, [0, 2, 1, 3])) for t in (q4, k4, v4)]
     out = bb.emit(
@@ -817,35 +958,46 @@ _LEAF_SPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 def export_graph(
-    gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]
+    gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], dynamic_batch: bool = False
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` with static shapes, decomposed to core ATen (tile ops kept), of
-    the graph's tensor code: a GraphModule is exported with its outputs as a flat tuple
+    """``torch.export`` of the graph's tensor code, decomposed to core ATen (tile ops
+    kept): a GraphModule is exported with its outputs as a flat tuple
     (:func:`~tbn_compiler.capture.graph_with_outputs`; the output structure is the
     :class:`~tbn_compiler.capture.OutputTree`'s business). Rebuilding a Hugging Face
     ``DynamicCache`` inside the traced code would add tensor constants that the
-    decomposition loses.
+    decomposition loses. Shapes are static, or with ``dynamic_batch`` the batch is
+    symbolic where the graph allows it (:func:`_export_graph` says why not).
 
     ``scaled_dot_product_attention`` is kept whole: TVM imports it directly, and its
     decomposition gives fake strides on which a following ``transpose/reshape/view``
     chain (GPT-2 attention) fails to retrace."""
+    return _export_graph(gm, example_inputs, dynamic_batch)[0]
+
+
+def _export_graph(
+    gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], dynamic_batch: bool
+) -> tuple[torch.export.ExportedProgram, str | None]:
+    """:func:`export_graph` and None, or with why the batch is static."""
     if isinstance(gm, fx.GraphModule):
         gm = graph_with_outputs(gm)
+    program, why_static = None, "compiled with dynamic_batch=False"
+    if dynamic_batch:
+        program, why_static = export_dynamic_batch(gm, tuple(example_inputs))
     try:
-        ep = torch.export.export(gm, tuple(example_inputs))
+        ep = program if program is not None else torch.export.export(gm, tuple(example_inputs))
         table = torch.export.default_decompositions()
         table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
         with warnings.catch_warnings():
             # torch deep-copies the module call graph, whose leaf specs warn when copied
             warnings.filterwarnings("ignore", _LEAF_SPEC_WARNING, FutureWarning)
-            return ep.run_decompositions(table)
+            return ep.run_decompositions(table), why_static
     except Exception as exc:
         raise GraphImportError(
             f"torch.export failed on the rewritten graph: {type(exc).__name__}: {exc}"
         ) from exc
 
 
-def _output_specs(ep: torch.export.ExportedProgram) -> list[TensorSpec]:
+def _output_specs(ep: torch.export.ExportedProgram, batch: int | None) -> list[TensorSpec]:
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
     user = {
         s.arg.name
@@ -856,8 +1008,37 @@ def _output_specs(ep: torch.export.ExportedProgram) -> list[TensorSpec]:
     for arg in torch.utils._pytree.tree_leaves(out_node.args[0]):
         if isinstance(arg, fx.Node) and arg.name in user:
             val = arg.meta["val"]
-            specs.append(TensorSpec.of(f"output{len(specs)}", val))
+            specs.append(_traced_spec(f"output{len(specs)}", val, _batch_symbols(ep), batch))
     return specs
+
+
+def _batch_symbols(ep: torch.export.ExportedProgram) -> set[Any]:
+    """torch's size symbols of the user inputs' dims (the batch, when it is symbolic)."""
+    users = {str(n) for n in ep.graph_signature.user_inputs}
+    found = set()
+    for node in ep.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if node.name in users and isinstance(val, torch.Tensor):
+            found |= {d.node.expr for d in val.shape if isinstance(d, torch.SymInt)}
+    return {s for s in found if s.is_Symbol}
+
+
+def _traced_spec(name: str, val: torch.Tensor, batch_symbols: set[Any], batch: int | None):
+    """The :class:`TensorSpec` of a traced tensor: ``shape`` at the example's ``batch``,
+    ``dims`` naming the batch :data:`~tbn_compiler.capture.BATCH` (``"4*batch"``)."""
+    import sympy
+
+    named = {s: sympy.Symbol(BATCH, integer=True, positive=True) for s in batch_symbols}
+    at_example = {s: batch for s in batch_symbols}
+    shape, dims = [], []
+    for size in val.shape:
+        expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+        if expr.free_symbols - set(named):
+            raise GraphImportError(f"{name}: size {expr} is symbolic in more than the batch")
+        shape.append(int(expr.subs(at_example)))
+        dims.append(int(expr) if expr.is_number else str(expr.subs(named)))
+    dtype = str(val.dtype).removeprefix("torch.")
+    return TensorSpec(name, tuple(shape), dtype, tuple(dims))
 
 
 _MASKED_SCORE = -3.0e38  # added to attention scores where a boolean mask says "masked"
@@ -994,21 +1175,23 @@ def index_input_checks(ep: torch.export.ExportedProgram) -> list[dict[str, Any]]
     """``{"input", "low", "high", "message", "error"}`` for each id tensor of a checked
     gather or scatter (:func:`convert_indexing`) that is a user input (possibly
     reshaped): every element of that input must be in ``[low, high)``, else torch raises
-    ``error`` (``IndexError`` or ``RuntimeError``)."""
+    ``error`` (``IndexError`` or ``RuntimeError``). Ids into a dim of symbolic size (the
+    batch) get none: the kernel itself reads and writes in bounds whatever the ids."""
     user_inputs = {str(n) for n in ep.graph_signature.user_inputs}
-    checks = []
+    checks: list[dict[str, Any]] = []
+    symbols: Symbols = {}
     for node in ep.graph.nodes:
-        g = _indexing_of(node)
+        g = _indexing_of(node, symbols)
         for ids, t in zip(
             () if g is None else g.ids, () if g is None else g.index.ids, strict=True
         ):
             source = _source_input(ids, user_inputs)
-            if source is not None:
+            if source is not None and kernels.is_static(t.size):
                 checks.append(
                     {
                         "input": source,
-                        "low": t.low,
-                        "high": t.size,
+                        "low": int(t.low),
+                        "high": int(t.size),
                         "message": t.message,
                         "error": t.error,
                     }
@@ -1016,10 +1199,33 @@ def index_input_checks(ep: torch.export.ExportedProgram) -> list[dict[str, Any]]
     return checks
 
 
-def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> ImportResult:
-    """Relax module for ``gm`` at the shapes of ``example_inputs`` (see module docstring)."""
+def import_graph(
+    gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], dynamic_batch: bool = False
+) -> ImportResult:
+    """Relax module for ``gm`` at the shapes of ``example_inputs`` (see module docstring).
+
+    ``dynamic_batch``: ``main`` takes any batch (dim 0 of the batched inputs, named
+    :data:`~tbn_compiler.capture.BATCH` in the specs) where the graph allows it; where it
+    does not, or a converter needs the batch static, the import is static and
+    ``static_batch`` says why (an error a static import raises too is raised)."""
     inputs = list(example_tensors(example_inputs))
-    ep = export_graph(gm, inputs)
+    if not dynamic_batch:
+        return _import(gm, inputs, False)
+    try:
+        return _import(gm, inputs, True)
+    except Exception as exc:  # raised again by the static import unless the batch is the cause
+        result = _import(gm, inputs, False)
+        result.static_batch = f"the import of a symbolic batch failed ({_first_line(exc)})"
+        return result
+
+
+def _first_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _import(gm: torch.nn.Module, inputs: list[torch.Tensor], dynamic_batch: bool) -> ImportResult:
+    ep, static_batch = _export_graph(gm, inputs, dynamic_batch)
     drop_empty_cat_operands(ep)
     float_attention_masks(ep)
     integer_bool_operands(ep)
@@ -1040,6 +1246,16 @@ def import_graph(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) ->
         raise GraphImportError(
             f"TVM could not import the graph: {type(exc).__name__}: {exc}"
         ) from exc
-    user_names = list(ep.graph_signature.user_inputs)
-    in_specs = [TensorSpec.of(str(n), t) for n, t in zip(user_names, inputs, strict=True)]
-    return ImportResult(mod, in_specs, _output_specs(ep), index_input_checks(ep))
+    batch = example_batch(inputs)
+    symbols = _batch_symbols(ep)
+    placeholders = {n.name: n for n in ep.graph.find_nodes(op="placeholder")}
+    in_specs = [
+        _traced_spec(str(n), placeholders[str(n)].meta["val"], symbols, batch)
+        for n in ep.graph_signature.user_inputs
+    ]
+    in_specs = [
+        TensorSpec(s.name, tuple(t.shape), s.dtype, s.dims)
+        for s, t in zip(in_specs, inputs, strict=True)
+    ]
+    outputs = _output_specs(ep, batch)
+    return ImportResult(mod, in_specs, outputs, index_input_checks(ep), static_batch)

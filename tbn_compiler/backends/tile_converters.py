@@ -3,12 +3,13 @@
 Each converter takes an fx node of ``torch.ops.tbn.tiled_*`` and the importer, builds
 the op's TIR kernel with its record's ``kernel_builder`` (which must tag it with
 :data:`.kernels.KERNEL_ATTR`, so later steps find and schedule it) and emits one
-``relax.call_tir`` to it on the packed tile, alphas and bias constants.
+``relax.call_tir`` to it on the packed tile, alphas and bias constants. The batch (the
+rows of a linear, the images of a conv) may be symbolic: the builders then get it as a
+``PrimExpr`` and make a kernel for any batch; every other extent must be static.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,14 @@ from torch import fx
 from tvm import relax
 
 from ..ops import tile_op_name
-from .relax_import import GraphImportError, _add_kernel, _static_shape
+from .relax_import import (
+    GraphImportError,
+    _add_kernel,
+    _dims,
+    _product,
+    _static_dim,
+    _static_shape,
+)
 from .tile_ops import kernel_builder
 
 __all__ = ["convert_tiled_conv", "convert_tiled_linear"]
@@ -59,13 +67,15 @@ def _ints(values: Sequence[Any]) -> list[int]:
 
 
 def convert_tiled_linear(node: fx.Node, importer: Any) -> relax.Expr:
-    """``tbn::tiled_linear``: flatten leading dims into ``m``, call the kernel, reshape back."""
+    """``tbn::tiled_linear``: flatten leading dims into ``m`` (symbolic with the batch),
+    call the kernel, reshape back."""
     a = _bound_args(node, importer)
     x, bb = a["x"], importer.block_builder
     dtype = _check_dtype(x, node)
-    shape = _static_shape(x, "input", node)
+    shape = _dims(x)
     in_f, out_f = int(a["in_features"]), int(a["out_features"])
-    m = math.prod(shape[:-1])
+    _static_dim(shape[-1], "the number of input features", node)
+    m = _product(shape[:-1])
     p = _static_shape(a["alphas"], "alphas", node)[0]
     build = kernel_builder(node.target)
     func = build(m, in_f, out_f, p, bool(a["weight_in_out"]), a["bias"] is not None, dtype)
@@ -79,16 +89,19 @@ def convert_tiled_linear(node: fx.Node, importer: Any) -> relax.Expr:
 
 def convert_tiled_conv(node: fx.Node, importer: Any) -> relax.Expr:
     """``tbn::tiled_conv{n}d`` (``n`` from ``weight_shape``): an unbatched input gets a
-    batch dim of 1 around the kernel call."""
+    batch dim of 1 around the kernel call; the batch may be symbolic, channels and
+    spatial dims are static."""
     a = _bound_args(node, importer)
     x, bb = a["x"], importer.block_builder
     dtype = _check_dtype(x, node)
-    shape = _static_shape(x, "input", node)
+    shape = _dims(x)
     weight_shape = _ints(a["weight_shape"])
     unbatched = len(shape) == len(weight_shape) - 1
     if unbatched:
         x = bb.emit(relax.op.expand_dims(x, 0))
         shape = (1, *shape)
+    for d in shape[1:]:
+        _static_dim(d, "a channel or spatial size", node)
     p = _static_shape(a["alphas"], "alphas", node)[0]
     build = kernel_builder(node.target)
     func = build(
@@ -103,15 +116,16 @@ def convert_tiled_conv(node: fx.Node, importer: Any) -> relax.Expr:
         dtype,
     )
     gv = _add_kernel(importer, func, tile_op_name(node.target))
-    out_shape = _expected_out_shape(node, unbatched)
+    out_shape = [shape[0], *_expected_out_shape(node, unbatched)[1:]]
     y = bb.emit(relax.call_tir(gv, _operands(a, x), relax.TensorType(out_shape, dtype)))
     return bb.emit(relax.op.squeeze(y, [0])) if unbatched else y
 
 
 def _expected_out_shape(node: fx.Node, unbatched: bool) -> list[int]:
-    """Output shape from torch's fake tensor on the node (batched form)."""
+    """Output shape from torch's fake tensor on the node (batched form); the batch dim
+    (symbolic or not) as 1: only the others are read."""
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         raise GraphImportError(f"node {node.name!r}: no shape metadata from torch.export")
-    shape = [int(d) for d in val.shape]
-    return [1, *shape] if unbatched else shape
+    shape = [_static_dim(d, "a conv output size", node) for d in val.shape[int(not unbatched) :]]
+    return [1, *shape]
