@@ -11,6 +11,10 @@ intermediate copies). :data:`CUDA_RULES`, first that applies:
   bit loops are unrolled for aligned kinds (constant shifts), not for the general
   kernels, whose realigned-word math is too large to unroll 32 times.
 * :class:`OneOutputPerThread`: every block one output per thread (serial reductions).
+
+A symbolic batch (the rows of a linear, the images of a conv) is one more data-parallel
+extent: it lands in ``blockIdx.x`` (fused with static ones); threads are split from the
+fused loop with a guarded tail, so one kernel runs every batch size.
 """
 
 from __future__ import annotations
@@ -51,12 +55,19 @@ def _inline_inputs(sch: Schedule, kernel: KernelAnalysis) -> None:
             sch.compute_inline(stage.block)
 
 
+def _known_extent(sch: Schedule, loop) -> int | None:
+    """The extent of ``loop``, or None when it is symbolic."""
+    value = sch.get(loop).extent
+    return int(value) if isinstance(value, tirx.IntImm) else None
+
+
 def _flat(sch: Schedule, block, threads: int) -> None:
-    """One output per thread: fuse the spatial loops, bind blocks and threads."""
+    """One output per thread: fuse the spatial loops, bind blocks and threads (256 per
+    block, fewer for a small static extent)."""
     spatial, _ = split_loops(sch, block)
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-    n = extent(sch, fused)
-    t = min(threads, 256, max(32, n))
+    n = _known_extent(sch, fused)
+    t = min(threads, 256) if n is None else min(threads, 256, max(32, n))
     bx, tx = sch.split(fused, [None, t])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
