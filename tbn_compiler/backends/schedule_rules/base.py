@@ -55,10 +55,12 @@ __all__ = [
     "factor",
     "is_kernel",
     "is_scheduled",
+    "known_extent",
     "mark_opaque",
     "reduces",
     "root_block",
     "split_loops",
+    "static_multiple",
     "without_asserts",
 ]
 
@@ -268,7 +270,29 @@ def apply_first(
 
 
 def extent(sch: Schedule, loop: object) -> int:
+    """The extent of a loop known to be static (TypeError for a symbolic one)."""
     return int(sch.get(loop).extent)
+
+
+def known_extent(sch: Schedule, loop: object) -> int | None:
+    """The extent of ``loop``, or None when it is symbolic (the batch)."""
+    value = sch.get(loop).extent
+    return int(value) if isinstance(value, tirx.IntImm) else None
+
+
+def static_multiple(sch: Schedule, loop: object) -> int:
+    """The largest constant the extent of ``loop`` is known to be a multiple of: the
+    extent itself when static, the constant factors of a product (``n * 64`` for a
+    symbolic batch ``n`` of 64 rows each) else, 1 for a plain variable."""
+    return _constant_factor(sch.get(loop).extent)
+
+
+def _constant_factor(expr: object) -> int:
+    if isinstance(expr, tirx.IntImm):
+        return int(expr)
+    if isinstance(expr, tirx.Mul):
+        return _constant_factor(expr.a) * _constant_factor(expr.b)
+    return 1
 
 
 def factor(n: int, candidates: Sequence[int]) -> int:

@@ -52,9 +52,11 @@ from .base import (
     cores,
     extent,
     factor,
+    known_extent,
     reduces,
     root_block,
     split_loops,
+    static_multiple,
 )
 
 __all__ = [
@@ -205,15 +207,26 @@ CPU_RULES: tuple[ScheduleRule, ...] = (
 
 
 def _parallel(sch: Schedule, loop, enabled: bool) -> None:
-    """``loop`` parallel when ``enabled`` and it has more than one iteration."""
-    if enabled and extent(sch, loop) > 1:
+    """``loop`` parallel when ``enabled`` and it may have more than one iteration."""
+    n = known_extent(sch, loop)
+    if enabled and (n is None or n > 1):
         sch.parallel(loop)
+
+
+_SYMBOLIC_SIZE = 1 << 20
+"""How many iterations a symbolic extent (the batch) counts for when weighing work."""
+
+
+def _size(sch: Schedule, loop) -> int:
+    """The extent of ``loop``; a symbolic one counts as :data:`_SYMBOLIC_SIZE`."""
+    n = known_extent(sch, loop)
+    return _SYMBOLIC_SIZE if n is None else n
 
 
 def _cpu_elementwise(sch: Schedule, block, parallel: bool = True, vec: int = 8) -> None:
     """Parallel outer loops, vectorized innermost loop (any shape)."""
     loops = sch.get_loops(block)
-    v = factor(extent(sch, loops[-1]), (vec * 4, vec * 2, vec, 4, 2))
+    v = factor(static_multiple(sch, loops[-1]), (vec * 4, vec * 2, vec, 4, 2))
     if v > 1:
         outer_inner = sch.split(loops[-1], [None, v])
         sch.vectorize(outer_inner[1])
@@ -236,10 +249,13 @@ def _cpu_lut_gemm(sch: Schedule, block, patches=None, parallel: bool = True) -> 
     vector lanes (rfactor); ``mr x nr`` register blocks accumulate over the whole
     reduction; parallel over blocks. ``block`` keeps the final 8-lane sum. With
     ``patches`` (im2col rows), a task is ``mr * mb`` rows x all tile rows and builds
-    its patch rows first."""
+    its patch rows first. With a symbolic number of rows (the batch) the blocks divide
+    its known multiple (the rows per image); rows that are the batch alone take
+    ``mr = 4`` with a guarded tail (:func:`_symbolic_rows`)."""
     loops = sch.get_loops(block)
-    m, rows = extent(sch, loops[0]), extent(sch, loops[1])
+    m, rows = static_multiple(sch, loops[0]), extent(sch, loops[1])
     mr, mb = (factor(m, (4, 2)), 1) if patches is None else _row_blocks(m, cores())
+    mr = _symbolic_rows(sch, loops[0], mr)
     nr = _tile_rows(rows, mr)
     rf = sch.rfactor(loops[4], factor_axis=2)  # block_rf[i, r, lane]
     i, r, kw, kb, kl = sch.get_loops(rf)
@@ -276,7 +292,7 @@ def _cpu_column_table(sch: Schedule, block, parallel: bool = True) -> None:
     """``block[i, ow, ob, ol] = sum over j``: ``mr`` rows x one tile word of columns per
     register block, the 8 columns of a table entry as lanes, parallel over blocks."""
     i, ow, ob, ol, j = sch.get_loops(block)
-    mr = factor(extent(sch, i), (4, 2))
+    mr = _symbolic_rows(sch, i, factor(static_multiple(sch, i), (4, 2)))
     io, ii = sch.split(i, [None, mr])
     sch.reorder(io, ow, j, ii, ob, ol)
     outer = sch.fuse(io, ow)
@@ -289,6 +305,19 @@ def _cpu_column_table(sch: Schedule, block, parallel: bool = True) -> None:
     init = sch.decompose_reduction(block, j)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc)[-1])
+
+
+SYMBOLIC_ROW_BLOCK = 4
+"""Register rows per block over a batch of unknown size: the tile masks of a table entry
+are shared by these rows; a batch that is not a multiple runs its last block guarded."""
+
+
+def _symbolic_rows(sch: Schedule, loop, mr: int) -> int:
+    """``mr`` for the row loop ``loop``, or :data:`SYMBOLIC_ROW_BLOCK` where ``loop`` is
+    symbolic and its known multiple gave no row block."""
+    if mr > 1 or known_extent(sch, loop) is not None:
+        return mr
+    return SYMBOLIC_ROW_BLOCK
 
 
 def _tile_rows(rows: int, mr: int) -> int:
@@ -460,8 +489,8 @@ def _try_lane_rfactor(sch: Schedule, block, lanes: int):
         return None
     contiguous = _contiguous_reads(sch, block, k)
     _, reduction = split_loops(sch, block)
-    n = extent(sch, reduction[0])
-    if not contiguous or not all(contiguous) or n % lanes or n < 2 * lanes:
+    n = known_extent(sch, reduction[0])
+    if n is None or not contiguous or not all(contiguous) or n % lanes or n < 2 * lanes:
         return None
     _, inner = sch.split(reduction[0], [None, lanes])
     return sch.rfactor(inner, factor_axis=len(sch.get(block).iter_vars) - 1)
@@ -487,13 +516,13 @@ def _vectorize_in_row(sch: Schedule, block, lanes: int) -> None:
     if not loops:
         return
     if not reduces(sch, block):
-        inner = factor(extent(sch, loops[-1]), (lanes,))
+        inner = factor(static_multiple(sch, loops[-1]), (lanes,))
         if inner > 1:
             sch.vectorize(sch.split(loops[-1], [None, inner])[1])
         return
     k = _single_reduction_var(sch, block)
     spatial, reduction = split_loops(sch, block)
-    if k is None or len(reduction) != 1 or not spatial or extent(sch, spatial[-1]) % lanes:
+    if k is None or len(reduction) != 1 or not spatial or static_multiple(sch, spatial[-1]) % lanes:
         return
     j = [iv.var for iv in sch.get(block).iter_vars if int(iv.iter_type) == 0][-1]
     if all(_contiguous_reads(sch, block, k)) or not any(_contiguous_reads(sch, block, j)):
@@ -594,15 +623,16 @@ def _is_constant(expr: object) -> bool:
 def _try_parallel_elementwise(sch: Schedule, block, min_elements: int) -> Schedule | None:
     """A copy of ``sch`` with the data-parallel ``block`` vectorized (its trailing loops
     fused up to a vector's width) and, from ``min_elements`` iterations on, parallel
-    over its outer loops; None when its extents are symbolic or TVM refuses a step."""
+    over its outer loops (a symbolic extent, the batch, counts as large); None when TVM
+    refuses a step."""
     loops = sch.get_loops(block)
-    extents = [sch.get(loop).extent for loop in loops]
-    if not loops or not all(isinstance(e, tirx.IntImm) for e in extents):
+    if not loops:
         return None
     trial = sch.copy()
     try:
         _fuse_trailing(trial, block, 8)
-        _cpu_elementwise(trial, block, math.prod(int(e) for e in extents) >= min_elements)
+        work = math.prod(_size(sch, loop) for loop in loops)
+        _cpu_elementwise(trial, block, work >= min_elements)
     except ScheduleError:
         return None
     return trial
@@ -613,7 +643,7 @@ def _fuse_trailing(sch: Schedule, block, lanes: int) -> None:
     ``lanes`` (e.g. the 4 x 4 pixels of a channel become one loop of 16)."""
     loops = sch.get_loops(block)
     n = 1
-    while n < len(loops) and math.prod(extent(sch, lp) for lp in loops[-n:]) < lanes:
+    while n < len(loops) and math.prod(_size(sch, lp) for lp in loops[-n:]) < lanes:
         n += 1
     if n > 1:
         sch.fuse(*loops[-n:])
@@ -626,10 +656,12 @@ def _try_vector_reduction(sch: Schedule, block, min_work: int, lanes: int = 8):
     spatial, reduction = split_loops(sch, block)
     if len(reduction) != 1 or not spatial:
         return sch, None
-    n = extent(sch, reduction[0])
+    n = known_extent(sch, reduction[0])
+    if n is None:
+        return sch, None
     work = n
     for loop in spatial:
-        work *= extent(sch, loop)
+        work *= _size(sch, loop)
     if n % lanes or n < 2 * lanes or work < min_work:
         return sch, None
     trial = sch.copy()
@@ -646,9 +678,9 @@ def _try_parallel_prefix(sch: Schedule, block, min_work: int) -> Schedule | None
     """A copy of ``sch`` with the leading spatial loops of ``block`` fused and parallel,
     or None when that is not allowed or not worth it."""
     spatial, reduction = split_loops(sch, block)
-    extents = [extent(sch, loop) for loop in spatial]
+    extents = [_size(sch, loop) for loop in spatial]
     work = 1
-    for e in extents + [extent(sch, loop) for loop in reduction]:
+    for e in extents + [_size(sch, loop) for loop in reduction]:
         work *= e
     if not spatial or not reduction or work < min_work:
         return None
