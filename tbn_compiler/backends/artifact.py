@@ -6,7 +6,10 @@ Artifact format (one zip file written by :func:`.archive.write_archive`: every m
 
 * ``metadata.json``: ``format`` (= :data:`FORMAT_NAME`), ``format_version``, ``versions``
   (tbn_compiler, tvm, torch, python), ``target`` (a :class:`TargetSpec` dict, with the
-  exact TVM target used), ``inputs`` / ``outputs`` (name, shape, dtype), ``output_tree``
+  exact TVM target used), ``inputs`` / ``outputs`` (name, shape: the example's, dtype;
+  ``dims`` where the batch is symbolic: per dim an int or a name, e.g. ``["batch",
+  64]``; an archive without it is static, as are those of older versions),
+  ``static_batch`` (why a host or CUDA module takes one batch size, when known), ``output_tree``
   (the model's output structure, :class:`~tbn_compiler.capture.OutputTree` JSON, or
   null), ``report`` (text or null); for CUDA targets ``cuda_kernels`` (``"fatbin"``:
   compiled for the target's architecture; ``"source"``: CUDA source, compiled where
@@ -45,7 +48,7 @@ import tvm
 import tvm_ffi
 from tvm.runtime.vm import VirtualMachine
 
-from ..capture import OutputTree
+from ..capture import BATCH, OutputTree
 from ..targets import TargetSpec, host_arch, local_cuda_arch, norm_arch
 from . import cuda_runtime
 from .archive import (
@@ -63,7 +66,7 @@ from .protocol import (
     backend_for,
     register_backend,
 )
-from .specs import TensorSpec, check_index_inputs
+from .specs import TensorSpec, check_index_inputs, shape_mismatch
 
 __all__ = [
     "FORMAT_NAME",
@@ -88,7 +91,9 @@ _CU = "kernels.cu"
 
 
 class CompiledModule:
-    """A model compiled by TVM for one target, at static input shapes.
+    """A model compiled by TVM for one target: for any batch size where its input specs
+    name the batch dim (``dims``, see :class:`.specs.TensorSpec`), else at the example's
+    shapes (``static_batch`` says why, when known).
 
     ``cm(*inputs)`` takes torch tensors on the target's device and returns what the
     model returns (a tensor, or tensors in the same tuples/dicts/named tuples, given by
@@ -118,6 +123,7 @@ class CompiledModule:
         cuda_kernels: str | None = None,
         cpu_features: Sequence[str] | None = None,
         index_checks: Sequence[dict[str, Any]] = (),
+        static_batch: str | None = None,
     ) -> None:
         self._library = library
         self._library_bytes = library_bytes
@@ -130,6 +136,7 @@ class CompiledModule:
         self.cuda_kernels = cuda_kernels
         self.cpu_features = None if cpu_features is None else sorted(cpu_features)
         self.index_checks = [dict(c) for c in index_checks]
+        self.static_batch = None if self.dynamic_batch else static_batch
         if output_tree is not None and output_tree.num_leaves != len(self.output_specs):
             raise ValueError(
                 f"output tree has {output_tree.num_leaves} tensors, the library returns "
@@ -140,8 +147,13 @@ class CompiledModule:
         self._single_output = output_tree is None or output_tree == _SINGLE_TENSOR
 
     def __repr__(self) -> str:
-        ins = ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in self.input_specs)
+        ins = ", ".join(f"{s.name}: {s.dtype}{s.signature}" for s in self.input_specs)
         return f"CompiledModule(target={self.target.name!r}, inputs=({ins}))"
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """True when the module takes any batch size (an input dim is symbolic)."""
+        return any(s.dynamic for s in self.input_specs)
 
     # ------------------------------------------------------------------ running
 
@@ -175,13 +187,23 @@ class CompiledModule:
             )
 
     def check_inputs(self, inputs: Sequence[Any]) -> None:
-        """Raise :class:`InputError` naming the first input that does not match."""
+        """Raise :class:`InputError` naming the first input that does not match (count,
+        shape: static dims and one size per named dim, dtype, device)."""
         specs = self.input_specs
         if len(inputs) != len(specs):
             names = ", ".join(s.name for s in specs)
             raise InputError(f"expected {len(specs)} inputs ({names}), got {len(inputs)}")
+        bound: dict[str, tuple[int, str]] = {}
         for spec, value in zip(specs, inputs, strict=True):
-            _check_input(spec, value, self.device)
+            _check_input(spec, value, self.device, bound, self._static_note())
+
+    def _static_note(self) -> str:
+        """What a shape error of a module without a symbolic batch adds."""
+        if self.dynamic_batch:
+            return ""
+        if self.static_batch:
+            return f" (the batch is static: {self.static_batch})"
+        return " (shapes are static; compile again for other shapes)"
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         main = self._function()
@@ -272,6 +294,7 @@ class CompiledModule:
             "output_tree": None if self.output_tree is None else self.output_tree.to_json(),
             "report": None if self.report is None else str(self.report),
             "index_checks": self.index_checks,
+            **({"static_batch": self.static_batch} if self.static_batch else {}),
             **extra,
         }
 
@@ -279,17 +302,20 @@ class CompiledModule:
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_input(spec: TensorSpec, value: Any, device: torch.device) -> None:
+def _check_input(
+    spec: TensorSpec,
+    value: Any,
+    device: torch.device,
+    bound: dict[str, tuple[int, str]],
+    static_note: str,
+) -> None:
     if not isinstance(value, torch.Tensor):
         raise InputError(
             f"input {spec.name!r}: expected a torch.Tensor, got {type(value).__name__}"
         )
-    shape = tuple(value.shape)
-    if shape != spec.shape:
-        raise InputError(
-            f"input {spec.name!r}: expected shape {spec.shape}, got {shape} "
-            "(shapes are static; compile again for other shapes)"
-        )
+    problem = shape_mismatch(spec, value.shape, bound)
+    if problem is not None:
+        raise InputError(problem + static_note)
     dtype = str(value.dtype).removeprefix("torch.")
     if dtype != spec.dtype:
         raise InputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {dtype}")
@@ -304,32 +330,50 @@ _SINGLE_TENSOR = OutputTree({"t": "tensor"})
 
 
 def _direct_inputs(kind: str, specs: Sequence[TensorSpec]) -> tuple | None:
-    """Per input (shape, torch dtype) for the pass-through test of
-    :meth:`CompiledModule._arguments`; None where inputs are always converted (CUDA,
-    or a dtype torch does not name)."""
+    """Per input ``(shape, dims after the batch, torch dtype)`` for the pass-through test
+    of :meth:`CompiledModule._arguments`: ``shape`` for a static input (then None
+    after it), None for one whose dim 0 alone is named. None where inputs are always
+    converted (CUDA, a dtype torch does not name, other named dims)."""
     if kind != "llvm":
         return None
     dtypes = [getattr(torch, s.dtype, None) for s in specs]
     if not all(isinstance(d, torch.dtype) for d in dtypes):
         return None
-    return tuple((torch.Size(s.shape), d) for s, d in zip(specs, dtypes, strict=True))
+    expected = []
+    for s, dtype in zip(specs, dtypes, strict=True):
+        if not s.dynamic:
+            expected.append((torch.Size(s.shape), None, dtype))
+        elif s.dims[0] == BATCH and all(isinstance(d, int) for d in s.dims[1:]):
+            expected.append((None, torch.Size(s.dims[1:]), dtype))
+        else:
+            return None
+    return tuple(expected)
 
 
 def _ready_as_is(expected: tuple, inputs: Sequence[Any]) -> bool:
-    """True when ``inputs`` are plain CPU tensors of the expected shapes and dtypes,
-    compact and aligned: what the kernels can read in place."""
+    """True when ``inputs`` are plain CPU tensors of the expected shapes (one batch
+    size for all batched inputs) and dtypes, compact and aligned: what the kernels can
+    read in place."""
     if len(inputs) != len(expected):
         return False
-    for (shape, dtype), t in zip(expected, inputs, strict=True):
+    batch = None
+    for (shape, rest, dtype), t in zip(expected, inputs, strict=True):
         if not (
             type(t) is torch.Tensor
             and t.dtype is dtype
-            and t.shape == shape
             and t.is_cpu
             and t.is_contiguous()
             and t.data_ptr() % _ALIGNMENT == 0
         ):
             return False
+        if shape is not None:
+            if t.shape != shape:
+                return False
+            continue
+        size = t.shape
+        if len(size) != len(rest) + 1 or size[1:] != rest or (batch or size[0]) != size[0]:
+            return False
+        batch = size[0]
     return True
 
 
@@ -494,6 +538,7 @@ def load_tvm_archive(
         cpu_features = meta.get("cpu_features")
         cpu_features = None if cpu_features is None else [str(f) for f in cpu_features]
         index_checks = [dict(c) for c in meta.get("index_checks", [])]
+        static_batch = meta.get("static_batch")
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: malformed {_META} ({type(exc).__name__}: {exc})") from exc
     if _LIB not in members:
@@ -507,6 +552,7 @@ def load_tvm_archive(
         "cuda_kernels": cuda_kernels,
         "cpu_features": cpu_features,
         "index_checks": index_checks,
+        "static_batch": None if static_batch is None else str(static_batch),
     }
     if check_target:
         _check_target(path, spec, cpu_features)
