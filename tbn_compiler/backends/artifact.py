@@ -615,7 +615,14 @@ def cuda_runnable_here(spec: TargetSpec) -> str | None:
 _COMPILE_TVM = "tbn_compiler.backends.build:compile_tvm_graph"
 _LOAD_TVM = "tbn_compiler.backends.artifact:load_tvm_archive"
 register_backend(
-    Backend("llvm", "host CPU through LLVM (Relax VM)", _COMPILE_TVM, _LOAD_TVM, host_runnable_here)
+    Backend(
+        "llvm",
+        "host CPU through LLVM (Relax VM)",
+        _COMPILE_TVM,
+        _LOAD_TVM,
+        host_runnable_here,
+        dynamic_batch=True,
+    )
 )
 register_backend(
     Backend(
@@ -625,5 +632,6 @@ register_backend(
         _LOAD_TVM,
         cuda_runnable_here,
         device=lambda spec: torch.device("cuda", 0),
+        dynamic_batch=True,
     )
 )

@@ -71,7 +71,9 @@ class Backend:
     report)`` builds a rewritten graph, ``load(path, meta, members, check_target)``
     rebuilds a saved module from its archive. ``runnable_here(spec)`` is None when
     modules for ``spec`` can run on this machine, else the reason; ``device(spec)`` is the
-    torch device their inputs live on."""
+    torch device their inputs live on. ``dynamic_batch``: its modules can take any batch
+    size; ``compile`` then also takes ``dynamic_batch=`` (a bool) and this is the
+    default."""
 
     kind: str
     description: str
@@ -79,11 +81,19 @@ class Backend:
     load: str
     runnable_here: Callable[[TargetSpec], str | None]
     device: Callable[[TargetSpec], torch.device] = lambda spec: torch.device("cpu")
+    dynamic_batch: bool = False
 
     def compile_graph(
-        self, gm: torch.nn.Module, inputs: tuple, spec: TargetSpec, tune: Any, report: Any
+        self,
+        gm: torch.nn.Module,
+        inputs: tuple,
+        spec: TargetSpec,
+        tune: Any,
+        report: Any,
+        **options: Any,
     ) -> CompiledProgram:
-        return _resolve(self.compile)(gm, inputs, spec, tune, report)
+        """Build ``gm``; ``options`` (``dynamic_batch``) go to ``compile`` as keywords."""
+        return _resolve(self.compile)(gm, inputs, spec, tune, report, **options)
 
     def load_archive(
         self, path: Path, meta: dict, members: dict, check_target: bool
