@@ -35,6 +35,7 @@ _LAZY = {
     "ArtifactWriteError": "tbn_compiler.backends.artifact",
     "InputError": "tbn_compiler.backends.artifact",
     "Tuning": "tbn_compiler.backends.tuning",
+    "ValidationError": "tbn_compiler.backends.validate",
 }
 
 

@@ -374,16 +374,25 @@ def test_tuning_with_empty_database_applies_hand_schedules(tmp_path) -> None:
         _assert_close(cm(*inputs), rewrite(model, inputs, cfg)(*inputs))
 
 
-def _parallel_kernels(cm) -> set[str]:
-    """Names of the compiled host kernels that launch parallel tasks (from LLVM IR)."""
+def _parallel_kernels(model, inputs, cfg, tune=None) -> set[str]:
+    """Names of the host kernels of the model's llvm build (as ``compile`` builds it) that
+    launch parallel tasks, from the LLVM IR of the executable before it is exported (a
+    compiled module holds the exported library, whose IR is gone)."""
+    from tbn_compiler.backends.build import build_executable, make_tvm_target, native_spec
+    from tbn_compiler.backends.relax_import import import_graph
+    from tbn_compiler.targets import resolve_target
 
     def modules(m):
         yield m
         for sub in m.imports:
             yield from modules(sub)
 
+    target = make_tvm_target(native_spec(resolve_target("llvm")))
+    executable = build_executable(
+        import_graph(rewrite(model, inputs, cfg), inputs).mod, target, tune
+    )
     found = set()
-    for m in modules(cm.library):
+    for m in modules(executable.mod):
         if m.kind == "llvm":
             ir = m.inspect_source("ll")
             for body in re.finditer(r"^define [^@]*@(\w+)_compute_\(.*?^}", ir, re.S | re.M):
@@ -402,10 +411,9 @@ def test_tuned_build_parallelizes_kernels_the_database_misses(tmp_path) -> None:
     x = torch.randn(8, 64)
     cfg = TBNConfig(p=4, min_numel=0, keep_first=True)  # the first layer stays dense
     tuned = tbn_compile(model, (x,), config=cfg, tune=Tuning(trials=0, database=tmp_path))
-    default = tbn_compile(model, (x,), config=cfg)
-    parallel = _parallel_kernels(tuned)
+    parallel = _parallel_kernels(model, (x,), cfg, Tuning(trials=0, database=tmp_path))
     assert any("matmul" in name for name in parallel), parallel
-    assert parallel == _parallel_kernels(default)
+    assert parallel == _parallel_kernels(model, (x,), cfg)
     with torch.no_grad():
         _assert_close(tuned(x), rewrite(model, (x,), cfg)(x))
 

@@ -169,6 +169,29 @@ class _TwoOutputs(nn.Module):
         return y, 2 * y
 
 
+class _Noisy(nn.Module):
+    def forward(self, x):
+        return x + torch.randn_like(x)
+
+
+def _wrong_relu():
+    """Compile with a relu converter that scales by 1.5 (a simulated compiler defect)."""
+    from tbn_compiler.backends import relax_import
+
+    convert = relax_import.SEMANTIC_CONVERTERS["relu.default"]
+
+    def wrong(node, importer):
+        out = convert(node, importer)
+        scale = relax_import.relax.const(1.5, "float32")
+        return importer.block_builder.emit(relax_import.relax.op.multiply(out, scale))
+
+    relax_import.SEMANTIC_CONVERTERS["relu.default"] = wrong
+    try:
+        tbn.compile(nn.Sequential(nn.Linear(16, 16), nn.ReLU()).eval(), X)
+    finally:
+        relax_import.SEMANTIC_CONVERTERS["relu.default"] = convert
+
+
 def _cuda_module():
     return tbn.compile(_linear(), X, target="cuda:sm_90", config=tbn.TBNConfig(p=4, min_numel=0))
 
@@ -229,6 +252,8 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "gather-id": lambda tmp: _bad_table_id(torch.tensor([1, 2, 3])),
     "indexing-id": lambda tmp: _bad_table_id(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3])),
     "sdpa-dropout": lambda tmp: tbn.compile(_Dropped(), torch.randn(1, 2, 4, 8)),
+    "random-op": lambda tmp: tbn.compile(_Noisy(), X),
+    "validation-mismatch": lambda tmp: _wrong_relu(),
     "op-unsupported": lambda tmp: tbn.compile(_FFT(), torch.randn(2, 8)),
     "cuda-no-gpu": lambda tmp: (_no_gpu(), _cuda_module()(X)),
     "cuda-load-no-gpu": lambda tmp: (_no_gpu(), tbn.load(_cuda_module().save(tmp / "c.tbn"))),

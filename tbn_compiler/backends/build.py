@@ -9,7 +9,9 @@
    (:mod:`.pipelines`: our kernels scheduled by the rules of :mod:`.schedule_rules`,
    TVM's operators legalized, fused and scheduled by TVM's or our generic schedules),
    optionally with a MetaSchedule database (:class:`.tuning.Tuning`);
-5. ``tvm.compile`` and a :class:`.artifact.CompiledModule` around the executable.
+4. ``tvm.compile`` and a :class:`.artifact.CompiledModule` around the executable;
+5. :func:`.validate.validate_build` runs it and the rewritten graph on the example
+   inputs and a fresh random input and compares them (``validate=False`` skips it).
 
 Shapes are static: the compiled module accepts inputs of the example inputs' shapes.
 
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import tempfile
 import threading
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,10 +45,11 @@ from ..passes import rewrite
 from ..targets import DEFAULT_CUDA_ARCH, TargetSpec, local_cuda_arch, resolve_target
 from . import cuda_runtime, pipelines
 from .artifact import CompiledModule, host_cpu_features
-from .protocol import CompiledProgram, backend_for
+from .protocol import Backend, CompiledProgram, backend_for
 from .relax_import import ImportResult, import_graph
 from .schedule_rules import host_target
 from .tuning import Tuning, compile_tuned
+from .validate import Build, validate_build
 
 __all__ = [
     "compile",
@@ -180,13 +185,30 @@ def compile_graph(
     target: Any = "llvm",
     tune: Tuning | None = None,
     report: Any = None,
+    validate: bool = True,
 ) -> CompiledProgram:
     """Compile an already rewritten graph (tile ops in place) for ``target``: "llvm",
     "cuda[:sm_XX]", a ``tvm.target.Target``, or a Cortex-M board/CPU preset. Dispatches
-    to the :class:`~.protocol.Backend` of the target's kind."""
+    to the :class:`~.protocol.Backend` of the target's kind.
+
+    ``validate``: check the compiled module against ``gm`` before returning it
+    (:func:`.validate.validate_build`; raises :class:`.validate.ValidationError` naming
+    the first diverging node); the result is the module's ``validation``."""
     inputs = example_tensors(example_inputs)
     spec = resolve_target(target)
-    return backend_for(spec.kind).compile_graph(gm, inputs, spec, tune, report)
+    backend = backend_for(spec.kind)
+    program = backend.compile_graph(gm, inputs, spec, tune, report)
+    if validate:
+        validate_build(gm, inputs, program, spec, _probe_builder(backend, inputs, spec))
+    return program
+
+
+def _probe_builder(backend: Backend, inputs: tuple, spec: TargetSpec) -> Build | None:
+    """How validation builds its probe graphs: untuned, for the same target; none for
+    Cortex-M, where a probe is a firmware build and a QEMU run (see :mod:`.validate`)."""
+    if spec.kind == "cortex-m":
+        return None
+    return lambda graph: backend.compile_graph(graph, inputs, spec, None, None)
 
 
 def compile_tvm_graph(
@@ -205,8 +227,9 @@ def compile_tvm_graph(
     with cuda_runtime.compile_arch(_target_arch(spec, tvm_target)):
         executable = build_executable(imported.mod, tvm_target, tune)
     features = host_cpu_features() if spec.tvm_target.get("mcpu") else None
+    library, library_bytes = _host_library(executable.mod, spec)
     return CompiledModule(
-        executable.mod,
+        library,
         spec,
         imported.inputs,
         imported.outputs,
@@ -215,7 +238,28 @@ def compile_tvm_graph(
         cuda_kernels=cuda_kernels,
         cpu_features=features if spec.kind == "llvm" else None,
         index_checks=imported.index_checks,
+        library_bytes=library_bytes,
     )
+
+
+def _host_library(
+    library: tvm.runtime.Module, spec: TargetSpec
+) -> tuple[tvm.runtime.Module, bytes | None]:
+    """For a host (LLVM) module that runs here: the library exported as a shared object
+    and loaded back, with its bytes (what ``save`` writes); else ``library`` as built.
+
+    Exporting costs what the first call would (LLVM compiles the kernels to machine code
+    either way), saves then write the bytes at once, and the saved executable is the one
+    no VM has run: TVM's VM, when it starts, records a memory scope for every constant of
+    its executable (``memory_scopes[i]`` in ``vm.cc``), which a later save would write
+    and a load read back with one "Scope Saving:" / "Scope Loaded:" warning per constant
+    on stderr."""
+    if spec.kind != "llvm" or backend_for(spec.kind).runnable_here(spec) is not None:
+        return library, None
+    with tempfile.TemporaryDirectory(prefix="tbn_build_") as tmp:
+        path = Path(tmp) / "library.so"
+        library.export_library(str(path))
+        return tvm.runtime.load_module(str(path)), path.read_bytes()
 
 
 def compile(  # shadows the builtin on purpose: the public name is part of the API
@@ -224,13 +268,18 @@ def compile(  # shadows the builtin on purpose: the public name is part of the A
     target: Any = "llvm",
     config: Any = None,
     tune: Tuning | None = None,
+    validate: bool = True,
 ) -> CompiledProgram:
     """Rewrite ``model`` with ``config`` (default ``TBNConfig()``), then compile it.
 
     ``target``: "llvm" (host CPU), "cuda", "cuda:sm_80", ... or a ``tvm.target.Target``.
     ``tune``: a :class:`Tuning` to run MetaSchedule (database reused and updated).
+    ``validate``: run the compiled module and the rewritten graph on the example inputs
+    and a fresh random input and compare them where the target runs here
+    (:mod:`.validate`); a mismatch raises :class:`.validate.ValidationError` naming the
+    first diverging node. ``False`` returns the module unchecked.
     The result runs on inputs of the same shapes, dtypes and device kind as the examples.
     """
     inputs = example_tensors(example_inputs)
     gm = rewrite(model, inputs, config or TBNConfig())
-    return compile_graph(gm, inputs, target, tune, report=inspect(gm))
+    return compile_graph(gm, inputs, target, tune, report=inspect(gm), validate=validate)
