@@ -9,13 +9,14 @@ Public API (see DESIGN.md)::
     cm  = tbn.compile(model, example_inputs, target="llvm")   # TVM build; "cuda", ...
     y   = cm(*example_inputs)
     cm.save(path); cm2 = tbn.load(path)
+    tbn.qat.fit(qat, loader, teacher=model)        # fine-tuning recipe (tbn_compiler/qat.py)
 
 TVM is imported only when a backend name (``compile``, ``load``, ...) is first used.
 """
 
 from typing import Any
 
-from . import ops  # noqa: F401  (registers torch.ops.tbn.*)
+from . import ops, qat  # noqa: F401  (ops registers torch.ops.tbn.*; qat: the QAT recipe)
 from .capture import CaptureError, capture
 from .config import TBNConfig
 from .inspect import Report, inspect
@@ -62,6 +63,7 @@ __all__ = [
     "inspect",
     "known_targets",
     "prepare",
+    "qat",
     "register_target",
     "resolve_target",
     "rewrite",
