@@ -1,8 +1,11 @@
 """Cortex-M schedule rules: single core, no parallel loops, no vectors.
 
-:func:`schedule_mcu` applies :data:`MCU_RULES` (first that applies) and returns an
+:func:`schedule_mcu` first replaces an aligned linear or conv kernel by its lookup-table
+variant (:func:`..lut_kernels.lut_variant`: same buffers and result, one table load per 4
+weight bits), then applies :data:`MCU_RULES` (first that applies) and returns an
 equivalent PrimFunc:
 
+* :class:`McuLutKernel` (LUT kernels): see :func:`_schedule_lut`.
 * :class:`McuTileKernel` (our kernels): the 256 x 8 sign table is inlined (sign masks
   become shifts of the tile word in registers: no 8 KiB table rebuilt on every call, no
   workspace); an im2col block over :data:`MAX_IM2COL_BYTES` is inlined too (the product
@@ -28,6 +31,7 @@ from tvm.s_tir import Schedule
 from tvm.target import Target
 
 from ..kernels import kernel_kind
+from ..lut_kernels import LUT_ATTR, LUT_KINDS, lut_chunking, lut_variant
 from .base import (
     ALIGNED_KINDS,
     ScheduleRule,
@@ -42,6 +46,7 @@ __all__ = [
     "MAX_IM2COL_BYTES",
     "MCU_RULES",
     "InlineElementwise",
+    "McuLutKernel",
     "McuTileKernel",
     "inline_elementwise",
     "schedule_mcu",
@@ -102,6 +107,51 @@ class McuTileKernel(ScheduleRule):
         return sch
 
 
+def _schedule_lut(sch: Schedule, func: tirx.PrimFunc) -> None:
+    """Tables built per block of chunks, shared by every row before the next block.
+
+    Loops of ``small`` become ``(*i, chunk block, row, chunk, group)``: the tables of a
+    block (blocks ``pair`` and ``table``, computed under the block loop, one group at a
+    time with its 16 entries unrolled) stay on the stack, the accumulator of a row is
+    initialised before the block loop, and the chunks and groups of a block are unrolled
+    (each chunk's word is read once, every nibble is a constant shift). The epilogue
+    ``out`` runs under the innermost ``i`` loop (``small`` shrinks to the rows of one
+    input row); a conv's im2col row is built under it too, its loop split by channel
+    and filter tap so that its indices need no division."""
+    ch = lut_chunking(func)
+    small = sch.get_sblock("small")
+    *lead, row, kc, kg = sch.get_loops(small)
+    position = lead[-1]
+    outer, inner = sch.split(kc, [None, ch.block])
+    sch.reorder(outer, row)
+    sch.decompose_reduction(small, outer)
+    table, pair = sch.get_sblock("table"), sch.get_sblock("pair")
+    sch.compute_at(table, outer)
+    group, entry = sch.get_loops(table)[-2:]
+    sch.compute_at(pair, group)
+    for loop in [*sch.get_loops(pair)[-2:], entry, inner, kg]:
+        sch.unroll(loop)
+    sch.reverse_compute_at(sch.get_sblock("out"), position)
+    if kernel_kind(func) == "conv_lut":
+        patches = sch.get_sblock("patches")
+        sch.compute_at(patches, position)
+        dims = [int(d) for d in func.attrs[LUT_ATTR]["filter_dims"]]
+        sch.split(sch.get_loops(patches)[-1], dims)
+
+
+class McuLutKernel(ScheduleRule):
+    """LUT kernels of :mod:`..lut_kernels` (see :func:`_schedule_lut`)."""
+
+    name = "mcu-lut-kernel"
+
+    def apply(self, func: tirx.PrimFunc, target: Target | None) -> Schedule | None:
+        if kernel_kind(func) not in LUT_KINDS:
+            return None
+        sch = Schedule(tvm.IRModule({"main": func}))
+        _schedule_lut(sch, func)
+        return sch
+
+
 class InlineElementwise(ScheduleRule):
     """Functions that are not our kernels: intermediate blocks inlined."""
 
@@ -130,7 +180,7 @@ def _feeds_reduction(sch: Schedule, block: object) -> bool:
     return any(reduces(sch, consumer) for consumer in sch.get_consumers(block))
 
 
-MCU_RULES: tuple[ScheduleRule, ...] = (McuTileKernel(), InlineElementwise())
+MCU_RULES: tuple[ScheduleRule, ...] = (McuLutKernel(), McuTileKernel(), InlineElementwise())
 """The Cortex-M rules, in the order they are tried."""
 
 
@@ -139,15 +189,26 @@ def inline_elementwise(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return apply_first(func, None, (InlineElementwise(),)) or func
 
 
-def schedule_mcu(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """The Cortex-M schedule of a function (see the module docstring)."""
+def schedule_mcu(func: tirx.PrimFunc, lut: bool = True) -> tirx.PrimFunc:
+    """The Cortex-M schedule of a function (see the module docstring); with ``lut`` a
+    kernel that has a LUT variant (:func:`..lut_kernels.lut_variant`) is replaced by it."""
+    variant = lut_variant(func, kernel_kind(func)) if lut else None
+    if variant is not None:
+        try:
+            return apply_first(variant, None, MCU_RULES) or variant
+        except Exception as exc:  # the table-free kernel below computes the same
+            _warn(variant, exc, "using the kernel without tables")
     try:
         return apply_first(func, None, MCU_RULES) or func
     except Exception as exc:  # the unscheduled kernel is exact; a schedule only speeds it up
-        warnings.warn(
-            f"MCU schedule of a {kernel_kind(func)} kernel failed ({type(exc).__name__}: {exc}); "
-            "using it unscheduled",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _warn(func, exc, "using it unscheduled")
         return func
+
+
+def _warn(func: tirx.PrimFunc, exc: Exception, action: str) -> None:
+    warnings.warn(
+        f"MCU schedule of a {kernel_kind(func)} kernel failed ({type(exc).__name__}: {exc}); "
+        f"{action}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
