@@ -109,6 +109,25 @@ def test_validate_false_returns_the_wrong_module_unchecked(monkeypatch) -> None:
         assert not torch.allclose(cm(x), gm(x), rtol=1e-3, atol=1e-3)
 
 
+class IdDifference(nn.Module):
+    """Embeds the difference of two ids: in range for the example, not for every pair of
+    ids in the example's range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(3, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids[:, 0] - ids[:, 1])
+
+
+def test_a_fresh_input_the_graph_refuses_is_not_compared() -> None:
+    ids = torch.tensor([[5, 3], [4, 4], [5, 5], [3, 3], [4, 3], [5, 4], [4, 4], [3, 3]])
+    cm = tbn.compile(IdDifference().eval(), ids, config=CFG)
+    assert cm.validation.status == "passed"
+    assert cm.validation.input_sets == 1  # fresh ids give negative differences
+
+
 def test_scaled_error_is_relative_to_the_reference_and_exact_for_non_finite() -> None:
     ref = torch.tensor([1.0, -4.0, 2.0])
     assert validate.scaled_error(ref, ref + torch.tensor([0.0, 0.004, 0.0])) == pytest.approx(
