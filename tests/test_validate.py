@@ -97,6 +97,23 @@ def test_a_wrong_converter_is_named_with_its_node_op_and_module(monkeypatch) -> 
     assert f"node {target.name!r} (op aten.relu.default) in module 'second'" in str(err)
 
 
+def test_cortex_m_builds_are_checked_in_qemu_on_their_outputs(monkeypatch) -> None:
+    from tbn_compiler.backends.cortex_m import ToolchainError, require_toolchain
+
+    try:
+        require_toolchain(qemu=True)
+    except ToolchainError as exc:
+        pytest.skip(str(exc))
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(3, 16)
+    convert = SEMANTIC_CONVERTERS["relu.default"]
+    monkeypatch.setitem(SEMANTIC_CONVERTERS, "relu.default", _scaled(convert))
+    with pytest.raises(tbn.ValidationError, match="compile for target='llvm' to locate it") as info:
+        tbn.compile(model, x, target="mps2-an386", config=CFG)
+    assert info.value.divergence is None
+    assert info.value.error > 0.01
+
+
 def test_validate_false_returns_the_wrong_module_unchecked(monkeypatch) -> None:
     torch.manual_seed(0)
     model, x = Block().eval(), torch.randn(3, 16)
