@@ -158,7 +158,22 @@ def ours_contender(
         "rel_err_vs_rewrite": _rel_err(cm(x), _first_tensor(graph_out).float()),
         "weight_bytes_tiled": totals.get("tbn_bytes"),
     }
-    return Contender("ours", lambda: cm(x), info)
+    return Contender("ours", lambda: cm(x), {**info, "module": cm})
+
+
+def saved_contenders(case: Case, x: torch.Tensor, compare: list[str]) -> list[Contender]:
+    """``ours-LABEL`` for each ``LABEL=DIR`` of ``--compare`` holding ``<case>.tbn``
+    (a build saved by ``--save``, e.g. from another version of tbn_compiler)."""
+    import tbn_compiler as tbn
+
+    out = []
+    for item in compare:
+        label, _, folder = item.partition("=")
+        path = Path(folder) / f"{case.name}.tbn"
+        if path.exists():
+            cm = tbn.load(path)
+            out.append(Contender(f"ours-{label}", lambda cm=cm: cm(x), {"path": str(path)}))
+    return out
 
 
 def _source_hash() -> str:
@@ -298,7 +313,12 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, A
     contenders = [torch_contender(model, x)]
     if args.ort:
         contenders += ort_contenders(case, model, x, args.threads, workdir)
-    contenders.append(ours_contender(case, model, x, args.p, args.cache))
+    ours = ours_contender(case, model, x, args.p, args.cache)
+    contenders.append(ours)
+    if args.save is not None:
+        args.save.mkdir(parents=True, exist_ok=True)
+        ours.info["saved"] = str(ours.info["module"].save(args.save / f"{case.name}.tbn"))
+    contenders += saved_contenders(case, x, args.compare)
     load_before = os.getloadavg()
     times = round_robin(contenders, args.rounds, args.per_round, args.sample_ms)
     load_after = os.getloadavg()
@@ -310,7 +330,7 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, A
             "min_ms": min(samples) * 1e3,
             "samples": len(samples),
             "rel_err_vs_torch": _rel_err(c.call(), reference),
-            **c.info,
+            **{k: v for k, v in c.info.items() if k != "module"},
         }
     row["load_before"] = [round(v, 2) for v in load_before]
     row["load_after"] = [round(v, 2) for v in load_after]
@@ -324,8 +344,16 @@ def ratio(row: dict[str, Any], peer: str) -> float | None:
     return cs["ours"]["median_ms"] / cs[peer]["median_ms"]
 
 
+def contender_names(rows: list[dict[str, Any]]) -> list[str]:
+    """Contenders present in ``rows``: the standard ones in order, then saved builds."""
+    seen = [c for c in CONTENDERS if any(c in r["contenders"] for r in rows)]
+    for r in rows:
+        seen += [c for c in r["contenders"] if c not in seen]
+    return seen
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    present = [c for c in CONTENDERS if any(c in r["contenders"] for r in rows)]
+    present = contender_names(rows)
     peers = [c for c in present if c != "ours"]
     body = []
     for r in rows:
@@ -356,7 +384,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [c for c in CONTENDERS if any(c in r["contenders"] for r in rows)]
+    names = contender_names(rows)
     base = "ort-fp32" if "ort-fp32" in names else "torch"
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
     width = 0.8 / len(names)
@@ -389,7 +417,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--per-round", type=int, default=3, help="samples per turn")
     parser.add_argument("--sample-ms", type=float, default=30.0)
+    parser.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime peers")
     parser.add_argument("--cache", type=Path, help="directory of compiled modules to reuse")
+    parser.add_argument("--save", type=Path, help="write each case's build to DIR/<case>.tbn")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="also time the builds DIR/<case>.tbn (from --save) as contender ours-LABEL",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers.json")
     return parser.parse_args(argv)
 
@@ -407,8 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's pool starts
     torch.set_num_threads(args.threads)
-    args.ort = have_onnxruntime()
-    if not args.ort:
+    args.ort = have_onnxruntime() and not args.no_ort
+    if not have_onnxruntime():
         print("onnxruntime/onnx not installed: skipping ORT contenders (pip install -e .[bench])")
     cases = select_cases(args)
     print(
