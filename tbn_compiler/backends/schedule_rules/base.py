@@ -20,6 +20,10 @@ the same way). Rules decide from :func:`analyse`, which reads the PrimFunc itsel
   ``epilogue`` a block after the product (scale, bias, layout);
 * whether the function holds asserts (run-time checks).
 
+A function with a symbolic batch can be scheduled once per case of it (:func:`dispatch`:
+e.g. a batch that is a multiple of 4 gets register blocks of 4 rows, any other batch one
+row; a small batch runs serially), in one PrimFunc that branches once per call.
+
 Also here: the shared helpers of the CPU, CUDA and Cortex-M rules, and the attributes
 that tell the Relax pipelines which functions are our kernels (:func:`mark_opaque`).
 """
@@ -29,13 +33,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import tvm
 import tvm_ffi
 from tvm import tirx
 from tvm.s_tir import Schedule
+from tvm.s_tir.stmt import SBlock, SBlockRealize
 from tvm.target import Target
 
 from ..kernels import KERNEL_ATTR, kernel_kind
@@ -51,6 +56,10 @@ __all__ = [
     "analyse",
     "apply_first",
     "cores",
+    "as_multiple",
+    "at_value",
+    "dispatch",
+    "dispatch_on_multiples",
     "extent",
     "factor",
     "is_kernel",
@@ -59,6 +68,7 @@ __all__ = [
     "mark_opaque",
     "reduces",
     "root_block",
+    "shape_vars",
     "split_loops",
     "static_multiple",
     "without_asserts",
@@ -242,12 +252,12 @@ def without_asserts(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 class ScheduleRule:
     """A schedule that says whether it applies. Subclasses implement :meth:`apply`:
-    ``None`` when the rule does not apply to ``func``, else a new schedule of it (the
-    input is never modified)."""
+    ``None`` when the rule does not apply to ``func``, else a new schedule of it, or the
+    scheduled PrimFunc itself (the input is never modified)."""
 
     name = "rule"
 
-    def apply(self, func: tirx.PrimFunc, target: Target | None) -> Schedule | None:
+    def apply(self, func: tirx.PrimFunc, target: Target | None) -> Schedule | tirx.PrimFunc | None:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -260,9 +270,11 @@ def apply_first(
     """The scheduled PrimFunc of the first rule in ``rules`` that applies, else None.
     An error inside an applying rule propagates (a rule that applies must succeed)."""
     for rule in rules:
-        sch = rule.apply(func, target)
-        if sch is not None:
-            return sch.mod["main"]
+        result = rule.apply(func, target)
+        if isinstance(result, tirx.PrimFunc):
+            return result
+        if result is not None:
+            return result.mod["main"]
     return None
 
 
@@ -293,6 +305,116 @@ def _constant_factor(expr: object) -> int:
     if isinstance(expr, tirx.Mul):
         return _constant_factor(expr.a) * _constant_factor(expr.b)
     return 1
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def dispatch(
+    func: tirx.PrimFunc,
+    cases: Sequence[tuple[tirx.Expr, tirx.PrimFunc]],
+    default: tirx.PrimFunc,
+) -> tirx.PrimFunc:
+    """One PrimFunc with ``func``'s parameters that runs the first of ``cases`` whose
+    condition (over the variables of ``func``'s parameters) holds, else ``default``:
+    it branches once per call. Each case and the default is ``func`` scheduled, maybe
+    specialized first (:func:`as_multiple`)."""
+    body = _case_body(default, func)
+    for condition, case in reversed(cases):
+        body = tirx.IfThenElse(condition, _case_body(case, func), body)
+    root = SBlockRealize([], tirx.const(True, "bool"), SBlock([], [], [], "root", body))
+    return tirx.PrimFunc(func.params, root, attrs=default.attrs)
+
+
+def dispatch_on_multiples(
+    func: tirx.PrimFunc,
+    var: tirx.Var,
+    multiples: Sequence[int],
+    schedule: Callable[[tirx.PrimFunc], tirx.PrimFunc],
+    when: tirx.Expr | None = None,
+) -> list[tuple[tirx.Expr, tirx.PrimFunc]]:
+    """Cases for :func:`dispatch`: for each ``d`` of ``multiples`` (in order), ``func``
+    with ``var = d * q`` scheduled by ``schedule`` (which then sees the multiple and can
+    split by it exactly), taken when ``d`` divides ``var`` (and ``when`` holds)."""
+    cases = []
+    for d in multiples:
+        condition = tirx.floormod(var, d) == 0
+        if when is not None:
+            condition = tirx.all(when, condition)
+        cases.append((condition, schedule(as_multiple(func, var, d))))
+    return cases
+
+
+def as_multiple(func: tirx.PrimFunc, var: tirx.Var, d: int) -> tirx.PrimFunc:
+    """``func`` with the parameter dim ``var`` replaced by ``d * q`` (a new var ``q``)."""
+    param = next(p for p in func.params if any(dim.same_as(var) for dim in _shape_of(p)))
+    q = tirx.Var(f"{var.name}_{d}", "int64")
+    shape = [q * d if dim.same_as(var) else dim for dim in param.shape]
+    return func.specialize({param: tirx.decl_buffer(shape, param.dtype, param.name)})
+
+
+def at_value(func: tirx.PrimFunc, var: tirx.Var, value: int) -> tirx.PrimFunc:
+    """``func`` with the parameter dim ``var`` fixed to ``value``."""
+    param = next(p for p in func.params if any(dim.same_as(var) for dim in _shape_of(p)))
+    shape = [tirx.IntImm("int64", value) if dim.same_as(var) else dim for dim in param.shape]
+    return func.specialize({param: tirx.decl_buffer(shape, param.dtype, param.name)})
+
+
+def shape_vars(func: tirx.PrimFunc) -> list[tirx.Var]:
+    """The variables that are dims of ``func``'s buffer parameters (symbolic sizes)."""
+    found: list[tirx.Var] = []
+    for param in func.params:
+        for dim in _shape_of(param):
+            if isinstance(dim, tirx.Var) and not any(dim.same_as(v) for v in found):
+                found.append(dim)
+    return found
+
+
+def _shape_of(param: object) -> tuple:
+    return tuple(getattr(param, "shape", None) or ())
+
+
+def _case_body(case: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.Stmt:
+    """``case``'s body (definitions renewed) inside ``func``: its size variables bound
+    from ``func``'s (``q = var // d`` where ``case`` has ``d * q`` for ``var``), its buffer
+    parameters declared on ``func``'s data, its scalar parameters bound to ``func``'s."""
+    case = _renew_defs(case)
+    binds: list[tirx.Stmt] = []
+    bound: list[tirx.Var] = []
+
+    def bind(var: tirx.Var, value: tirx.Expr) -> None:
+        if not any(var.same_as(v) for v in bound):
+            bound.append(var)
+            binds.append(tirx.Bind(var, value))
+
+    decls: list[tirx.Stmt] = []
+    for new, old in zip(case.params, func.params, strict=True):
+        if not _shape_of(old) and not hasattr(old, "data"):
+            bind(new, old)  # a scalar parameter
+            continue
+        for new_dim, old_dim in zip(_shape_of(new), _shape_of(old), strict=True):
+            if isinstance(old_dim, tirx.Var) and not new_dim.same_as(old_dim):
+                bind(*_solve(new_dim, old_dim))
+        decls.append(tirx.DeclBuffer(new, data=old.data))
+    return tirx.SeqStmt([*binds, *decls, case.body])
+
+
+def _solve(new_dim: tirx.Expr, old_dim: tirx.Var) -> tuple[tirx.Var, tirx.Expr]:
+    """``(var, value)`` such that ``new_dim`` equals ``old_dim``: ``new_dim`` is a var,
+    or ``d * q`` / ``q * d``."""
+    if isinstance(new_dim, tirx.Var):
+        return new_dim, old_dim
+    if isinstance(new_dim, tirx.Mul):
+        for var, d in ((new_dim.a, new_dim.b), (new_dim.b, new_dim.a)):
+            if isinstance(var, tirx.Var) and isinstance(d, tirx.IntImm):
+                return var, tirx.floordiv(old_dim, d)
+    raise ValueError(f"cannot bind {new_dim} to {old_dim}")
+
+
+def _renew_defs(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with every definition (buffers, loops, blocks) fresh: cases of one
+    dispatch share no buffer, which TVM requires of one function."""
+    return tvm_ffi.get_global_func("s_tir.RenewDefs")(func)
 
 
 def factor(n: int, candidates: Sequence[int]) -> int:

@@ -20,6 +20,13 @@ predicates, clean vector loops). :data:`CPU_RULES`, first that applies:
   one scalar sign per filter tap.
 * :class:`ParallelOutputs`: any other product: parallel over outputs, serial reduction.
 
+A kernel with a symbolic batch gets one schedule per case of the batch, in one function
+that branches once per call (:func:`.base.dispatch`): each case scheduled as a static
+build at such a batch would be (serial below the batch that does
+:data:`MIN_PARALLEL_WORK` iterations; register blocks of 4 or 2 rows for a batch that is
+a multiple of 4 or 2, exact splits, no guarded tails); TVM's functions likewise run
+serially below the batch at which they would be parallel.
+
 Around the product each rule schedules the other blocks alike: padding and epilogues
 parallel and vectorized, other reductions parallel over outputs, the table left as built.
 A kernel doing less than :data:`MIN_PARALLEL_WORK` block iterations stays serial
@@ -35,6 +42,7 @@ optional steps of :func:`parallelize_generic` catch exactly that.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -49,12 +57,16 @@ from .base import (
     KernelAnalysis,
     ScheduleRule,
     analyse,
+    at_value,
     cores,
+    dispatch,
+    dispatch_on_multiples,
     extent,
     factor,
     known_extent,
     reduces,
     root_block,
+    shape_vars,
     split_loops,
     static_multiple,
 )
@@ -96,21 +108,88 @@ def host_target() -> Target:
 
 class _ProductRule(ScheduleRule):
     """A tile-kernel rule: :meth:`matches` says whether it applies, :meth:`schedule_product`
-    schedules the product; the blocks around it get :func:`_schedule_around`."""
+    schedules the product; the blocks around it get :func:`_schedule_around`.
+
+    A kernel with a symbolic batch gets one schedule per case of it (:func:`.base.dispatch`),
+    each as a static build at such a batch would have: serial below the batch at which the
+    kernel does :data:`MIN_PARALLEL_WORK` iterations, parallel from there; and where the
+    rule blocks rows in registers (:attr:`blocks_rows`), register blocks of 4 (2) rows for
+    a batch that is a multiple of 4 (2) (:func:`_row_multiples`)."""
+
+    blocks_rows = False
+    """Whether :meth:`schedule_product` blocks the product's rows in registers."""
 
     def matches(self, kernel: KernelAnalysis) -> bool:
         raise NotImplementedError
 
-    def schedule_product(self, sch: Schedule, kernel: KernelAnalysis) -> None:
+    def schedule_product(self, sch: Schedule, kernel: KernelAnalysis, parallel: bool) -> None:
         raise NotImplementedError
 
-    def apply(self, func: tirx.PrimFunc, target: Target) -> Schedule | None:
+    def apply(self, func: tirx.PrimFunc, target: Target) -> Schedule | tirx.PrimFunc | None:
         sch = Schedule(func)
         kernel = analyse(sch)
         if kernel.product is None or not self.matches(kernel):
             return None
-        _schedule_around(sch, kernel, lambda: self.schedule_product(sch, kernel))
-        return sch
+        batch = shape_vars(func)
+        if kernel.work >= 0 or len(batch) != 1:
+            _schedule_around(sch, kernel, self.schedule_product, worth_parallel(kernel))
+            return sch
+        return self._dispatch(func, sch, kernel, batch[0])
+
+    def _dispatch(
+        self, func: tirx.PrimFunc, sch: Schedule, kernel: KernelAnalysis, batch: tirx.Var
+    ) -> tirx.PrimFunc:
+        multiples = _row_multiples(sch, kernel) if self.blocks_rows else []
+        cases = []
+        small = _serial_below(func, batch, MIN_PARALLEL_WORK, lambda f: analyse(Schedule(f)).work)
+        if small > 1:
+            serial = functools.partial(self._scheduled, parallel=False)
+            below = batch < small
+            cases += dispatch_on_multiples(func, batch, multiples, serial, when=below)
+            cases.append((below, serial(func)))
+        parallel = functools.partial(self._scheduled, parallel=True)
+        cases += dispatch_on_multiples(func, batch, multiples, parallel)
+        return dispatch(func, cases, parallel(func))
+
+    def _scheduled(self, func: tirx.PrimFunc, parallel: bool) -> tirx.PrimFunc:
+        sch = Schedule(func)
+        _schedule_around(sch, analyse(sch), self.schedule_product, parallel)
+        return sch.mod["main"]
+
+
+ROW_MULTIPLES = (2, 4)
+"""Row counts a symbolic batch may be a multiple of, for register blocks of rows."""
+
+
+def _row_multiples(sch: Schedule, kernel: KernelAnalysis) -> list[int]:
+    """Multiples of the batch (largest first) that allow larger register blocks of rows
+    than the product's known multiple of rows does (none when the rows are static)."""
+    rows = sch.get_loops(kernel.product.block)[0]
+    if known_extent(sch, rows) is not None:
+        return []
+    known = static_multiple(sch, rows)
+    best, multiples = _row_factor(known), []
+    for d in ROW_MULTIPLES:
+        if _row_factor(known * d) > best:
+            best = _row_factor(known * d)
+            multiples.insert(0, d)
+    return multiples
+
+
+def _row_factor(rows: int) -> int:
+    return factor(rows, (4, 2))
+
+
+def _serial_below(
+    func: tirx.PrimFunc, batch: tirx.Var, min_work: int, work: Callable[[tirx.PrimFunc], int]
+) -> int:
+    """The batch from which ``func`` does ``min_work`` iterations (``work`` of ``func`` at
+    batch 1, times the batch); 1 when its work at batch 1 cannot be counted."""
+    try:
+        unit = work(at_value(func, batch, 1))
+    except (TypeError, ValueError, tvm.TVMError):  # a batch TVM cannot fix to 1
+        return 1
+    return -(-min_work // unit) if unit > 0 else 1
 
 
 def worth_parallel(kernel: KernelAnalysis) -> bool:
@@ -119,16 +198,21 @@ def worth_parallel(kernel: KernelAnalysis) -> bool:
     return kernel.work < 0 or kernel.work >= MIN_PARALLEL_WORK
 
 
-def _schedule_around(sch: Schedule, kernel: KernelAnalysis, product: Callable[[], None]) -> None:
+def _schedule_around(
+    sch: Schedule,
+    kernel: KernelAnalysis,
+    product: Callable[[Schedule, KernelAnalysis, bool], None],
+    parallel: bool,
+) -> None:
     """Input stages (padding: elementwise; other reductions: parallel outputs), then the
-    product, then the epilogue (elementwise). The sign table stays as built."""
-    parallel = worth_parallel(kernel)
+    product, then the epilogue (elementwise); parallel loops where ``parallel``. The sign
+    table stays as built."""
     for stage in kernel.stages:
         if stage.role == "padding":
             _cpu_elementwise(sch, stage.block, parallel)
         elif stage.role == "pre":
             _cpu_reduce_simple(sch, stage.block, parallel)
-    product()
+    product(sch, kernel, parallel)
     for stage in kernel.with_role("epilogue"):
         _cpu_elementwise(sch, stage.block, parallel)
 
@@ -147,26 +231,28 @@ class RowTableProduct(_ProductRule):
     """Table-driven rows x tile rows product (iterations ``S S R R R``)."""
 
     name = "row-table-product"
+    blocks_rows = True
 
     def matches(self, kernel: KernelAnalysis) -> bool:
         return kernel.table_product and kernel.product.iter_kinds == "SSRRR"
 
-    def schedule_product(self, sch: Schedule, kernel: KernelAnalysis) -> None:
+    def schedule_product(self, sch: Schedule, kernel: KernelAnalysis, parallel: bool) -> None:
         patches = kernel.first("im2col") if kernel.im2col_product else None
         patches = None if patches is None else patches.block
-        _cpu_lut_gemm(sch, kernel.product.block, patches, worth_parallel(kernel))
+        _cpu_lut_gemm(sch, kernel.product.block, patches, parallel)
 
 
 class ColumnTableProduct(_ProductRule):
     """Table-driven product with (word, byte, bit) output columns (``S S S S R``)."""
 
     name = "column-table-product"
+    blocks_rows = True
 
     def matches(self, kernel: KernelAnalysis) -> bool:
         return kernel.table_product and kernel.product.iter_kinds == "SSSSR"
 
-    def schedule_product(self, sch: Schedule, kernel: KernelAnalysis) -> None:
-        _cpu_column_table(sch, kernel.product.block, worth_parallel(kernel))
+    def schedule_product(self, sch: Schedule, kernel: KernelAnalysis, parallel: bool) -> None:
+        _cpu_column_table(sch, kernel.product.block, parallel)
 
 
 class DirectConv(_ProductRule):
@@ -177,8 +263,8 @@ class DirectConv(_ProductRule):
     def matches(self, kernel: KernelAnalysis) -> bool:
         return kernel.kind in CONV_KINDS and not kernel.im2col_product
 
-    def schedule_product(self, sch: Schedule, kernel: KernelAnalysis) -> None:
-        _cpu_direct_conv(sch, kernel.product.block, worth_parallel(kernel))
+    def schedule_product(self, sch: Schedule, kernel: KernelAnalysis, parallel: bool) -> None:
+        _cpu_direct_conv(sch, kernel.product.block, parallel)
 
 
 class ParallelOutputs(_ProductRule):
@@ -189,8 +275,8 @@ class ParallelOutputs(_ProductRule):
     def matches(self, kernel: KernelAnalysis) -> bool:
         return True
 
-    def schedule_product(self, sch: Schedule, kernel: KernelAnalysis) -> None:
-        _cpu_reduce_simple(sch, kernel.product.block, worth_parallel(kernel))
+    def schedule_product(self, sch: Schedule, kernel: KernelAnalysis, parallel: bool) -> None:
+        _cpu_reduce_simple(sch, kernel.product.block, parallel)
 
 
 CPU_RULES: tuple[ScheduleRule, ...] = (
@@ -250,12 +336,10 @@ def _cpu_lut_gemm(sch: Schedule, block, patches=None, parallel: bool = True) -> 
     reduction; parallel over blocks. ``block`` keeps the final 8-lane sum. With
     ``patches`` (im2col rows), a task is ``mr * mb`` rows x all tile rows and builds
     its patch rows first. With a symbolic number of rows (the batch) the blocks divide
-    its known multiple (the rows per image); rows that are the batch alone take
-    ``mr = 4`` with a guarded tail (:func:`_symbolic_rows`)."""
+    its known multiple (the rows per image, see :func:`_row_dispatch`)."""
     loops = sch.get_loops(block)
     m, rows = static_multiple(sch, loops[0]), extent(sch, loops[1])
-    mr, mb = (factor(m, (4, 2)), 1) if patches is None else _row_blocks(m, cores())
-    mr = _symbolic_rows(sch, loops[0], mr)
+    mr, mb = (_row_factor(m), 1) if patches is None else _row_blocks(m, cores())
     nr = _tile_rows(rows, mr)
     rf = sch.rfactor(loops[4], factor_axis=2)  # block_rf[i, r, lane]
     i, r, kw, kb, kl = sch.get_loops(rf)
@@ -292,7 +376,7 @@ def _cpu_column_table(sch: Schedule, block, parallel: bool = True) -> None:
     """``block[i, ow, ob, ol] = sum over j``: ``mr`` rows x one tile word of columns per
     register block, the 8 columns of a table entry as lanes, parallel over blocks."""
     i, ow, ob, ol, j = sch.get_loops(block)
-    mr = _symbolic_rows(sch, i, factor(static_multiple(sch, i), (4, 2)))
+    mr = _row_factor(static_multiple(sch, i))
     io, ii = sch.split(i, [None, mr])
     sch.reorder(io, ow, j, ii, ob, ol)
     outer = sch.fuse(io, ow)
@@ -305,19 +389,6 @@ def _cpu_column_table(sch: Schedule, block, parallel: bool = True) -> None:
     init = sch.decompose_reduction(block, j)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(acc)[-1])
-
-
-SYMBOLIC_ROW_BLOCK = 4
-"""Register rows per block over a batch of unknown size: the tile masks of a table entry
-are shared by these rows; a batch that is not a multiple runs its last block guarded."""
-
-
-def _symbolic_rows(sch: Schedule, loop, mr: int) -> int:
-    """``mr`` for the row loop ``loop``, or :data:`SYMBOLIC_ROW_BLOCK` where ``loop`` is
-    symbolic and its known multiple gave no row block."""
-    if mr > 1 or known_extent(sch, loop) is not None:
-        return mr
-    return SYMBOLIC_ROW_BLOCK
 
 
 def _tile_rows(rows: int, mr: int) -> int:
@@ -388,7 +459,42 @@ def parallelize_generic(
        innermost loop vectorized and its outer loops fused and parallel.
 
     Smaller work stays serial: its fork and join would cost more than it takes. A step
-    a block refuses is skipped; the result is exact either way."""
+    a block refuses is skipped; the result is exact either way. A function with a
+    symbolic batch runs serially below the batch at which it does that much work
+    (``min_work``, or ``min_elementwise`` without reductions), parallel from there
+    (:func:`.base.dispatch`)."""
+    batch = shape_vars(func)
+    if len(batch) == 1:
+        root = root_block(Schedule(func))
+        reduction = root is not None and _any_reduction(func)
+        small = _serial_below(
+            func, batch[0], min_work if reduction else min_elementwise, _unit_iterations
+        )
+        if small > 1:
+            serial = _parallelize_generic(func, _NEVER, _NEVER)
+            parallel = _parallelize_generic(func, min_work, min_elementwise)
+            return dispatch(func, [(batch[0] < small, serial)], parallel)
+    return _parallelize_generic(func, min_work, min_elementwise)
+
+
+_NEVER = 1 << 62
+"""A work threshold no function reaches."""
+
+
+def _any_reduction(func: tirx.PrimFunc) -> bool:
+    sch = Schedule(func)
+    return any(reduces(sch, b) for b in sch.get_child_blocks(root_block(sch)))
+
+
+def _unit_iterations(func: tirx.PrimFunc) -> int:
+    """Block iterations of a static function (its top-level blocks); 0 without blocks."""
+    sch = Schedule(func)
+    root = root_block(sch)
+    return 0 if root is None else sum(_iterations(sch, b) for b in sch.get_child_blocks(root))
+
+
+def _parallelize_generic(func: tirx.PrimFunc, min_work: int, min_elementwise: int) -> tirx.PrimFunc:
+    """:func:`parallelize_generic` for one case of the batch."""
     sch = Schedule(func)
     root = root_block(sch)
     if root is None:
