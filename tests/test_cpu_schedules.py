@@ -165,3 +165,29 @@ def test_transformer_layer_parity_and_one_parallel_loop_per_attention():
     cm = tbn.compile_graph(gm, (x,), "llvm")
     with torch.no_grad():
         torch.testing.assert_close(cm(x), gm(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_softmax_and_attention_use_a_vector_exp_within_float32_rounding():
+    """The CPU pipeline legalizes softmax and attention with a polynomial exp (no call
+    per element to the C library); outputs stay within a few float32 ulp of numpy."""
+    x_type = relax.TensorType((8, 64, 4, 32), "float32")
+    q, k, v = (relax.Var(n, x_type) for n in "qkv")
+    bb = relax.BlockBuilder()
+    with bb.function("main", [q, k, v]):
+        with bb.dataflow():
+            att = bb.emit(relax.op.nn.attention(q, k, v))
+            out = bb.emit_output(relax.op.nn.softmax(att, axis=-1))
+        bb.emit_func_output(out)
+    with HOST:
+        legal = tvm.transform.Sequential(pipelines.legalize_and_fuse(HOST))(bb.get())
+    funcs = [f for f in legal.functions.values() if isinstance(f, tirx.PrimFunc)]
+    assert funcs and not any("T.exp(" in f.script() for f in funcs)
+    exe = tvm.compile(bb.get(), HOST, relax_pipeline=pipelines.cpu(HOST))
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    qa, ka, va = (_rand(8, 64, 4, 32) * 3 for _ in range(3))
+    got = vm["main"](*[tvm.runtime.tensor(a) for a in (qa, ka, va)]).numpy()
+    scores = np.einsum("bshd,bthd->bhst", qa, ka) / np.sqrt(32)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    att = np.einsum("bhst,bthd->bshd", p / p.sum(axis=-1, keepdims=True), va)
+    e = np.exp(att - att.max(axis=-1, keepdims=True))
+    np.testing.assert_allclose(got, e / e.sum(axis=-1, keepdims=True), rtol=1e-5, atol=1e-6)

@@ -43,11 +43,13 @@ from tvm.target import Target
 from . import schedule_rules
 
 __all__ = [
+    "CPU_LEGALIZATIONS",
     "INDEX_ERROR_FN",
     "apply_tuning_database",
     "checked_take",
     "cortex_m",
     "cpu",
+    "cpu_softmax",
     "default",
     "default_gpu_schedules",
     "dead_code_elimination",
@@ -93,10 +95,13 @@ def dispatch_libraries(target: Target) -> Stage:
     return _tvm_backend(target).library_dispatch_passes(target)
 
 
-def legalize_and_fuse() -> Stage:
-    """Every Relax operator to TIR, constants folded, operators fused into kernels."""
+def legalize_and_fuse(target: Target | None = None) -> Stage:
+    """Every Relax operator to TIR, constants folded, operators fused into kernels. For
+    CPU targets, softmax and attention take :func:`cpu_softmax` (a polynomial ``exp``
+    that vectorizes)."""
+    cpu_target = target is not None and target.kind.name in ("llvm", "c")
     return [
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(CPU_LEGALIZATIONS if cpu_target else None),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -172,7 +177,7 @@ def cpu(target: Target) -> tvm.transform.Pass:
             mark_kernels(),
             schedule_kernels(target),
             dispatch_libraries(target),
-            legalize_and_fuse(),
+            legalize_and_fuse(target),
             parallelize_unscheduled(),
             lower_and_finalize(target),
         ],
@@ -234,7 +239,7 @@ def cortex_m() -> tvm.transform.Pass:
 
 
 def _tuning_front(target: Target) -> list[Stage]:
-    return [mark_kernels(), dispatch_libraries(target), legalize_and_fuse()]
+    return [mark_kernels(), dispatch_libraries(target), legalize_and_fuse(target)]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -329,3 +334,58 @@ def _legalize_take(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if mode != "fast":  # "clip", "wrap", "nan": in bounds by construction
         return bb.call_te(topi.take, call.args[0], call.args[1], axis, mode=mode)
     return bb.call_te(checked_take, call.args[0], call.args[1], axis, primfunc_name_hint="take")
+
+
+# --------------------------------------------------------------------------- CPU softmax
+
+
+def cpu_softmax(x: te.Tensor, axis: int = -1) -> te.Tensor:
+    """Softmax with TVM's polynomial ``exp`` (``topi.fast_exp``) for float32: LLVM has no
+    vector ``exp`` and calls the C library once per element; this one vectorizes
+    (TVM's legalized attention of the bench_models transformer: 0.33 -> 0.26 ms). Its
+    relative error over [-80, 80] is 2.9e-7 (2 to 3 float32 ulp); in that attention the
+    outputs moved by 6e-8 of their largest value."""
+    if x.dtype != "float32":
+        return topi.nn.softmax(x, axis)
+    return topi.nn.fast_softmax(x, axis)
+
+
+def _attention_te(q: te.Tensor, k: te.Tensor, v: te.Tensor, scale: object) -> te.Tensor:
+    """TVM's legalization of ``R.nn.attention`` (no mask, no bias) with :func:`cpu_softmax`:
+    ``(batch, seq, heads, dim)`` in and out."""
+    batch, seq, heads, dim = q.shape
+    seq_kv, dim_v = v.shape[1], v.shape[3]
+    rows = batch * heads
+
+    def heads_first(t: te.Tensor, n: object, d: object) -> te.Tensor:
+        return topi.reshape(topi.transpose(t, [0, 2, 1, 3]), [rows, n, d])
+
+    scores = topi.nn.batch_matmul(heads_first(q, seq, dim), heads_first(k, seq_kv, dim))
+    if scale is not None:
+        scores = topi.multiply(scores, scale)
+    else:
+        scores = topi.divide(scores, tirx.sqrt(tirx.Cast(scores.dtype, dim)))
+    probs = cpu_softmax(scores, -1)
+    out = topi.nn.batch_matmul(probs, heads_first(v, seq_kv, dim_v), transpose_b=False)
+    return topi.transpose(topi.reshape(out, [batch, heads, seq, dim_v]), [0, 2, 1, 3])
+
+
+def _legalize_softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return bb.call_te(cpu_softmax, call.args[0], int(call.attrs.axis))
+
+
+def _legalize_attention(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    attrs = call.attrs
+    if attrs.causal_mask is not None or attrs.window_size is not None:
+        return _TVM_LEGALIZE_ATTENTION(bb, call)  # masks: TVM's own legalization
+    q, k, v = call.args[:3]
+    return bb.call_te(_attention_te, q, k, v, attrs.scale, primfunc_name_hint="attention")
+
+
+_TVM_LEGALIZE_ATTENTION = tvm.ir.Op.get("relax.nn.attention").get_attr("FLegalize")
+
+CPU_LEGALIZATIONS = {
+    "relax.nn.softmax": _legalize_softmax,
+    "relax.nn.attention": _legalize_attention,
+}
+"""Legalizations of the CPU pipelines that replace TVM's (see :func:`cpu_softmax`)."""
