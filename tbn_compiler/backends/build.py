@@ -1,6 +1,6 @@
 """Compile a model for the host CPU (LLVM) or an NVIDIA GPU (CUDA) with TVM.
 
-``compile(model, example_inputs, target, config, tune)``:
+``compile(model, example_inputs, target, config, tune, validate, dynamic_batch)``:
 
 1. ``tbn_compiler.passes.rewrite`` turns eligible layers into ``tbn::tiled_*`` ops;
 2. :func:`.relax_import.import_graph` imports the graph into Relax (our TIR kernels for
@@ -13,7 +13,13 @@
 5. :func:`.validate.validate_build` runs it and the rewritten graph on the example
    inputs and a fresh random input and compares them (``validate=False`` skips it).
 
-Shapes are static: the compiled module accepts inputs of the example inputs' shapes.
+Host (LLVM) and CUDA modules take any batch size by default (``dynamic_batch=True``):
+dim 0 of the batched inputs stays symbolic through the import, the kernels and their
+schedules, and the module's input specs name it ``batch``. Where the model fixes its
+batch size the module is static and says why (``static_batch``; a warning where
+``dynamic_batch=True`` was asked for). ``dynamic_batch=False`` gives a static build:
+inputs of the example inputs' shapes. Cortex-M programs are static (one arena planned
+for the example's shapes); asking them for a dynamic batch is a ValueError.
 
 CUDA kernels are compiled at build time, on any machine with ``nvcc`` (no GPU needed):
 with TVM's CUDA runtime loaded (:mod:`.cuda_runtime`) TVM's codegen hands the CUDA
@@ -186,6 +192,7 @@ def compile_graph(
     tune: Tuning | None = None,
     report: Any = None,
     validate: bool = True,
+    dynamic_batch: bool | None = None,
 ) -> CompiledProgram:
     """Compile an already rewritten graph (tile ops in place) for ``target``: "llvm",
     "cuda[:sm_XX]", a ``tvm.target.Target``, or a Cortex-M board/CPU preset. Dispatches
@@ -193,22 +200,49 @@ def compile_graph(
 
     ``validate``: check the compiled module against ``gm`` before returning it
     (:func:`.validate.validate_build`; raises :class:`.validate.ValidationError` naming
-    the first diverging node); the result is the module's ``validation``."""
+    the first diverging node); the result is the module's ``validation``.
+    ``dynamic_batch``: see :func:`compile` (None: the target kind's default)."""
     inputs = example_tensors(example_inputs)
     spec = resolve_target(target)
     backend = backend_for(spec.kind)
-    program = backend.compile_graph(gm, inputs, spec, tune, report)
+    options = _batch_options(backend, spec, dynamic_batch)
+    program = backend.compile_graph(gm, inputs, spec, tune, report, **options)
+    if dynamic_batch and getattr(program, "static_batch", None):
+        warnings.warn(
+            f"dynamic_batch=True: the batch stays static: {program.static_batch}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if validate:
-        validate_build(gm, inputs, program, spec, _probe_builder(backend, inputs, spec))
+        probe = _probe_builder(backend, inputs, spec, options)
+        validate_build(gm, inputs, program, spec, probe)
     return program
 
 
-def _probe_builder(backend: Backend, inputs: tuple, spec: TargetSpec) -> Build | None:
-    """How validation builds its probe graphs: untuned, for the same target; none for
-    Cortex-M, where a probe is a firmware build and a QEMU run (see :mod:`.validate`)."""
+def _batch_options(backend: Backend, spec: TargetSpec, requested: bool | None) -> dict:
+    """The ``dynamic_batch`` keyword for the backend's compile: as ``requested``, else the
+    backend's default; ValueError when it is requested of a kind whose batch is static."""
+    if requested and not backend.dynamic_batch:
+        raise ValueError(
+            f"dynamic_batch=True is not available for {spec.name!r} ({backend.description}):"
+            " its programs have a static batch, the example inputs' (their memory is "
+            "planned at compile time); compile with the batch size they will run, and "
+            "dynamic_batch=False (the default for this target)"
+        )
+    if not backend.dynamic_batch:
+        return {}
+    return {"dynamic_batch": True if requested is None else bool(requested)}
+
+
+def _probe_builder(
+    backend: Backend, inputs: tuple, spec: TargetSpec, options: dict
+) -> Build | None:
+    """How validation builds its probe graphs: untuned, for the same target and batch
+    kind; none for Cortex-M, where a probe is a firmware build and a QEMU run (see
+    :mod:`.validate`)."""
     if spec.kind == "cortex-m":
         return None
-    return lambda graph: backend.compile_graph(graph, inputs, spec, None, None)
+    return lambda graph: backend.compile_graph(graph, inputs, spec, None, None, **options)
 
 
 def compile_tvm_graph(
@@ -217,11 +251,13 @@ def compile_tvm_graph(
     spec: TargetSpec,
     tune: Tuning | None,
     report: Any,
+    dynamic_batch: bool = False,
 ) -> CompiledModule:
-    """The host (LLVM) and CUDA backends' compile: import to Relax, build, wrap."""
+    """The host (LLVM) and CUDA backends' compile: import to Relax (the batch symbolic
+    with ``dynamic_batch`` where the graph allows it), build, wrap."""
     spec = native_spec(spec)
     tree = output_tree(gm, inputs)
-    imported: ImportResult = import_graph(gm, inputs)
+    imported: ImportResult = import_graph(gm, inputs, dynamic_batch)
     tvm_target = make_tvm_target(spec)
     cuda_kernels = prepare_cuda_codegen() if spec.kind == "cuda" else None
     with cuda_runtime.compile_arch(_target_arch(spec, tvm_target)):
@@ -239,6 +275,7 @@ def compile_tvm_graph(
         cpu_features=features if spec.kind == "llvm" else None,
         index_checks=imported.index_checks,
         library_bytes=library_bytes,
+        static_batch=imported.static_batch,
     )
 
 
@@ -269,6 +306,7 @@ def compile(  # shadows the builtin on purpose: the public name is part of the A
     config: Any = None,
     tune: Tuning | None = None,
     validate: bool = True,
+    dynamic_batch: bool | None = None,
 ) -> CompiledProgram:
     """Rewrite ``model`` with ``config`` (default ``TBNConfig()``), then compile it.
 
@@ -278,8 +316,22 @@ def compile(  # shadows the builtin on purpose: the public name is part of the A
     and a fresh random input and compare them where the target runs here
     (:mod:`.validate`); a mismatch raises :class:`.validate.ValidationError` naming the
     first diverging node. ``False`` returns the module unchecked.
-    The result runs on inputs of the same shapes, dtypes and device kind as the examples.
+    ``dynamic_batch``: the module takes any batch size (llvm and cuda: True by default;
+    the input specs name dim 0 of the batched inputs ``batch``), or only the example's
+    (``False``; Cortex-M targets, where True is a ValueError). A model that fixes its
+    batch size compiles static, ``static_batch`` saying why (a RuntimeWarning if True
+    was asked for).
+    The result runs on inputs of the examples' dtypes and device kind, and shapes (but
+    for the batch where it is dynamic).
     """
     inputs = example_tensors(example_inputs)
     gm = rewrite(model, inputs, config or TBNConfig())
-    return compile_graph(gm, inputs, target, tune, report=inspect(gm), validate=validate)
+    return compile_graph(
+        gm,
+        inputs,
+        target,
+        tune,
+        report=inspect(gm),
+        validate=validate,
+        dynamic_batch=dynamic_batch,
+    )
