@@ -360,13 +360,16 @@ def _attention_te(q: te.Tensor, k: te.Tensor, v: te.Tensor, scale: object) -> te
     def heads_first(t: te.Tensor, n: object, d: object) -> te.Tensor:
         return topi.reshape(topi.transpose(t, [0, 2, 1, 3]), [rows, n, d])
 
-    scores = topi.nn.batch_matmul(heads_first(q, seq, dim), heads_first(k, seq_kv, dim))
+    scores = topi.nn.batch_matmul(
+        heads_first(q, seq, dim), heads_first(k, seq_kv, dim), oshape=[rows, seq, seq_kv]
+    )
     if scale is not None:
         scores = topi.multiply(scores, scale)
     else:
         scores = topi.divide(scores, tirx.sqrt(tirx.Cast(scores.dtype, dim)))
     probs = cpu_softmax(scores, -1)
-    out = topi.nn.batch_matmul(probs, heads_first(v, seq_kv, dim_v), transpose_b=False)
+    v_rows = heads_first(v, seq_kv, dim_v)
+    out = topi.nn.batch_matmul(probs, v_rows, transpose_b=False, oshape=[rows, seq, dim_v])
     return topi.transpose(topi.reshape(out, [batch, heads, seq, dim_v]), [0, 2, 1, 3])
 
 
