@@ -10,8 +10,11 @@ Formats:
   ``tbn_model_error(detail)`` returns the message (NULL after a good run) and fills
   ``detail`` with {index, bound} for an index out of range, else {-1, -1}.
 * ``include/tbn_model.h``: the API plus ``TBN_INPUT_SIZE`` / ``TBN_OUTPUT_SIZE`` (floats),
-  ``TBN_INPUT_SHAPE`` / ``TBN_OUTPUT_SHAPE`` (brace lists), ``TBN_ARENA_BYTES`` and
-  ``TBN_WEIGHTS_BYTES``.
+  ``TBN_INPUT_SHAPE`` / ``TBN_OUTPUT_SHAPE`` (brace lists), ``TBN_ARENA_BYTES``,
+  ``TBN_WEIGHTS_BYTES`` and ``TBN_STEPS`` (kernel calls per inference).
+* Profiling: compiled with ``-DTBN_PROFILE``, ``tbn_model_run`` calls
+  ``void tbn_profile_step(int step)`` (defined by the caller, e.g. the QEMU harness, which
+  reads a timer there) after each step; without it the calls compile to nothing.
 """
 
 from __future__ import annotations
@@ -119,6 +122,13 @@ def model_source(plan: Plan, kernels: Mapping[str, CKernel]) -> CFile:
         "",
         f"static uint8_t tbn_arena[{max(plan.arena_bytes, 8)}] __attribute__((aligned(8)));",
         "",
+        "#ifdef TBN_PROFILE /* the caller times each step: tbn_profile_step(k) after step k */",
+        "void tbn_profile_step(int step);",
+        "#define TBN_STEP_DONE(k) tbn_profile_step(k)",
+        "#else",
+        "#define TBN_STEP_DONE(k) ((void)0)",
+        "#endif",
+        "",
     ]
     out += [_c_array(c.name, c.array) for c in plan.constants]
     out += [
@@ -158,6 +168,7 @@ def _call_lines(i: int, step: Step, kernel: CKernel, plan: Plan) -> list[str]:
     lines.append(f"  {step.kernel}({args});")
     if kernel.fallible:
         lines.append(f"  if (tbn_kernel_error) return {i + 1};")
+    lines.append(f"  TBN_STEP_DONE({i});")
     return lines
 
 
@@ -183,6 +194,7 @@ def model_header(plan: Plan, name: str, weights_bytes: int) -> str:
             f"#define TBN_OUTPUT_SHAPE {_brace_list(plan.output_shape)}",
             f"#define TBN_ARENA_BYTES {plan.arena_bytes}  /* static RAM for activations */",
             f"#define TBN_WEIGHTS_BYTES {weights_bytes}  /* const data in flash */",
+            f"#define TBN_STEPS {len(plan.steps)}  /* kernel calls per inference */",
             "",
             "/* Run one inference: input[TBN_INPUT_SIZE] -> output[TBN_OUTPUT_SIZE] (row-major).",
             " * No heap, not reentrant (one static arena). Returns 0, or k + 1 when the kernel",

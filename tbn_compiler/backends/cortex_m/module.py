@@ -9,13 +9,18 @@
   directory is refused unless ``overwrite=True``, which replaces a previous export whole.
 * ``cm.memory``: sizes from the real build (``arm-none-eabi-size`` of the library objects)
   plus the plan: ``weights_bytes``, ``code_bytes``, ``arena_bytes``, ``flash_bytes``,
-  ``ram_bytes``, ``per_layer`` (weight bytes per kernel call and its model layer), board limits, and for
-  emulated boards the whole firmware image (``firmware_*``, harness included).
+  ``ram_bytes``, ``stack_bytes`` (the deepest stack of ``tbn_model_run``: its frame plus
+  the largest kernel frame, from gcc's ``-fstack-usage``; library calls such as
+  ``memset`` not counted; None when a frame is unbounded), ``per_layer`` (weight bytes per
+  kernel call and its model layer), board limits, and for emulated boards the whole
+  firmware image (``firmware_*``, harness included).
 * ``cm(x)``: builds the firmware once, runs it in QEMU, returns a torch tensor;
   ``cm.last_run`` holds ``instructions``, ``ticks``, ``wall_s`` and ``machine`` of the
   latest finished run. Thread-safe: one lock guards the private build directory, the
   lazy build and the memory report; QEMU runs proceed in parallel, each in its own
   working directory. ``cm.close()`` must not race with calls in flight.
+* ``cm.profile(x)``: instructions per kernel call (see :meth:`CortexMModule.profile`),
+  also left in ``cm.last_run["steps"]``.
 * ``cm.retarget(board)``: the same generated C for another board (no recompilation).
 * ``cm.save(path)`` writes ONE file (:func:`..archive.write_archive`: atomic, every
   member and the metadata checksummed); ``tbn.load(path)`` (or
@@ -203,14 +208,15 @@ class CortexMModule:
                 _write_files(self._dir, self.files)
             return self._dir
 
-    def build(self, firmware: bool = False) -> Path:
-        """Build the library (and the firmware) with the project's Makefile; returns the
-        build directory. A compile error is a :class:`.toolchain.BuildError` naming the
-        failing kernels and the model steps they compute."""
-        target = "firmware" if firmware else "lib"
+    def build(self, firmware: bool = False, profile: bool = False) -> Path:
+        """Build the library (and the firmware, or with ``profile`` the profiling firmware
+        ``profile/firmware.elf``) with the project's Makefile; returns the build directory.
+        A compile error is a :class:`.toolchain.BuildError` naming the failing kernels and
+        the model steps they compute."""
+        target = "profile" if profile else "firmware" if firmware else "lib"
         with self._lock:
             if target not in self._built:
-                if firmware and self.spec.board.qemu_machine is None:
+                if target != "lib" and self.spec.board.qemu_machine is None:
                     raise NotEmulatedError(self._not_emulated())
                 try:
                     toolchain.run_make(self.workdir(), (target,))
@@ -261,6 +267,7 @@ class CortexMModule:
             "arena_bytes": self.info.arena_bytes,
             "flash_bytes": lib["text"] + lib["rodata"] + lib["data"],
             "ram_bytes": lib["data"] + lib["bss"],
+            "stack_bytes": self._stack_bytes(build),
             "per_layer": self.info.per_layer,
             "board_flash_bytes": _kib(self.spec.board.flash_kib),
             "board_ram_bytes": _kib(self.spec.board.ram_kib),
@@ -272,6 +279,18 @@ class CortexMModule:
             mem["firmware_ram_bytes"] = fw["data"] + fw["bss"]
         check_fit(self.spec, mem["flash_bytes"], mem["ram_bytes"], "code + weights; arena")
         return mem
+
+    def _stack_bytes(self, build: Path) -> int | None:
+        """Frame of ``tbn_model_run`` plus the largest frame of the kernels it calls."""
+        su = [build / "tbn_kernels.su", build / "tbn_model.su"]
+        if not all(p.is_file() for p in su):
+            return None
+        frames = toolchain.stack_frames(su)
+        kernels = [frames.get(row["kernel"], 0) for row in self.info.steps]
+        entry = frames.get("tbn_model_run")
+        if entry is None or any(f is None for f in kernels):
+            return None
+        return entry + max(kernels, default=0)
 
     # ------------------------------------------------------------------ run
 
@@ -293,15 +312,49 @@ class CortexMModule:
             self.memory  # noqa: B018  (builds the firmware and checks that the model fits)
             elf = self.build(firmware=True) / "firmware.elf"
         spec = self.info.outputs[0]
-        board = self.spec.board
-        try:
-            res = qemu.run_firmware(elf, board.qemu_machine, board.cpu, x, math.prod(spec.shape))
-        except qemu.KernelError as exc:
-            raise self._kernel_error(exc) from None
+        res = self._run(elf, x)
         with self._lock:
             self.last_run = res.to_dict()
         y = torch.from_numpy(res.output.copy()).reshape(spec.shape)
         return y if self.output_tree is None else self.output_tree.unflatten([y])
+
+    def profile(self, *args: torch.Tensor) -> list[dict[str, Any]]:
+        """Instructions of each kernel call for one inference on ``args`` (emulated boards
+        with a timer). Runs the firmware as ``cm(*args)`` does (its exact total goes to
+        ``last_run["instructions"]``), then the profiling firmware (``make profile``: a
+        timer read after every step), whose outputs must be the same bits. Returns one row
+        per step: ``step``, ``kernel``, ``func``, ``layer`` and ``instructions`` (the timer
+        read taken off), also stored as ``last_run["steps"]``; the rows add up to the total
+        but for the entry point's glue (a few instructions per step)."""
+        if self.spec.board.qemu_machine is None:
+            raise NotEmulatedError(self._not_emulated())
+        x = self._check_input(args)
+        with self._lock:
+            self.memory  # noqa: B018  (builds the firmware and checks that the model fits)
+            plain_elf = self.build(firmware=True) / "firmware.elf"
+            profile_elf = self.build(profile=True) / "profile" / "firmware.elf"
+        plain, profiled = self._run(plain_elf, x), self._run(profile_elf, x)
+        if profiled.step_instructions is None:
+            raise qemu.RunError(f"board {self.spec.name!r} has no timer to profile the steps with")
+        if not np.array_equal(plain.output.view(np.uint32), profiled.output.view(np.uint32)):
+            raise qemu.RunError("the profiling firmware computed other outputs than the model")
+        keys = ("step", "kernel", "func", "layer")
+        rows = [
+            {**{k: row[k] for k in keys}, "instructions": n}
+            for row, n in zip(self.info.steps, profiled.step_instructions, strict=True)
+        ]
+        with self._lock:
+            self.last_run = {**plain.to_dict(), "steps": rows}
+        return rows
+
+    def _run(self, elf: Path, x: np.ndarray) -> qemu.RunResult:
+        """One QEMU run of ``elf`` on ``x`` (a kernel error described in model terms)."""
+        board = self.spec.board
+        n_out = math.prod(self.info.outputs[0].shape)
+        try:
+            return qemu.run_firmware(elf, board.qemu_machine, board.cpu, x, n_out)
+        except qemu.KernelError as exc:
+            raise self._kernel_error(exc) from None
 
     def _kernel_error(self, exc: qemu.KernelError) -> qemu.KernelError:
         """``exc`` with the step described in model terms."""

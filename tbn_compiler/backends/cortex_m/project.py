@@ -17,6 +17,12 @@ Harness output lines: ``TBN_TICKS <n>`` (timer ticks, 25 MHz virtual), ``TBN_OUT
 per output float, on a failed run ``TBN_ERROR <message>`` and ``TBN_ERROR_DETAIL <index>
 <bound>``, then ``TBN_RC <rc>`` (the return code of ``tbn_model_run``). ``make run`` runs the
 firmware in QEMU with the command line of :func:`.qemu.qemu_command`.
+
+``make profile`` builds ``build/profile/firmware.elf``: the model with ``-DTBN_PROFILE``
+and a harness that reads the timer after every step and also prints ``TBN_STEP <k>
+<ticks>`` per step and ``TBN_STEP_OVERHEAD <ticks>`` (what the timer read adds to each
+step: two reads in a row). The library objects are compiled with ``-fstack-usage``: the
+``.su`` files next to them give each function's stack frame.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ __all__ = ["cpu_flags", "project_files", "OPT_FLAGS"]
 
 OPT_FLAGS = "-O2"
 _COMMON = (
-    "-std=gnu11 -ffunction-sections -fdata-sections -fno-strict-aliasing -Wall "
+    "-std=gnu11 -ffunction-sections -fdata-sections -fno-strict-aliasing -fstack-usage -Wall "
     "-Wno-unused-variable -Wno-unused-but-set-variable -Werror=implicit-function-declaration"
 )
 """No -ffast-math or -ffinite-math-only: kernels must keep IEEE NaN/inf semantics."""
@@ -54,7 +60,7 @@ def _makefile(board: BoardInfo, harness: bool) -> str:
         "BUILD ?= build",
         "LIB_OBJS = $(BUILD)/tbn_kernels.o $(BUILD)/tbn_model.o",
         "",
-        ".PHONY: all lib firmware size run clean",
+        ".PHONY: all lib firmware size run profile clean",
         f"all: lib{' firmware' if harness else ''}",
         "lib: $(BUILD)/libtbn_model.a",
         "",
@@ -84,6 +90,21 @@ def _makefile(board: BoardInfo, harness: bool) -> str:
             "",
             "run: $(BUILD)/firmware.elf",
             "\t" + " ".join(qemu_command(board.qemu_machine, board.cpu, "$(BUILD)/firmware.elf")),
+            "",
+            "# the same firmware with a timer read after every step of tbn_model_run",
+            "PROFILE = $(BUILD)/profile",
+            "profile: $(PROFILE)/firmware.elf",
+            "$(PROFILE)/%.o: src/%.c src/tbn_kernels.h include/tbn_model.h",
+            "\t@mkdir -p $(PROFILE)",
+            "\t$(CC) $(CFLAGS) -DTBN_PROFILE -c $< -o $@",
+            "$(PROFILE)/harness_%.o: harness/%.c include/tbn_model.h",
+            "\t@mkdir -p $(PROFILE)",
+            "\t$(CC) $(CFLAGS) -DTBN_PROFILE -c $< -o $@",
+            "$(PROFILE)/firmware.elf: $(PROFILE)/harness_startup.o $(PROFILE)/harness_main.o "
+            "$(BUILD)/tbn_kernels.o $(PROFILE)/tbn_model.o harness/link.ld",
+            "\t$(CC) $(CPU_FLAGS) --specs=rdimon.specs -nostartfiles -T harness/link.ld "
+            "-Wl,--gc-sections -Wl,--no-warn-execstack -o $@ $(PROFILE)/harness_startup.o "
+            "$(PROFILE)/harness_main.o $(BUILD)/tbn_kernels.o $(PROFILE)/tbn_model.o -lm",
         ]
     lines += ["", "clean:", "\trm -rf $(BUILD)", ""]
     return "\n".join(lines)
@@ -209,6 +230,17 @@ _MAIN = """\
 static float tbn_input[TBN_INPUT_SIZE];
 static float tbn_output[TBN_OUTPUT_SIZE];
 
+#if defined(TBN_PROFILE) && TBN_HAS_TIMER
+/* Timer value after each step (the timer counts down). */
+static uint32_t tbn_step_end[TBN_STEPS > 0 ? TBN_STEPS : 1];
+
+__attribute__((noinline)) void tbn_profile_step(int step) {
+  if (step >= 0 && step < TBN_STEPS) tbn_step_end[step] = CMSDK_TIMER[1];
+}
+#elif defined(TBN_PROFILE)
+void tbn_profile_step(int step) { (void)step; } /* no timer to read */
+#endif
+
 int main(void) {
   FILE *f = fopen(TBN_INPUT_FILE, "rb");
   if (f) {
@@ -227,12 +259,24 @@ int main(void) {
   CMSDK_TIMER[2] = 0xFFFFFFFFu;
   CMSDK_TIMER[1] = 0xFFFFFFFFu;
   CMSDK_TIMER[0] = 1;
+#if defined(TBN_PROFILE)
+  tbn_profile_step(0); /* two hooks in a row: what one adds to a step */
+  uint32_t probe = tbn_step_end[0];
+  tbn_profile_step(0);
+  printf("TBN_STEP_OVERHEAD %%lu\\n", (unsigned long)(probe - tbn_step_end[0]));
+#endif
   uint32_t t0 = CMSDK_TIMER[1];
 #endif
   int rc = tbn_model_run(tbn_input, tbn_output);
 #if TBN_HAS_TIMER
   uint32_t t1 = CMSDK_TIMER[1];
   printf("TBN_TICKS %%lu\\n", (unsigned long)(t0 - t1));
+#if defined(TBN_PROFILE)
+  for (int k = 0; k < TBN_STEPS; ++k) {
+    printf("TBN_STEP %%d %%lu\\n", k,
+           (unsigned long)((k ? tbn_step_end[k - 1] : t0) - tbn_step_end[k]));
+  }
+#endif
 #endif
   for (unsigned i = 0; i < TBN_OUTPUT_SIZE; ++i) {
     uint32_t bits;

@@ -7,7 +7,8 @@
   ``input.bin`` (so concurrent runs of one image do not share files) and returns outputs
   (bit-exact) plus instruction count and wall time. Instructions = CMSDK timer ticks /
   (0.025 * 2**ICOUNT_SHIFT) = ticks / 25.6. A run whose ``tbn_model_run`` reported
-  invalid data raises :class:`KernelError`.
+  invalid data raises :class:`KernelError`. A profiling image (``make profile``) also
+  gives the instructions of each step, less the timer read it adds to each.
 
 Checking for and driving the cross toolchain (``make``, ``size``) is :mod:`.toolchain`.
 """
@@ -52,13 +53,15 @@ class KernelError(RunError):
 
 @dataclass
 class RunResult:
-    """One QEMU run: outputs as float32, instruction count (None without timer), wall time."""
+    """One QEMU run: outputs as float32, instruction count (None without timer), wall time,
+    and for a profiling image the instructions of each step (else None)."""
 
     output: np.ndarray
     instructions: int | None
     ticks: int | None
     wall_s: float
     machine: str
+    step_instructions: list[int] | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -92,6 +95,20 @@ def qemu_command(machine: str, cpu: str, kernel: str) -> list[str]:
     ]
 
 
+def _insns(ticks: int) -> int:
+    return int(round(ticks / _TICKS_PER_INSN))
+
+
+def _step_instructions(lines: list[str]) -> list[int] | None:
+    """Instructions per step of a profiling run (each step's ticks less one timer read)."""
+    overhead = [int(line.split()[1]) for line in lines if line.startswith("TBN_STEP_OVERHEAD ")]
+    steps = [line.split() for line in lines if line.startswith("TBN_STEP ")]
+    if not overhead or not steps:
+        return None
+    by_step = dict(sorted((int(k), int(t)) for _, k, t in steps))
+    return [max(_insns(t - overhead[0]), 0) for t in by_step.values()]
+
+
 def _parse(stdout: str, n_out: int) -> tuple[np.ndarray, int | None, int | None]:
     words, ticks, rc, reason, detail = [], None, None, "", (-1, -1)
     for line in stdout.splitlines():
@@ -112,7 +129,7 @@ def _parse(stdout: str, n_out: int) -> tuple[np.ndarray, int | None, int | None]
     if rc != 0 or len(words) != n_out:
         raise RunError(f"firmware run failed (rc={rc}, {len(words)}/{n_out} outputs):\n{stdout}")
     out = np.array(words, dtype=np.uint32).view(np.float32)
-    insns = None if ticks is None else int(round(ticks / _TICKS_PER_INSN))
+    insns = None if ticks is None else _insns(ticks)
     return out, ticks, insns
 
 
@@ -138,4 +155,5 @@ def run_firmware(
             f"QEMU ({machine}) exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
         )
     out, ticks, insns = _parse(proc.stdout, n_out)
-    return RunResult(out, insns, ticks, wall, machine)
+    steps = _step_instructions(proc.stdout.splitlines())
+    return RunResult(out, insns, ticks, wall, machine, steps)

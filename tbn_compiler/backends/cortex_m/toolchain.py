@@ -6,7 +6,8 @@
 * :func:`run_make` runs the project's own ``Makefile``; a failed build is a
   :class:`BuildError` holding the compiler log.
 * :func:`section_sizes` sums ``arm-none-eabi-size -A`` sections of object files;
-  :func:`firmware_sizes` reads text / data / bss of a linked image.
+  :func:`firmware_sizes` reads text / data / bss of a linked image;
+  :func:`stack_frames` reads the frames gcc's ``-fstack-usage`` wrote.
 
 Running a firmware image under QEMU is :mod:`.qemu`.
 """
@@ -27,6 +28,7 @@ __all__ = [
     "require_toolchain",
     "run_make",
     "section_sizes",
+    "stack_frames",
 ]
 
 DEBIAN_PACKAGES = "gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm"
@@ -113,3 +115,17 @@ def firmware_sizes(elf: Path) -> dict[str, int]:
     ).stdout.splitlines()
     text, data, bss = (int(v) for v in out[1].split()[:3])
     return {"text": text, "data": data, "bss": bss}
+
+
+def stack_frames(su_files: list[Path]) -> dict[str, int | None]:
+    """Function name -> stack frame in bytes from gcc ``.su`` files (``-fstack-usage``);
+    None for a frame gcc could not bound (``dynamic``; ``dynamic,bounded`` keeps its bound)."""
+    frames: dict[str, int | None] = {}
+    for path in su_files:
+        for line in Path(path).read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) < 3:
+                continue
+            name = parts[0].rsplit(":", 1)[-1]
+            frames[name] = None if parts[2].strip() == "dynamic" else int(parts[1])
+    return frames
