@@ -128,7 +128,7 @@ def test_rpc_tuning_measures_on_the_servers_and_reuses_its_database(rpc_servers,
     db = tmp_path / "db"
     x = torch.randn(4, 64)
     model = _model(0)
-    cm = tbn.compile(model, (x,), config=CFG, tune=_rpc_tuning(db, rpc))
+    cm = tbn.compile(model, (x,), config=CFG, tune=_rpc_tuning(db, rpc), dynamic_batch=False)
     torch.testing.assert_close(cm(x), tbn.rewrite(model, (x,), CFG)(x), rtol=1e-4, atol=1e-5)
     records = _records(db)
     assert records, "tuning wrote no records"
@@ -138,7 +138,7 @@ def test_rpc_tuning_measures_on_the_servers_and_reuses_its_database(rpc_servers,
     # the same tuning again, and another model with the same layer shapes: nothing new
     for seed in (0, 1):
         other = _model(seed)
-        again = tbn.compile(other, (x,), config=CFG, tune=_rpc_tuning(db, rpc))
+        again = tbn.compile(other, (x,), config=CFG, tune=_rpc_tuning(db, rpc), dynamic_batch=False)
         assert len(_records(db)) == len(records)
         torch.testing.assert_close(again(x), tbn.rewrite(other, (x,), CFG)(x), rtol=1e-4, atol=1e-5)
 
@@ -158,6 +158,13 @@ def test_rpc_address_is_checked(bad: str) -> None:
         Tuning(rpc=bad)
 
 
+def test_tuning_a_symbolic_batch_asks_for_a_static_build(tmp_path) -> None:
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="dynamic_batch=False"):
+        tbn.compile(_model(0), (x,), config=CFG, tune=Tuning(trials=2, database=tmp_path))
+    assert not _records(tmp_path)
+
+
 def test_tuning_plan_counts_what_the_database_holds() -> None:
     """``trials`` is what the kernels should have: measurements already made count."""
     assert plan_tuning(Tuning(trials=8), [0, 0, 0]) == TuningPlan([0, 1, 2], 8, 0)
@@ -175,7 +182,8 @@ torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
 tune = tbn.Tuning(trials=8, database=sys.argv[1], strategy="replay-trace",
                   num_trials_per_iter=2, max_workers=1, progress=False)
-tbn.compile(model, (torch.randn(4, 64),), config=tbn.TBNConfig(p=4, min_numel=0), tune=tune)
+tbn.compile(model, (torch.randn(4, 64),), config=tbn.TBNConfig(p=4, min_numel=0), tune=tune,
+            dynamic_batch=False)
 """
 
 

@@ -600,7 +600,9 @@ class TBNGraph:
         module = frozen_graph(self.gm, self.slots, weights, sizes)
         opts = self.options
         with torch._guards.tracing(None):  # outside TorchDynamo's fake-tensor context
-            compiled = compile_model(module, inputs, opts.target, self.config, opts.tune)
+            compiled = compile_model(
+                module, inputs, opts.target, self.config, opts.tune, dynamic_batch=False
+            )
 
         def run(call_args: Sequence[Any]) -> Any:
             return compiled(*(a for k, a in zip(pick, call_args, strict=True) if k == "input"))

@@ -290,6 +290,7 @@ def tune_module(mod: tvm.IRModule, target: Target, tune: Tuning) -> ms.database.
     database = open_database(tune)
     if tune.trials == 0:
         return database
+    _check_static(mod)
     prepared = pipelines.prepare_for_tuning(target)(mod)
     tasks = ms.relax_integration.extract_tasks(prepared, target)
     plan = plan_tuning(tune, measured_counts(database, tasks))
@@ -341,6 +342,18 @@ def tune_module(mod: tvm.IRModule, target: Target, tune: Tuning) -> ms.database.
                 progress.bar.close()
             _shut_down(runner)
     return database
+
+
+def _check_static(mod: tvm.IRModule) -> None:
+    """ValueError when ``main`` has symbolic shapes: MetaSchedule tunes static kernels
+    only (it would find no valid schedule, or fail)."""
+    symbolic = [str(v) for v in relax.analysis.defined_symbolic_vars(mod["main"])]
+    if symbolic:
+        raise ValueError(
+            f"tuning needs static shapes, and this module's are symbolic in {symbolic}; "
+            "compile with dynamic_batch=False to tune (the module then takes the example "
+            "inputs' batch size only)"
+        )
 
 
 def _log_to_files_only() -> None:
