@@ -1123,6 +1123,22 @@ def _is_empty_operand(node: Any, rank: int, dim: int) -> bool:
     return tuple(val.shape) == (0,) or (val.dim() == rank and val.shape[dim] == 0)
 
 
+def positive_slice_dims(ep: torch.export.ExportedProgram) -> None:
+    """Count the ``dim`` of every ``slice`` from the start, in place: TVM's converter
+    keeps a negative one, which its legalization of a slice of a symbolic shape (the
+    batch) refuses."""
+    for node in ep.graph.nodes:
+        if node.target is not torch.ops.aten.slice.Tensor:
+            continue
+        dim, val = _arg(node, 1, "dim", 0), node.args[0].meta.get("val")
+        if isinstance(dim, int) and dim < 0 and isinstance(val, torch.Tensor):
+            if len(node.args) > 1:
+                node.args = (node.args[0], dim % val.dim(), *node.args[2:])
+            else:
+                node.kwargs = {**node.kwargs, "dim": dim % val.dim()}
+    ep.graph_module.recompile()
+
+
 def drop_empty_cat_operands(ep: torch.export.ExportedProgram) -> None:
     """Remove the operands of every ``cat`` that add nothing, in place: an empty
     key/value cache (Hugging Face's ``DynamicCache`` starts each layer as a 1-D empty
@@ -1227,6 +1243,7 @@ def _first_line(error: BaseException) -> str:
 def _import(gm: torch.nn.Module, inputs: list[torch.Tensor], dynamic_batch: bool) -> ImportResult:
     ep, static_batch = _export_graph(gm, inputs, dynamic_batch)
     drop_empty_cat_operands(ep)
+    positive_slice_dims(ep)
     float_attention_masks(ep)
     integer_bool_operands(ep)
     importer = _Importer()
