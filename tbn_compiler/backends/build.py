@@ -205,8 +205,13 @@ def compile_graph(
     inputs = example_tensors(example_inputs)
     spec = resolve_target(target)
     backend = backend_for(spec.kind)
-    options = _batch_options(backend, spec, dynamic_batch)
+    tuned = tune is not None and tune.trials > 0
+    options = _batch_options(
+        backend, spec, False if dynamic_batch is None and tuned else dynamic_batch
+    )
     program = backend.compile_graph(gm, inputs, spec, tune, report, **options)
+    if dynamic_batch is None and tuned and backend.dynamic_batch:
+        program.static_batch = _TUNED_STATIC
     if dynamic_batch and getattr(program, "static_batch", None):
         warnings.warn(
             f"dynamic_batch=True: the batch stays static: {program.static_batch}",
@@ -217,6 +222,12 @@ def compile_graph(
         probe = _probe_builder(backend, inputs, spec, options)
         validate_build(gm, inputs, program, spec, probe)
     return program
+
+
+_TUNED_STATIC = (
+    "a tuned build is static (MetaSchedule tunes static shapes); compile untuned, or "
+    "tune at the batch size it will run"
+)
 
 
 def _batch_options(backend: Backend, spec: TargetSpec, requested: bool | None) -> dict:
@@ -316,9 +327,10 @@ def compile(  # shadows the builtin on purpose: the public name is part of the A
     and a fresh random input and compare them where the target runs here
     (:mod:`.validate`); a mismatch raises :class:`.validate.ValidationError` naming the
     first diverging node. ``False`` returns the module unchecked.
-    ``dynamic_batch``: the module takes any batch size (llvm and cuda: True by default;
-    the input specs name dim 0 of the batched inputs ``batch``), or only the example's
-    (``False``; Cortex-M targets, where True is a ValueError). A model that fixes its
+    ``dynamic_batch``: the module takes any batch size (llvm and cuda: True by default,
+    but for a build that tunes; the input specs name dim 0 of the batched inputs
+    ``batch``), or only the example's (``False``; Cortex-M targets, where True is a
+    ValueError). A model that fixes its
     batch size compiles static, ``static_batch`` saying why (a RuntimeWarning if True
     was asked for).
     The result runs on inputs of the examples' dtypes and device kind, and shapes (but
