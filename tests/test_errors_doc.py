@@ -239,7 +239,7 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
         _linear(), X, target="mps2-an386", tune=tbn.Tuning(trials=1)
     ),
     "call-count": lambda tmp: _compiled()(X, X),
-    "call-shape": lambda tmp: _compiled()(torch.randn(3, 16)),
+    "call-shape": lambda tmp: _compiled()(torch.randn(2, 17)),
     "call-dtype": lambda tmp: _compiled()(X.double()),
     "call-not-tensor": lambda tmp: _compiled()([1.0] * 16),
     "save-directory": lambda tmp: _compiled().save(tmp),
