@@ -2,11 +2,15 @@
 
 Contract of :func:`import_graph`:
 
-* The graph is re-exported with ``torch.export`` using the example inputs (static shapes),
-  with its output leaves as a flat tuple (the output structure is the
-  :class:`~tbn_compiler.capture.OutputTree`'s), decomposed to core ATen, and handed to
-  TVM's ``from_exported_program``. Before that, operands that add nothing to a ``cat``
-  (an empty key/value cache) are dropped (:func:`drop_empty_cat_operands`), boolean
+* The graph is re-exported with ``torch.export`` using the example inputs (static shapes;
+  with ``dynamic_batch`` the batch symbolic where the graph allows it, see
+  :func:`~tbn_compiler.capture.export_dynamic_batch`: ``main`` then takes any batch, its
+  specs naming the dim :data:`~tbn_compiler.capture.BATCH`, and the tile and indexing
+  kernels a batch var of their own), with its output leaves as a flat tuple (the output
+  structure is the :class:`~tbn_compiler.capture.OutputTree`'s), decomposed to core ATen,
+  and handed to TVM's ``from_exported_program``. Before that, operands that add nothing
+  to a ``cat`` (an empty key/value cache) are dropped (:func:`drop_empty_cat_operands`),
+  a slice's negative dim is counted from the start (:func:`positive_slice_dims`), boolean
   attention masks become additive float masks (:func:`float_attention_masks`), and the
   boolean operands of ops TVM mishandles become integers (:func:`integer_bool_operands`).
 * The tile ops (``tbn::tiled_linear``, ``tbn::tiled_conv1d``, ... : every registered

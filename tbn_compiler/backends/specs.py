@@ -1,8 +1,10 @@
 """Input/output descriptions of compiled modules (runtime-safe: no TVM import).
 
 :class:`TensorSpec` is shared by the compiler (:mod:`.relax_import` fills it in) and the
-load/call path (:mod:`.artifact`), which must run with TVM's runtime alone; so is
-:func:`check_index_inputs`, which checks gather ids given as inputs before a call.
+load/call path (:mod:`.artifact`), which must run with TVM's runtime alone; so are
+:func:`shape_mismatch`, which checks a call's input shapes against the specs' dims (the
+batch any size, the same for every input naming it), and :func:`check_index_inputs`,
+which checks gather ids given as inputs before a call.
 """
 
 from __future__ import annotations
