@@ -265,14 +265,23 @@ def compile_tvm_graph(
     dynamic_batch: bool = False,
 ) -> CompiledModule:
     """The host (LLVM) and CUDA backends' compile: import to Relax (the batch symbolic
-    with ``dynamic_batch`` where the graph allows it), build, wrap."""
+    with ``dynamic_batch`` where the graph allows it), build, wrap. A symbolic batch
+    that TVM fails to build is built static, ``static_batch`` saying why (a failure of
+    the static build is raised)."""
     spec = native_spec(spec)
     tree = output_tree(gm, inputs)
     imported: ImportResult = import_graph(gm, inputs, dynamic_batch)
     tvm_target = make_tvm_target(spec)
     cuda_kernels = prepare_cuda_codegen() if spec.kind == "cuda" else None
     with cuda_runtime.compile_arch(_target_arch(spec, tvm_target)):
-        executable = build_executable(imported.mod, tvm_target, tune)
+        try:
+            executable = build_executable(imported.mod, tvm_target, tune)
+        except Exception as exc:  # raised again by the static build unless the batch is why
+            if imported.static_batch is not None:
+                raise
+            imported = import_graph(gm, inputs, dynamic_batch=False)
+            imported.static_batch = f"the build of a symbolic batch failed ({_first_line(exc)})"
+            executable = build_executable(imported.mod, tvm_target, tune)
     features = host_cpu_features() if spec.tvm_target.get("mcpu") else None
     library, library_bytes = _host_library(executable.mod, spec)
     return CompiledModule(
@@ -288,6 +297,11 @@ def compile_tvm_graph(
         library_bytes=library_bytes,
         static_batch=imported.static_batch,
     )
+
+
+def _first_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return next((line for line in text.splitlines() if line.strip()), type(error).__name__)
 
 
 def _host_library(
