@@ -159,9 +159,15 @@ def test_rpc_address_is_checked(bad: str) -> None:
 
 
 def test_tuning_a_symbolic_batch_asks_for_a_static_build(tmp_path) -> None:
+    import tvm
+
+    from tbn_compiler.backends.relax_import import import_graph
+    from tbn_compiler.backends.tuning import tune_module
+
     x = torch.randn(4, 64)
+    mod = import_graph(tbn.rewrite(_model(0), (x,), CFG), (x,), dynamic_batch=True).mod
     with pytest.raises(ValueError, match="dynamic_batch=False"):
-        tbn.compile(_model(0), (x,), config=CFG, tune=Tuning(trials=2, database=tmp_path))
+        tune_module(mod, tvm.target.Target("llvm"), Tuning(trials=2, database=tmp_path))
     assert not _records(tmp_path)
 
 

@@ -246,6 +246,30 @@ def test_graphs_that_cannot_be_compiled_as_is_run_in_torch(model, inputs, reason
         torch.testing.assert_close(a, b)
 
 
+def test_output_dtypes_stay_torch_s() -> None:
+    """A Python float argument reaches the graph as a 0-d float64 tensor: the result
+    stays float32, as in torch, whether the graph is compiled or runs in torch."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+            return self.fc(x) * scale
+
+    model = Scaled().eval()
+    compiled = torch.compile(model, backend="tbn", dynamic=True)
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", TBNFallbackWarning)
+        y = compiled(x, 1.5)
+        expected = model(x, 1.5)
+    assert y.dtype == expected.dtype == torch.float32
+    tiled = tbn.rewrite(model, (x, 1.5), tbn.TBNConfig())(x, 1.5)
+    assert torch.allclose(y, expected) or torch.allclose(y, tiled, rtol=1e-4, atol=1e-5)
+
+
 def test_weights_changed_in_place_are_compiled_again() -> None:
     model = _MLP().eval()
     compiled = _compiled(model)

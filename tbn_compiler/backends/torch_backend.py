@@ -544,6 +544,20 @@ def graph_config(cfg: TBNConfig, gm: fx.GraphModule, slots: Sequence[Slot]) -> T
     return dataclasses.replace(cfg, exclude=tuple(dict.fromkeys(exclude)), layers=layers)
 
 
+def _check_output_dtypes(gm: fx.GraphModule, outputs: Any) -> None:
+    """TypeError when the compiled module's ``outputs`` have other dtypes than those
+    TorchDynamo recorded for the graph (TVM promotes types where torch does not, e.g.
+    by 0-d tensors)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = torch.utils._pytree.tree_leaves(output.args[0])
+    values = [n.meta.get("example_value") if isinstance(n, fx.Node) else n for n in leaves]
+    expected = [v.dtype for v in values if isinstance(v, torch.Tensor)]
+    got = [t.dtype for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+    if len(expected) == len(got) and expected != got:
+        i = next(i for i, (e, g) in enumerate(zip(expected, got, strict=True)) if e != g)
+        raise TypeError(f"compiled output {i} is {got[i]} where torch gives {expected[i]}")
+
+
 # --------------------------------------------------------------------------- the compiled graph
 
 
@@ -603,6 +617,7 @@ class TBNGraph:
             compiled = compile_model(
                 module, inputs, opts.target, self.config, opts.tune, dynamic_batch=False
             )
+            _check_output_dtypes(self.gm, compiled(*inputs))
 
         def run(call_args: Sequence[Any]) -> Any:
             return compiled(*(a for k, a in zip(pick, call_args, strict=True) if k == "input"))
@@ -671,8 +686,12 @@ def tbn_backend(
 ) -> Callable[..., Any]:
     """The ``"tbn"`` backend of ``torch.compile`` (see the module docstring)."""
     opts = BackendOptions.parse(options)
-    slots = graph_slots(gm, example_inputs)
-    reason = not_compiled_reason(gm, slots, example_inputs)
+    try:
+        slots = graph_slots(gm, example_inputs)
+    except TypeError as exc:  # an input kind the compiled modules do not take
+        reason: str | None = str(exc)
+    else:
+        reason = not_compiled_reason(gm, slots, example_inputs)
     if reason is not None:
         if not opts.fallback:
             raise RuntimeError(f"tbn backend cannot compile this graph: {reason}")
