@@ -66,7 +66,8 @@ __all__ = [
 class Tuning:
     """How to tune with MetaSchedule.
 
-    trials: total measured candidates over all kernels (0: only apply the database).
+    trials: measurements the module's kernels should have in the database, those made
+        before included (0: only apply the database); a run measures what is missing.
     database: directory of the JSON database; created if missing, reused and updated.
     max_trials_per_task: cap per kernel (default: trials).
     cost_model: "random" (no extra dependency) or "xgb" (needs xgboost).
