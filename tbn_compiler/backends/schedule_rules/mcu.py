@@ -14,8 +14,11 @@ equivalent PrimFunc:
   largest power of two <= 32 dividing the row length), so each word is loaded once and
   every bit position is a constant shift.
 * :class:`InlineElementwise` (TVM-legalized, possibly fused functions): every block that
-  can be inlined into its consumers is, unless a consumer reduces, so a fused chain such
-  as an inference BatchNorm is one loop nest without intermediate buffers.
+  can be inlined into its consumers is, unless a consumer reduces (a plain copy, such as
+  an unpadded pooling ``pad``, is inlined even then), so a fused chain such as an
+  inference BatchNorm is one loop nest without intermediate buffers; a reduction over at
+  most :data:`MAX_UNROLLED_WINDOW` elements (a pooling window) is unrolled into a scalar
+  accumulator.
 
 A kernel whose schedule fails is returned unscheduled, with a warning.
 """
@@ -26,8 +29,10 @@ import math
 import warnings
 
 import tvm
+import tvm_ffi
 from tvm import tirx
 from tvm.s_tir import Schedule
+from tvm.sym import Analyzer
 from tvm.target import Target
 
 from ..kernels import kernel_kind
@@ -38,12 +43,15 @@ from .base import (
     Stage,
     analyse,
     apply_first,
+    extent,
     reduces,
     root_block,
+    split_loops,
 )
 
 __all__ = [
     "MAX_IM2COL_BYTES",
+    "MAX_UNROLLED_WINDOW",
     "MCU_RULES",
     "InlineElementwise",
     "McuLutKernel",
@@ -168,16 +176,69 @@ class InlineElementwise(ScheduleRule):
             return None
         for block in blocks:
             try:
-                if not _feeds_reduction(sch, block):
+                if _is_copy(sch, block) or not _feeds_reduction(sch, block):
                     sch.compute_inline(block)
             except Exception:  # outputs, reductions: stay as they are
                 continue
+        for block in sch.get_child_blocks(root_block(sch)):
+            if reduces(sch, block):
+                sch = _with_small_window_unrolled(sch, block)
         return sch
+
+
+MAX_UNROLLED_WINDOW = 16
+"""A reduction over at most this many elements (a pooling window) is unrolled, its
+accumulator kept in a local scalar."""
+
+
+def _with_small_window_unrolled(sch: Schedule, block: object) -> Schedule:
+    """``sch`` with the reduction loops of ``block`` unrolled when they cover at most
+    :data:`MAX_UNROLLED_WINDOW` elements, the block accumulating into a one-element
+    buffer written out after each window (the output pointer could alias the input: the
+    compiler would load and store it at every tap). ``sch`` itself when that does not
+    apply or fails (a copy is scheduled)."""
+    spatial, reduction = split_loops(sch, block)
+    if not reduction or math.prod(extent(sch, loop) for loop in reduction) > MAX_UNROLLED_WINDOW:
+        return sch
+    if _has_min_max(sch.get(block).body):
+        # TVM's C printer names the operands of max/min once per scope and reuses the
+        # name for an equal load later in it: unrolled, acc = max(acc, x) would keep
+        # reading the first acc.
+        return sch
+    trial = sch.copy()
+    try:
+        copy = trial.cache_write(block, 0, "global")
+        if spatial:
+            trial.reverse_compute_at(copy, spatial[-1])
+        for loop in split_loops(trial, block)[1]:
+            trial.unroll(loop)
+    except Exception:  # e.g. a reduction with several outputs: stays as it is
+        return sch
+    return trial
+
+
+def _has_min_max(stmt: object) -> bool:
+    found: list = []
+    tvm_ffi.structural_walk(stmt, [((tirx.Max, tirx.Min), found.append)])
+    return bool(found)
 
 
 def _feeds_reduction(sch: Schedule, block: object) -> bool:
     """True when a consumer of ``block`` reduces (inlining would recompute it per tap)."""
     return any(reduces(sch, consumer) for consumer in sch.get_consumers(block))
+
+
+def _is_copy(sch: Schedule, block: object) -> bool:
+    """True when ``block`` stores a plain read of another buffer (an unpadded ``pad``, a
+    reshape): inlined, each read of it is the same one load, without the copy."""
+    stmt = sch.get(block)
+    value = getattr(stmt.body, "value", None)
+    if value is None or reduces(sch, block):
+        return False
+    an = Analyzer()
+    for iv in stmt.iter_vars:
+        an.bind(iv.var, iv.dom)
+    return isinstance(an.simplify(value), tvm.ir.TensorLoad)  # what tirx.BufferLoad builds
 
 
 MCU_RULES: tuple[ScheduleRule, ...] = (McuLutKernel(), McuTileKernel(), InlineElementwise())
