@@ -14,7 +14,8 @@ Contenders, all with the same number of threads (``--threads``, default 2):
 Cases (:data:`CASES`): Linear 4096x4096 at batch 1 and 64, ResNet-18-CIFAR and the
 transformer encoder of ``bench_models.py`` at batch 1 and 16, and the call overhead of
 a 2-layer 64-wide MLP at batch 1. The contenders of a case are timed round-robin
-(``--rounds`` rounds, the order rotating, each contender re-warmed when its turn comes),
+(``--rounds`` rounds, each in a new random order, each contender re-warmed when its turn
+comes),
 so all see the same background load; a sample is the mean of enough calls to last
 ``--sample-ms``. Headline numbers are medians; the machine load (``os.getloadavg``) is
 recorded before and after each case. Prints a table with the ratios ours/peer, writes
@@ -36,6 +37,7 @@ import json
 import logging
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -275,10 +277,10 @@ def calibrate(call: Callable[[], Any], sample_ms: float, warmup: int = 5) -> int
     return max(1, int(sample_ms / 1e3 / once))
 
 
-def sample(call: Callable[[], Any], number: int, n: int, rewarm: int = 2) -> list[float]:
-    """``n`` timings (seconds per call, each the mean of ``number`` calls), after
-    ``rewarm`` untimed calls (another contender ran just before)."""
-    for _ in range(rewarm):
+def sample(call: Callable[[], Any], number: int, n: int) -> list[float]:
+    """``n`` timings (seconds per call, each the mean of ``number`` calls), after a
+    quarter of a sample of untimed calls (another contender ran just before)."""
+    for _ in range(max(1, number // 4)):
         call()
     out = []
     for _ in range(n):
@@ -292,13 +294,15 @@ def sample(call: Callable[[], Any], number: int, n: int, rewarm: int = 2) -> lis
 def round_robin(
     contenders: list[Contender], rounds: int, per_round: int, sample_ms: float
 ) -> dict[str, list[float]]:
-    """Timings per contender, taken in ``rounds`` rotating turns."""
+    """Timings per contender, taken in ``rounds`` turns in a new random order each
+    round (seeded): a contender that leaves busy threads behind (ONNX Runtime and TVM
+    spin after a run) must not always slow down the same successor."""
+    order = random.Random(0)
     with torch.no_grad():
         numbers = {c.name: calibrate(c.call, sample_ms) for c in contenders}
         times: dict[str, list[float]] = {c.name: [] for c in contenders}
-        for r in range(rounds):
-            shift = r % len(contenders)
-            for c in contenders[shift:] + contenders[:shift]:
+        for _ in range(rounds):
+            for c in order.sample(contenders, len(contenders)):
                 times[c.name] += sample(c.call, numbers[c.name], per_round)
     return times
 
@@ -461,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     print(
         f"medians of {args.rounds * args.per_round} samples (each >= {args.sample_ms:.0f} ms "
-        f"of calls), {args.rounds} rotating rounds; load at end {_load()}"
+        f"of calls), {args.rounds} rounds in random orders; load at end {_load()}"
     )
     write_results(rows, args)
 
