@@ -608,10 +608,10 @@ def _lane_loop_innermost(sch: Schedule, rf, lanes: int) -> None:
     block = sch.get(rf)
     lane = block.writes[0].region[-1].min
     ivs = list(block.iter_vars)
-    pos = next(i for i, iv in enumerate(ivs) if iv.var.same_as(lane))
+    pos = next((i for i, iv in enumerate(ivs) if iv.var.same_as(lane)), None)
     loops = sch.get_loops(rf)[-len(ivs) :]
-    if extent(sch, loops[pos]) != lanes:
-        return
+    if pos is None or len(loops) != len(ivs) or known_extent(sch, loops[pos]) != lanes:
+        return  # not the loop nest compute_at makes: leave the lanes serial
     sch.reorder(*[loop for i, loop in enumerate(loops) if i != pos], loops[pos])
     sch.vectorize(loops[pos])
 
