@@ -59,3 +59,31 @@ def test_large_windows_keep_their_loops() -> None:
     x = np.random.default_rng(1).standard_normal((1, 2, 10, 10)).astype(np.float32)
     ref = F.max_pool2d(torch.from_numpy(x), 5, 5).numpy()
     np.testing.assert_array_equal(_run(scheduled, x, out_shape), ref)
+
+
+def test_per_channel_parameters_are_read_once_per_channel() -> None:
+    """An inference BatchNorm + ReLU (per-channel parameters) reads each parameter once
+    per channel into a local scalar, and computes what torch does."""
+    shape = (1, 4, 5, 6)
+    x = te.placeholder(shape, "float32", name="x")
+    mean = te.placeholder((4, 1, 1), "float32", name="mean")
+    scale = te.placeholder((4, 1, 1), "float32", name="scale")
+    y = te.compute(
+        shape,
+        lambda n, c, h, w: tvm.tirx.max(
+            (x[n, c, h, w] - mean[c, 0, 0]) * scale[c, 0, 0], tvm.tirx.const(0.0, "float32")
+        ),
+        name="y",
+    )
+    scheduled = mcu.schedule_mcu(te.create_prim_func([x, mean, scale, y]))
+    text = scheduled.script()
+    assert "mean_global" in text and "scale_global" in text
+    rng = np.random.default_rng(2)
+    xs, ms, ss = (rng.standard_normal(s).astype(np.float32) for s in (shape, (4, 1, 1), (4, 1, 1)))
+    mod = tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")})
+    fn = tvm.compile(mod, target=HOST)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(shape, np.float32), dev)
+    fn["main"](*(tvm.runtime.tensor(a, dev) for a in (xs, ms, ss)), out)
+    ref = torch.relu((torch.from_numpy(xs) - torch.from_numpy(ms)) * torch.from_numpy(ss))
+    np.testing.assert_array_equal(out.numpy(), ref.numpy())

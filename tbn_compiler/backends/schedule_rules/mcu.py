@@ -183,6 +183,8 @@ class InlineElementwise(ScheduleRule):
         for block in sch.get_child_blocks(root_block(sch)):
             if reduces(sch, block):
                 sch = _with_small_window_unrolled(sch, block)
+            else:
+                sch = _with_invariant_reads_hoisted(sch, block)
         return sch
 
 
@@ -213,6 +215,60 @@ def _with_small_window_unrolled(sch: Schedule, block: object) -> Schedule:
         for loop in split_loops(trial, block)[1]:
             trial.unroll(loop)
     except Exception:  # e.g. a reduction with several outputs: stays as it is
+        return sch
+    return trial
+
+
+_GET_REALIZE = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
+
+
+def _loop_vars_of_iters(sch: Schedule, block: object) -> list[tirx.Var] | None:
+    """The block's iteration variables when each is bound to the loop at its own depth
+    (as in the functions TE builds), else None."""
+    loops = sch.get_loops(block)
+    values = list(_GET_REALIZE(sch, block).iter_values)
+    if len(values) != len(loops):
+        return None
+    if not all(v.same_as(sch.get(lp).loop_var) for v, lp in zip(values, loops, strict=True)):
+        return None
+    return [iv.var for iv in sch.get(block).iter_vars]
+
+
+def _region_depth(region: object, iter_vars: list[tirx.Var]) -> int | None:
+    """Depth of the innermost iteration variable a one-element read region uses (-1: none),
+    None for a region of more than one element."""
+    if not all(isinstance(r.extent, tirx.IntImm) and int(r.extent) == 1 for r in region):
+        return None
+    used: list = []
+    for r in region:
+        tvm_ffi.structural_walk(r.min, [(tirx.Var, used.append)])
+    depths = [k for k, v in enumerate(iter_vars) if any(u.same_as(v) for u in used)]
+    return max(depths, default=-1)
+
+
+def _with_invariant_reads_hoisted(sch: Schedule, block: object) -> Schedule:
+    """``sch`` with each one-element read of ``block`` that the innermost loop does not
+    change (a per-channel BatchNorm parameter) copied to a local scalar at the loop it
+    depends on: the output pointer could alias it, so the compiler would load it again
+    for every element. ``sch`` itself when nothing applies or the schedule fails."""
+    iter_vars = _loop_vars_of_iters(sch, block)
+    if not iter_vars:
+        return sch
+    hoist = []
+    for region in sch.get(block).reads:
+        depth = _region_depth(region.region, iter_vars)
+        if depth is not None and depth < len(iter_vars) - 1:
+            hoist.append((region.source, max(depth, 0)))
+    if not hoist:
+        return sch
+    trial = sch.copy()
+    try:
+        for source, depth in hoist:
+            reads = [r.source for r in trial.get(block).reads]
+            index = next(k for k, r in enumerate(reads) if r.same_as(source))
+            cached = trial.cache_read(block, index, "global")
+            trial.compute_at(cached, trial.get_loops(block)[depth])
+    except Exception:  # stays as it is
         return sch
     return trial
 
