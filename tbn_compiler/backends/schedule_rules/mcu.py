@@ -18,7 +18,8 @@ equivalent PrimFunc:
   an unpadded pooling ``pad``, is inlined even then), so a fused chain such as an
   inference BatchNorm is one loop nest without intermediate buffers; a reduction over at
   most :data:`MAX_UNROLLED_WINDOW` elements (a pooling window) is unrolled into a scalar
-  accumulator.
+  accumulator; elementwise reads that the innermost loop does not change (per-channel
+  parameters) are loaded once into scalars at the loop they depend on.
 
 A kernel whose schedule fails is returned unscheduled, with a warning.
 """
