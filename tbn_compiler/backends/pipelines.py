@@ -103,6 +103,7 @@ def legalize_and_fuse(target: Target | None = None) -> Stage:
     return [
         relax.transform.LegalizeOps(CPU_LEGALIZATIONS if cpu_target else None),
         relax.transform.AnnotateTIROpPattern(),
+        _module_pass("MarkSymbolicMovesInjective", _mark_symbolic_moves_injective),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
@@ -287,6 +288,20 @@ def _parallelize_unscheduled(mod: tvm.IRModule) -> tvm.IRModule:
     for gv, func in list(mod.functions.items()):
         if isinstance(func, tirx.PrimFunc) and not schedule_rules.is_scheduled(func):
             mod[gv] = schedule_rules.parallelize_generic(func)
+    return mod
+
+
+_OP_PATTERN_INJECTIVE = 2  # relax OpPatternKind::kInjective
+
+
+def _mark_symbolic_moves_injective(mod: tvm.IRModule) -> tvm.IRModule:
+    """Reshapes and other pure data movement of a symbolic shape (the batch) marked
+    injective, as they are when static: TVM's pattern analysis calls them opaque (it
+    cannot follow their index arithmetic), and FuseOps would leave each its own pass over
+    memory instead of fusing it with its neighbours."""
+    for gv, func in list(mod.functions.items()):
+        if schedule_rules.is_symbolic_move(func):
+            mod[gv] = func.with_attr("op_pattern", _OP_PATTERN_INJECTIVE)
     return mod
 
 

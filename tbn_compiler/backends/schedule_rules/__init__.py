@@ -23,7 +23,15 @@ from tvm import tirx
 from tvm.target import Target
 
 from ..kernels import KERNEL_ATTR, kernel_kind
-from .base import KINDS, ScheduleRule, apply_first, is_kernel, is_scheduled, mark_opaque
+from .base import (
+    KINDS,
+    ScheduleRule,
+    apply_first,
+    is_kernel,
+    is_scheduled,
+    is_symbolic_move,
+    mark_opaque,
+)
 from .cpu import CPU_RULES, host_target, parallelize_generic
 from .cuda import CUDA_RULES, finish_cuda
 from .mcu import MCU_RULES, inline_elementwise, schedule_mcu
@@ -38,6 +46,7 @@ __all__ = [
     "inline_elementwise",
     "is_kernel",
     "is_scheduled",
+    "is_symbolic_move",
     "mark_opaque",
     "parallelize_generic",
     "rules_for",

@@ -64,6 +64,7 @@ __all__ = [
     "factor",
     "is_kernel",
     "is_scheduled",
+    "is_symbolic_move",
     "known_extent",
     "mark_opaque",
     "reduces",
@@ -448,6 +449,22 @@ def cores() -> int:
 def is_kernel(func: object) -> bool:
     """True for a PrimFunc built by :mod:`..kernels` (it carries a kernel kind)."""
     return isinstance(func, tirx.PrimFunc) and func.attrs is not None and KERNEL_ATTR in func.attrs
+
+
+def is_symbolic_move(func: object) -> bool:
+    """True for a PrimFunc of symbolic shapes, not ours, whose one block (data-parallel)
+    stores a load of an input, maybe cast: a reshape, transpose, broadcast copy."""
+    if not isinstance(func, tirx.PrimFunc) or is_kernel(func) or not shape_vars(func):
+        return False
+    sch = Schedule(func)
+    root = root_block(sch)
+    blocks = [] if root is None else sch.get_child_blocks(root)
+    if len(blocks) != 1 or reduces(sch, blocks[0]):
+        return False
+    body = sch.get(blocks[0]).body
+    value = getattr(body, "value", None)
+    value = value.value if isinstance(value, tirx.Cast) else value
+    return isinstance(body, tirx.BufferStore) and isinstance(value, tvm.ir.TensorLoad)
 
 
 def is_scheduled(func: tirx.PrimFunc) -> bool:
