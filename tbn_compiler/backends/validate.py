@@ -260,7 +260,9 @@ def _reference_or_none(
     except Exception as exc:
         if input_set == "example":
             raise
-        _log.info("%s input not compared: the graph raised %s: %s", input_set, type(exc).__name__, exc)
+        _log.info(
+            "%s input not compared: the graph raised %s: %s", input_set, type(exc).__name__, exc
+        )
         return None
 
 
