@@ -35,6 +35,8 @@ __all__ = [
     "TiledLinear",
     "TiledConv1d",
     "TiledConv2d",
+    "TiledMultiheadAttention",
+    "mha_unsupported",
     "ConvGeometry",
     "conv_geometry",
     "module_conv_geometry",
@@ -289,3 +291,217 @@ def module_conv_geometry(module: nn.Module) -> tuple[ConvGeometry | None, str | 
         module.groups,
         module.padding_mode,
     )
+
+
+class TiledMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose projections are ordinary submodules, so they can
+    be tiled like any linear layer.
+
+    torch's layer keeps its input projection as one ``(3E, E)`` parameter read by
+    ``F.multi_head_attention_forward``, and reads ``out_proj.weight`` without calling
+    ``out_proj``; replacing those modules would change nothing. Here ``in_proj`` is one
+    ``nn.Linear(E, 3E)`` (one tile over the whole ``(3E, E)`` weight, the bias with it)
+    and ``out_proj`` an ``nn.Linear(E, E)``, both *called* by ``forward``. ``prepare``
+    swaps every supported attention layer for this one (same parameters, same outputs),
+    then tiles ``in_proj`` / ``out_proj`` as it tiles any ``nn.Linear``; ``convert``
+    turns them into packed layers that call ``tbn::tiled_linear``, and this forward runs
+    unchanged on either.
+
+    ``forward`` is torch's math: scaled dot-product attention per head, torch's mask
+    semantics (boolean masks: True = not allowed; float masks added), dropout on the
+    attention weights in training, ``need_weights`` / ``average_attn_weights``,
+    unbatched inputs, ``batch_first`` both ways. Only ``kdim == vdim == embed_dim``
+    without ``add_bias_kv`` / ``add_zero_attn`` is supported (:func:`mha_unsupported`).
+
+    ``_qkv_same_embed_dim`` is False and ``in_proj_weight`` / ``in_proj_bias`` are None:
+    that turns off the fast paths of ``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention``, which read those fused parameters directly and would
+    bypass the projections.
+    """
+
+    in_proj: nn.Module
+
+    @classmethod
+    def from_float(cls, mha: nn.MultiheadAttention, name: str = "") -> TiledMultiheadAttention:
+        """The same layer with projection submodules (copies of ``mha``'s parameters).
+        ValueError naming ``name`` when :func:`mha_unsupported`."""
+        reason = mha_unsupported(mha)
+        if reason is not None:
+            raise ValueError(f"{name or 'nn.MultiheadAttention'}: {reason}")
+        weight = mha.in_proj_weight
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            batch_first=mha.batch_first,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            new.in_proj.weight.copy_(weight)
+            if mha.in_proj_bias is not None:
+                new.in_proj.bias.copy_(mha.in_proj_bias)
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        new.train(mha.training)
+        return new
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            embed_dim, num_heads, dropout, bias, batch_first=batch_first, device=device, dtype=dtype
+        )
+        kw = {"device": device, "dtype": dtype}
+        out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        del self.in_proj_weight, self.in_proj_bias, self.out_proj
+        self.register_parameter("in_proj_weight", None)
+        self.register_parameter("in_proj_bias", None)
+        self._qkv_same_embed_dim = False  # see the class docstring
+        # in_proj before out_proj: registration order is what keep_first/keep_last read
+        self.in_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **kw)
+        self.out_proj = out_proj
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As ``nn.MultiheadAttention.forward``. ``is_causal`` is a hint, as in torch:
+        ``attn_mask`` must be given with it and is what is applied."""
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "TiledMultiheadAttention: is_causal=True needs attn_mask (as in "
+                "nn.MultiheadAttention); pass the causal mask"
+            )
+        batched = query.dim() == 3
+        self_attention = query is key and key is value
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if self_attention:
+            key = value = query
+        out, weights = self._attend(
+            query, key, value, key_padding_mask, attn_mask, need_weights, average_attn_weights
+        )
+        if not batched:
+            out = out.squeeze(0)
+            weights = None if weights is None else weights.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _project_qkv(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v, each (N, L, E), through the one ``in_proj`` (run once for
+        self-attention; per input otherwise, keeping the part of it that input uses)."""
+        if query is key and key is value:
+            return tuple(self.in_proj(query).chunk(3, dim=-1))  # type: ignore[return-value]
+        e = self.embed_dim
+        q = self.in_proj(query)[..., :e]
+        k = self.in_proj(key)[..., e : 2 * e]
+        v = self.in_proj(value)[..., 2 * e :]
+        return q, k, v
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+        need_weights: bool,
+        average_attn_weights: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of batch-first inputs: (output (N, L, E), weights or None)."""
+        n, tgt, e = query.shape
+        src = key.shape[1]
+        h = self.num_heads
+        q, k, v = (
+            t.reshape(n, t.shape[1], h, e // h).transpose(1, 2)
+            for t in self._project_qkv(query, key, value)
+        )
+        mask = self._merged_mask(key_padding_mask, attn_mask, n, tgt, src, q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = (q * (e // h) ** -0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            weights = F.softmax(scores, dim=-1)
+            if dropout_p > 0.0:
+                weights = F.dropout(weights, p=dropout_p)
+            out = weights @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, e))
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        return out, weights
+
+    def _merged_mask(
+        self,
+        key_padding_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+        n: int,
+        tgt: int,
+        src: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """torch's masks as one additive float mask broadcastable to (N, heads, L, S)."""
+        key_padding_mask = F._canonical_mask(
+            mask=key_padding_mask,
+            mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask),
+            other_name="attn_mask",
+            target_type=dtype,
+        )
+        attn_mask = F._canonical_mask(
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=dtype,
+            check_other=False,
+        )
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                mask = attn_mask.reshape(1, 1, tgt, src)
+            else:
+                mask = attn_mask.reshape(n, self.num_heads, tgt, src)
+        if key_padding_mask is not None:
+            padding = key_padding_mask.reshape(n, 1, 1, src)
+            mask = padding if mask is None else mask + padding
+        return mask
+
+
+def mha_unsupported(mha: nn.MultiheadAttention) -> str | None:
+    """Why :class:`TiledMultiheadAttention` cannot stand for ``mha``, or None."""
+    if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+        return (
+            f"kdim/vdim ({mha.kdim}, {mha.vdim}) differ from embed_dim {mha.embed_dim}: "
+            "separate q/k/v projections are not supported; kept float"
+        )
+    if mha.bias_k is not None or mha.add_zero_attn:
+        return "add_bias_kv / add_zero_attn are not supported; kept float"
+    return None

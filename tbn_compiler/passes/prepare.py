@@ -12,7 +12,7 @@ import copy
 import torch.nn as nn
 
 from ..config import LayerPlan, TBNConfig
-from ..nn import TiledLayer, weight_owners
+from ..nn import TiledLayer, TiledMultiheadAttention, mha_unsupported, weight_owners
 from ..tile_ops import tile_op_for_module
 from .plan import plan_weight
 
@@ -33,7 +33,7 @@ def prepare(model: nn.Module, cfg: TBNConfig | None = None) -> nn.Module:
     if cfg is not None and not isinstance(cfg, TBNConfig):
         raise TypeError(f"cfg must be a TBNConfig, got {type(cfg).__name__}")
     cfg = cfg or TBNConfig()
-    model = copy.deepcopy(model)
+    model = _with_projected_attention(copy.deepcopy(model))
     candidates = [(n, m) for n, m in model.named_modules() if tile_op_for_module(m) is not None]
     direct = _weights_read_by_parent(model)
     owners = weight_owners(model)
@@ -93,14 +93,42 @@ def _plan_module(
 
 
 def _weights_read_by_parent(model: nn.Module) -> dict[str, str]:
-    """Layers whose parent uses their ``.weight`` without calling them (for example
-    ``nn.MultiheadAttention.out_proj``): replacing them would change nothing."""
+    """Layers whose parent uses their ``.weight`` without calling them (the
+    ``out_proj`` of an ``nn.MultiheadAttention`` that could not be swapped):
+    replacing them would change nothing."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, nn.MultiheadAttention) and not isinstance(
+            module, TiledMultiheadAttention
+        ):
             prefix = f"{name}." if name else ""
-            out[f"{prefix}out_proj"] = "nn.MultiheadAttention"
+            out[f"{prefix}out_proj"] = f"nn.MultiheadAttention ({mha_unsupported(module)})"
     return out
+
+
+def _with_projected_attention(model: nn.Module) -> nn.Module:
+    """``model`` with every supported ``nn.MultiheadAttention`` swapped for a
+    :class:`TiledMultiheadAttention` (in place), and the nested-tensor fast path of
+    the ``nn.TransformerEncoder`` s holding one turned off (it would hand the attention
+    nested tensors)."""
+    if isinstance(model, nn.MultiheadAttention) and mha_unsupported(model) is None:
+        if not isinstance(model, TiledMultiheadAttention):
+            return TiledMultiheadAttention.from_float(model)
+        return model
+    for name, module in list(model.named_modules()):
+        if (
+            name
+            and isinstance(module, nn.MultiheadAttention)
+            and not isinstance(module, TiledMultiheadAttention)
+            and mha_unsupported(module) is None
+        ):
+            _set_submodule(model, name, TiledMultiheadAttention.from_float(module, name))
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(
+            isinstance(m, TiledMultiheadAttention) for m in module.modules()
+        ):
+            module.use_nested_tensor = False
+    return model
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
