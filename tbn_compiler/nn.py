@@ -323,8 +323,9 @@ class TiledMultiheadAttention(nn.MultiheadAttention):
 
     @classmethod
     def from_float(cls, mha: nn.MultiheadAttention, name: str = "") -> TiledMultiheadAttention:
-        """The same layer with projection submodules (copies of ``mha``'s parameters).
-        ValueError naming ``name`` when :func:`mha_unsupported`."""
+        """The same layer with projection submodules holding ``mha``'s own parameter
+        objects (not copies: weights tied elsewhere stay tied). ValueError naming
+        ``name`` when :func:`mha_unsupported`."""
         reason = mha_unsupported(mha)
         if reason is not None:
             raise ValueError(f"{name or 'nn.MultiheadAttention'}: {reason}")
@@ -338,13 +339,8 @@ class TiledMultiheadAttention(nn.MultiheadAttention):
             device=weight.device,
             dtype=weight.dtype,
         )
-        with torch.no_grad():
-            new.in_proj.weight.copy_(weight)
-            if mha.in_proj_bias is not None:
-                new.in_proj.bias.copy_(mha.in_proj_bias)
-            new.out_proj.weight.copy_(mha.out_proj.weight)
-            if mha.out_proj.bias is not None:
-                new.out_proj.bias.copy_(mha.out_proj.bias)
+        new.in_proj.weight, new.in_proj.bias = weight, mha.in_proj_bias
+        new.out_proj.weight, new.out_proj.bias = mha.out_proj.weight, mha.out_proj.bias
         new.train(mha.training)
         return new
 

@@ -188,3 +188,14 @@ def test_attention_models_fully_tiled_and_compiled(make, example):
     assert "tbn.tiled_linear.default" in ops
     compiled = tbn.compile(converted, x, target="llvm")
     torch.testing.assert_close(torch.as_tensor(compiled(*x)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_tied_to_another_layer_stays_tied():
+    torch.manual_seed(0)
+    mha, fc = nn.MultiheadAttention(E, HEADS, batch_first=True), nn.Linear(E, E)
+    fc.weight = mha.out_proj.weight
+    prepared = tbn.prepare(nn.ModuleDict({"attn": mha, "fc": fc}), CFG)
+    assert prepared["attn"].out_proj.scores is prepared["fc"].scores
+    assert prepared["attn"].out_proj.weight is prepared["fc"].weight
+    assert mha.out_proj.weight is fc.weight  # the user's model is untouched
+    assert isinstance(mha.in_proj_weight, nn.Parameter)
