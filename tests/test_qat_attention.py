@@ -199,3 +199,19 @@ def test_weight_tied_to_another_layer_stays_tied():
     assert prepared["attn"].out_proj.weight is prepared["fc"].weight
     assert mha.out_proj.weight is fc.weight  # the user's model is untouched
     assert isinstance(mha.in_proj_weight, nn.Parameter)
+
+
+def test_encoder_with_padding_mask_takes_no_fast_path():
+    """In eval under no_grad torch's encoder would turn a padded batch into nested
+    tensors and fused kernels reading ``in_proj_weight``; the prepared encoder computes
+    what it computes with autograd on (where those paths are off)."""
+    torch.manual_seed(0)
+    prepared = tbn.prepare(_encoder(), CFG).eval()
+    x = torch.randn(2, 6, E)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, -2:] = True
+    expected = prepared(x, src_key_padding_mask=padding).detach()
+    with torch.no_grad():
+        out = prepared(x, src_key_padding_mask=padding)
+    assert not out.is_nested
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
