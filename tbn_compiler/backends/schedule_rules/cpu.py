@@ -187,7 +187,7 @@ def _serial_below(
     batch 1, times the batch); 1 when its work at batch 1 cannot be counted."""
     try:
         unit = work(at_value(func, batch, 1))
-    except (TypeError, ValueError, tvm.TVMError):  # a batch TVM cannot fix to 1
+    except (TypeError, ValueError, RuntimeError):  # TVM cannot fix this batch to 1
         return 1
     return -(-min_work // unit) if unit > 0 else 1
 
