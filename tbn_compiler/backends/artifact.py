@@ -371,7 +371,9 @@ def _ready_as_is(expected: tuple, inputs: Sequence[Any]) -> bool:
                 return False
             continue
         size = t.shape
-        if len(size) != len(rest) + 1 or size[1:] != rest or (batch or size[0]) != size[0]:
+        if len(size) != len(rest) + 1 or size[1:] != rest:
+            return False
+        if batch is not None and size[0] != batch:
             return False
         batch = size[0]
     return True
