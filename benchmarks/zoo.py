@@ -348,13 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     calls = 5 if args.fast else 20
     rows = []
-    for entry in select(args.only, args.fast):
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        entries = select(args.only, args.fast)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for entry in entries:
         print(f"[zoo] {entry.name} ...", file=sys.stderr, flush=True)
         rows.append(run_model(entry, calls))
-        print(f"[zoo] {entry.name}: {rows[-1].status} {rows[-1].error}", file=sys.stderr)
+        print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        # after each model: an interrupted run keeps what it measured
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     print(table(rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0 if all(r.status in ("ok", "skipped") for r in rows) else 1
 
