@@ -17,20 +17,23 @@ torchvision's wheels on PyPI are CUDA builds: with the CPU torch wheel its C ext
 not load and ``import torchvision`` fails with "operator torchvision::nms does not exist"
 (``torchvision/_meta_registrations.py`` registers fake kernels for detection ops that were
 never defined). Install the matching version without its dependencies, so that pip keeps
-the CPU torch::
+the CPU torch, in a folder of its own (``$TBN_ZOO_SITE``, default ``.venv/zoo-site``)::
 
-    .venv/bin/pip install --no-deps torchvision==0.28.0   # the release paired with torch 2.13
+    .venv/bin/pip install --no-deps --target .venv/zoo-site torchvision==0.28.0  # torch 2.13's
 
-and import it through :func:`import_torchvision_models`, which skips only those
-detection-op registrations. Its classification models are plain torch code and need no
+Not into the venv itself: transformers imports any torchvision it finds, and then fails
+("Could not import module 'BertModel'"). :func:`import_torchvision_models` puts that folder
+on ``sys.path`` and skips only those detection-op registrations. Its classification models are plain torch code and need no
 C op. Missing libraries make their models a "skipped" row. No pretrained weights are used.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -47,6 +50,7 @@ from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "zoo.json"
+ZOO_SITE = Path(os.environ.get("TBN_ZOO_SITE", ROOT / ".venv" / "zoo-site"))
 
 Builder = Callable[[], tuple[torch.nn.Module, tuple]]
 
@@ -62,9 +66,12 @@ def import_torchvision_models() -> types.ModuleType:
     kernels of nms/roi_align/...) is replaced by an empty module before the import; the
     classification models never call those ops. Raises :class:`LibraryMissing` when
     torchvision is not installed."""
+    if importlib.util.find_spec("torchvision") is None and ZOO_SITE.is_dir():
+        sys.path.append(str(ZOO_SITE))
     if importlib.util.find_spec("torchvision") is None:
         raise LibraryMissing(
-            "torchvision is not installed: pip install --no-deps torchvision==0.28.0"
+            f"torchvision is not installed: pip install --no-deps --target {ZOO_SITE} "
+            "torchvision==0.28.0"
         )
     if "torchvision" not in sys.modules and not _torchvision_ops_load():
         name = "torchvision._meta_registrations"
@@ -353,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         entries = select(args.only, args.fast)
     except ValueError as exc:
         parser.error(str(exc))
+    if any(e.library == "torchvision" for e in entries):
+        with contextlib.suppress(LibraryMissing):  # before transformers looks for torchvision
+            import_torchvision_models()
     for entry in entries:
         print(f"[zoo] {entry.name} ...", file=sys.stderr, flush=True)
         rows.append(run_model(entry, calls))
