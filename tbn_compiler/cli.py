@@ -755,9 +755,9 @@ def _input_tensor(arr: np.ndarray, spec: Any, source: str) -> torch.Tensor:
         raise UsageError(
             f"input {spec.name!r} has dtype {spec.dtype}, which numpy files cannot hold"
         )
-    if tuple(arr.shape) != tuple(spec.shape):
+    if not _fits_dims(tuple(arr.shape), tuple(getattr(spec, "dims", spec.shape))):
         raise UsageError(
-            f"input {spec.name!r}: the artifact was compiled for shape {tuple(spec.shape)}, "
+            f"input {spec.name!r}: the artifact takes shape {_dims_label(spec)}, "
             f"{source} holds {tuple(arr.shape)}"
         )
     if _dtype_kind(arr.dtype) != _torch_kind(dtype):
@@ -766,6 +766,18 @@ def _input_tensor(arr: np.ndarray, spec: Any, source: str) -> torch.Tensor:
         )
     # a fresh tensor: numpy's buffer (e.g. inside a .npz) need not be aligned as TVM wants
     return torch.from_numpy(arr).to(dtype, copy=True).contiguous()
+
+
+def _fits_dims(shape: tuple[int, ...], dims: tuple[int | str, ...]) -> bool:
+    """Whether ``shape`` fits an input's dims: a named dim (the batch) takes any size;
+    the module itself checks that inputs sharing a name agree."""
+    return len(shape) == len(dims) and all(
+        isinstance(d, str) or d == n for d, n in zip(dims, shape, strict=True)
+    )
+
+
+def _dims_label(spec: Any) -> str:
+    return "(" + ", ".join(str(d) for d in getattr(spec, "dims", spec.shape)) + ")"
 
 
 def _dtype_kind(dtype: np.dtype) -> str:

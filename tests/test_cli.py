@@ -556,6 +556,23 @@ def test_run_writes_outputs_equal_to_the_artifact_and_reference(llvm_artifact, t
         torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
 
 
+def test_run_takes_another_batch_of_a_dynamic_artifact(llvm_artifact, tmp_path, capsys):
+    artifact, _ = llvm_artifact
+    x = np.random.default_rng(1).standard_normal((7, PROGRAM_EXAMPLE.shape[1]), np.float32)
+    np.save(tmp_path / "x7.npy", x)
+    out = tmp_path / "y7.npz"
+    code, _, err = run_tbnc(
+        capsys, "run", str(artifact), "-i", str(tmp_path / "x7.npy"), "-o", str(out)
+    )
+    assert code == 0, err
+    with np.load(out) as y:
+        got = torch.from_numpy(y["output0"])
+    assert got.shape[0] == 7
+    torch.testing.assert_close(
+        got, reference_mlp()(torch.from_numpy(x)).detach(), rtol=1e-4, atol=1e-5
+    )
+
+
 def test_run_user_errors_are_one_line(llvm_artifact, tmp_path, capsys):
     artifact, _ = llvm_artifact
     shape = tuple(PROGRAM_EXAMPLE.shape)
@@ -573,7 +590,7 @@ def test_run_user_errors_are_one_line(llvm_artifact, tmp_path, capsys):
     (tmp_path / "garbage.tbn").write_bytes(b"PK no artifact")
     good = ("-o", str(tmp_path / "y.npz"))
     cases = [
-        ((str(artifact), "-i", str(tmp_path / "wrong_shape.npy")), "compiled for shape (3, 64)"),
+        ((str(artifact), "-i", str(tmp_path / "wrong_shape.npy")), "takes shape (batch, 64)"),
         ((str(artifact), "-i", str(tmp_path / "ints.npy")), "expected float32 values"),
         ((str(artifact), "-i", str(tmp_path / "two.npz")), "takes 1 input(s) (x: float32[3, 64])"),
         ((str(artifact), "-i", str(tmp_path / "garbage.npy")), "cannot read it as a numpy file"),
