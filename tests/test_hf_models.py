@@ -250,3 +250,28 @@ def test_a_saved_decoder_returns_its_dynamic_cache_in_a_fresh_process(tmp_path: 
     want = [expected.last_hidden_state, *(t for c in cache.layers for t in (c.keys, c.values))]
     for g, e in zip(torch.load(tmp_path / "out.pt"), want, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def _at_batch(inputs: tuple, batch: int, seed: int) -> tuple:
+    """Fresh inputs like ``inputs`` with ``batch`` rows (ids stay in the vocabulary)."""
+    gen = torch.Generator().manual_seed(seed)
+    fresh = []
+    for t in inputs:
+        shape = (batch, *t.shape[1:])
+        if t.dtype.is_floating_point:
+            fresh.append(torch.randn(shape, generator=gen, dtype=t.dtype))
+        else:
+            fresh.append(torch.randint(0, VOCAB, shape, generator=gen, dtype=t.dtype))
+    return tuple(fresh)
+
+
+@pytest.mark.parametrize("family", ["bert", "clip-vision"])
+def test_one_compile_runs_batches_1_3_17_and_keeps_them_after_load(family, tmp_path):
+    _, inputs, _, gm, cm = _compiled(family)
+    loaded = tbn.load(cm.save(tmp_path / f"{family}.tbn"))
+    for batch in (1, 3, 17):
+        fresh = _at_batch(inputs, batch, seed=batch)
+        with torch.no_grad():
+            expected = gm(*fresh)
+        _assert_same_leaves(cm(*fresh), expected)
+        _assert_same_leaves(loaded(*fresh), expected)
