@@ -337,37 +337,13 @@ class ConvGeometry:
         return math.prod(self.weight_shape[1:])
 
 
-def _pad(x: te.Tensor, padding: Sequence[int]) -> te.Tensor:
-    """Zero padding of the spatial dims of ``x (n, c, *spatial)`` (``x`` without padding)."""
-    if not any(padding):
-        return x
-    dims = [int(d) for d in x.shape]
-    shape = dims[:2] + [d + 2 * q for d, q in zip(dims[2:], padding, strict=True)]
-
-    def body(*idx):
-        src = [v - q for v, q in zip(idx[2:], padding, strict=True)]
-        inside = tirx.all(*[tirx.all(v >= 0, v < d) for v, d in zip(src, dims[2:], strict=True)])
-        return tirx.if_then_else(inside, x[(*idx[:2], *src)], tirx.const(0, x.dtype))
-
-    return te.compute(_shape(shape), body, name="xpad")
-
-
-def _unflatten(index, dims: Sequence[int]) -> list:
-    """Row-major multi-index of a flat ``index`` into ``dims``."""
-    idx = []
-    for d in reversed(dims[1:]):
-        idx.append(tirx.floormod(index, d))
-        index = tirx.floordiv(index, d)
-    return [index, *reversed(idx)]
-
-
 def _patches(xp: te.Tensor, geo: ConvGeometry) -> te.Tensor:
     """``patches (n, *out_sp, cin * prod(k))``: the im2col row of every output position;
     column ``t`` is tap ``(c, *k)`` of the flat filter."""
 
     def patch(b, *idx):
         *sp, t = idx
-        c, *taps = _unflatten(t, list(geo.weight_shape[1:]))
+        c, *taps = kernels._unflatten(t, list(geo.weight_shape[1:]))
         at = [o * s + k * d for o, k, s, d in zip(sp, taps, geo.stride, geo.dilation, strict=True)]
         return xp[(b, c, *at)]
 
@@ -393,7 +369,7 @@ def tiled_conv_lut_primfunc(
     filters, row = cout // p, geo.row_len
     ch = chunking(row, max_table_bytes)
     x, tile, alphas, bias = _inputs(geo.x_shape, filters * row, p, cout, has_bias, dtype)
-    small = lut_product(_patches(_pad(x, geo.padding), geo), tile, filters, ch)
+    small = lut_product(_patches(kernels._pad(x, tuple(geo.padding)), geo), tile, filters, ch)
 
     def value(b, co, *sp):
         return _scaled(alphas, small[(b, *sp, tirx.floormod(co, filters))], bias, filters, co)
