@@ -23,6 +23,7 @@ __all__ = [
     "conv_args",
     "conv_module_attrs",
     "conv_patterns",
+    "conv_record",
 ]
 
 aten = torch.ops.aten
@@ -130,28 +131,26 @@ def conv_patterns(spatial: int) -> dict[Any, Matcher]:
     }
 
 
-CONV1D = TileOpRecord(
-    name="tiled_conv1d",
-    float_types=(nn.Conv1d,),
-    qat_type=TiledConv1d,
-    packed_type=PackedConv,
-    function_patterns=conv_patterns(1),
-    module_attrs=conv_module_attrs,
-    op_args=conv_args,
-    relax_converter=CONVERTER,
-    kernel_builder=KERNEL,
-)
+def conv_record(
+    spatial: int, float_type: type[nn.Module], qat_type: type[nn.Module]
+) -> TileOpRecord:
+    """The record of ``tbn::tiled_conv{spatial}d``: every rank shares the packed layer,
+    patterns, argument builder, converter and kernel builder."""
+    return TileOpRecord(
+        name=f"tiled_conv{spatial}d",
+        float_types=(float_type,),
+        qat_type=qat_type,
+        packed_type=PackedConv,
+        function_patterns=conv_patterns(spatial),
+        module_attrs=conv_module_attrs,
+        op_args=conv_args,
+        relax_converter=CONVERTER,
+        kernel_builder=KERNEL,
+    )
+
+
+CONV1D = conv_record(1, nn.Conv1d, TiledConv1d)
 """``tbn::tiled_conv1d``."""
 
-CONV2D = TileOpRecord(
-    name="tiled_conv2d",
-    float_types=(nn.Conv2d,),
-    qat_type=TiledConv2d,
-    packed_type=PackedConv,
-    function_patterns=conv_patterns(2),
-    module_attrs=conv_module_attrs,
-    op_args=conv_args,
-    relax_converter=CONVERTER,
-    kernel_builder=KERNEL,
-)
+CONV2D = conv_record(2, nn.Conv2d, TiledConv2d)
 """``tbn::tiled_conv2d``."""
