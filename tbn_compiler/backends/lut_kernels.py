@@ -45,8 +45,9 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 from tvm.sym import Analyzer
 
-from ..tiling import WORD_BITS, is_aligned, n_words
+from ..tiling import WORD_BITS, is_aligned
 from . import kernels
+from .kernels import _i64, _inputs, _shape, _u32
 
 __all__ = [
     "ENTRIES",
@@ -86,18 +87,6 @@ the arena; a block of at least one chunk is always allowed."""
 _WORD_COST = {"word": 1, "shift": 4, "funnel": 11}  # instructions to read one chunk
 _LOOKUP_COST = 4  # instructions per nibble: extract, address, load, add
 _ROW_COST = 6  # per row and table block: accumulator load and store, loop
-
-
-def _i64(v: int) -> tirx.IntImm:
-    return tirx.IntImm("int64", int(v))
-
-
-def _shape(dims: Sequence[int]) -> list[tirx.IntImm]:
-    return [_i64(d) for d in dims]
-
-
-def _u32(v: int) -> tirx.IntImm:
-    return tirx.const(v, "uint32")
 
 
 # --------------------------------------------------------------------------- chunking
@@ -248,7 +237,6 @@ def lut_chunking(func: tirx.PrimFunc) -> Chunking | None:
 def _finish(
     args: list[te.Tensor], kind: str, ch: Chunking, filter_dims: Sequence[int] = ()
 ) -> tirx.PrimFunc:
-    func = te.create_prim_func(args).without_attr("global_symbol")
     plan = {
         "row_len": ch.row_len,
         "per_chunk": ch.per_chunk,
@@ -256,22 +244,11 @@ def _finish(
         "block": ch.block,
         "filter_dims": [int(d) for d in filter_dims],
     }
-    return func.with_attr(kernels.KERNEL_ATTR, kind).with_attr(LUT_ATTR, plan)
-
-
-def _inputs(
-    x_shape: Sequence[int], length: int, p: int, out_ch: int, has_bias: bool, dtype: str
-) -> tuple[te.Tensor, te.Tensor, te.Tensor, te.Tensor | None]:
-    x = te.placeholder(_shape(x_shape), dtype, name="x")
-    tile = te.placeholder(_shape((n_words(length),)), "uint32", name="tile")
-    alphas = te.placeholder(_shape((p,)), dtype, name="alphas")
-    bias = te.placeholder(_shape((out_ch,)), dtype, name="bias") if has_bias else None
-    return x, tile, alphas, bias
+    return kernels._finish(args, kind).with_attr(LUT_ATTR, plan)
 
 
 def _scaled(alphas, small_value, bias, rows: int, ch) -> tirx.Expr:
-    v = alphas[tirx.floordiv(ch, rows)] * small_value
-    return v if bias is None else v + bias[ch]
+    return kernels._add_bias(alphas[tirx.floordiv(ch, rows)] * small_value, bias, ch)
 
 
 def tiled_linear_lut_primfunc(
