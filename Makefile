@@ -3,6 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
+# The model zoo's libraries (benchmarks/zoo.py, tests/test_zoo.py), without their dependencies:
+# torchvision's PyPI wheel is a CUDA build that would replace the CPU torch, so it goes to a
+# folder of its own that only the zoo puts on sys.path (transformers breaks on it in the venv).
+TORCHVISION_VERSION := 0.28.0
+TIMM_VERSION := 1.0.31
+ZOO_SITE := $(VENV)/zoo-site
 STAMP := $(VENV)/.tbn-setup-stamp
 APT_PACKAGES := gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
 
@@ -16,6 +22,8 @@ $(STAMP): pyproject.toml
 	# The CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[tvm,dev]'
+	$(PIP) install -q --no-deps timm==$(TIMM_VERSION)
+	$(PIP) install -q --no-deps --upgrade --target $(ZOO_SITE) torchvision==$(TORCHVISION_VERSION)
 	touch $(STAMP)
 
 # Cortex-M toolchain and emulator (Debian packages); installed only as root, skipped otherwise.
