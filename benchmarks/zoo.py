@@ -12,7 +12,9 @@ error, never a crash. Prints a table and writes ``benchmarks/results/zoo.json``.
     .venv/bin/python benchmarks/zoo.py --fast          # no heavy models, fewer timing calls
     .venv/bin/python benchmarks/zoo.py --only resnet18 --only tv-vit-small
 
-Optional libraries: ``pip install -e '.[zoo]'`` brings timm (pure Python, only needs torch).
+Optional libraries, both installed by ``make setup``: timm (pure Python), installed with
+``pip install --no-deps timm`` because its ``torchvision`` requirement would bring the wheel below
+into the venv.
 torchvision's wheels on PyPI are CUDA builds: with the CPU torch wheel its C extension does
 not load and ``import torchvision`` fails with "operator torchvision::nms does not exist"
 (``torchvision/_meta_registrations.py`` registers fake kernels for detection ops that were
@@ -94,7 +96,7 @@ def _torchvision_ops_load() -> bool:
 
 def _timm() -> types.ModuleType:
     if importlib.util.find_spec("timm") is None:
-        raise LibraryMissing("timm is not installed: pip install -e '.[zoo]'")
+        raise LibraryMissing("timm is not installed: pip install --no-deps timm")
     return importlib.import_module("timm")
 
 
