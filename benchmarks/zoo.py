@@ -95,8 +95,10 @@ def _torchvision_ops_load() -> bool:
 
 
 def _timm() -> types.ModuleType:
+    """timm, imported after torchvision (timm's layers import ``torchvision.ops``)."""
     if importlib.util.find_spec("timm") is None:
         raise LibraryMissing("timm is not installed: pip install --no-deps timm")
+    import_torchvision_models()
     return importlib.import_module("timm")
 
 
