@@ -105,6 +105,7 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
 _MESSAGE_LIMIT = 800  # characters of an error message shown on the one line
 ARTIFACT_SUFFIX = ".tbn"
 PROGRAM_SUFFIX = ".pt2"
@@ -1163,6 +1164,9 @@ def run_reporting_errors(fn: Callable[[argparse.Namespace], int], args: argparse
     except KeyboardInterrupt:
         _report(args, "tbnc: interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `tbnc targets | head`: the reader has all it wanted
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except user_error_types() as e:
         _report(args, f"tbnc: error: {_one_line(str(e) or type(e).__name__)}")
         return EXIT_USAGE
@@ -1172,6 +1176,18 @@ def run_reporting_errors(fn: Callable[[argparse.Namespace], int], args: argparse
             f"tbnc: internal error: {_one_line(_describe(e))} (run with --debug for the traceback)",
         )
         return EXIT_INTERNAL
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe does
+    not print a second BrokenPipeError at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout replaced by an object without a descriptor
+        pass
+    finally:
+        os.close(devnull)
 
 
 @contextlib.contextmanager

@@ -444,6 +444,20 @@ def test_console_script_prints_one_line_and_exits_2():
     assert_one_error_line(proc.stderr, "MLP cannot run on --shape 3,65", "3x65")
 
 
+def test_closed_stdout_pipe_is_silent():
+    """`tbnc targets | head -1`: a reader that goes away ends tbnc quietly with the
+    shell's SIGPIPE status, not an error line."""
+    if not TBNC.exists():
+        pytest.skip(f"console script not installed at {TBNC}")
+    proc = subprocess.Popen(
+        [str(TBNC), "targets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=TESTS
+    )
+    proc.stdout.close()  # no reader left: tbnc's first write meets a broken pipe
+    _, err = proc.communicate(timeout=120)
+    assert err.decode() == ""
+    assert proc.returncode == 141
+
+
 @pytest.mark.parametrize(
     ("module_name", "class_name"),
     [
