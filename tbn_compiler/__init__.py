@@ -37,6 +37,7 @@ _LAZY = {
     "InputError": "tbn_compiler.backends.artifact",
     "Tuning": "tbn_compiler.backends.tuning",
     "ValidationError": "tbn_compiler.backends.validate",
+    "TBNFallbackWarning": "tbn_compiler.backends.torch_backend",
 }
 
 

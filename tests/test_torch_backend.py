@@ -16,7 +16,8 @@ from torch import nn
 pytest.importorskip("tvm")
 
 import tbn_compiler as tbn  # noqa: E402
-from tbn_compiler.backends.torch_backend import TBNFallbackWarning, source_tokens  # noqa: E402
+from tbn_compiler import TBNFallbackWarning  # noqa: E402  (the public name)
+from tbn_compiler.backends.torch_backend import source_tokens  # noqa: E402
 
 CFG = tbn.TBNConfig(p=4, min_numel=0)
 
