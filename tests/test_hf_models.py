@@ -48,8 +48,16 @@ def _decoder_sizes() -> dict:
     }
 
 
+def _special_ids() -> dict[str, int]:
+    """bos/eos ids inside the small vocabulary (the defaults, 50256 and 32000, lie outside
+    it and transformers logs a line for each); they do not change the forward pass."""
+    return {"bos_token_id": 1, "eos_token_id": 2}
+
+
 def gpt2(lm_head: bool) -> tuple[torch.nn.Module, tuple]:
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, **_special_ids()
+    )
     cls = transformers.GPT2LMHeadModel if lm_head else transformers.GPT2Model
     return cls(cfg), (_ids(),)
 
@@ -69,7 +77,7 @@ def mistral() -> tuple[torch.nn.Module, tuple]:
 
 def phi3() -> tuple[torch.nn.Module, tuple]:
     # the default pad id (32000) must lie inside this small vocabulary
-    cfg = transformers.Phi3Config(**_decoder_sizes(), pad_token_id=0)
+    cfg = transformers.Phi3Config(**_decoder_sizes(), pad_token_id=0, **_special_ids())
     return transformers.Phi3ForCausalLM(cfg), (_ids(),)
 
 
