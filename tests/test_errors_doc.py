@@ -219,6 +219,27 @@ def _no_gpu() -> None:
     _needs("nvcc")
 
 
+def _qat_model() -> nn.Module:
+    return tbn.prepare(_linear(), tbn.TBNConfig(p=4, min_numel=0))
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(X, torch.tensor([0, 1]))]
+
+
+def _fit(loader: object = None, **kwargs: object) -> object:
+    """``qat.fit`` of a prepared model; the model's weights must not change on an error."""
+    model = _qat_model()
+    data = _batches() if loader is None else loader
+    return _unchanged(model, lambda: tbn.qat.fit(model, data, epochs=1, progress=False, **kwargs))()
+
+
+def _torch_compiled(options: dict) -> object:
+    compiled = torch.compile(_linear(), backend="tbn", options=options)
+    with torch.no_grad():
+        return compiled(X)
+
+
 TRIGGERS: dict[str, Callable[[Path], object]] = {
     "model-not-module": lambda tmp: tbn.rewrite(lambda x: x, X),
     "prepare-not-module": lambda tmp: tbn.prepare(lambda x: x),
@@ -257,6 +278,14 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "op-unsupported": lambda tmp: tbn.compile(_FFT(), torch.randn(2, 8)),
     "cuda-no-gpu": lambda tmp: (_no_gpu(), _cuda_module()(X)),
     "cuda-load-no-gpu": lambda tmp: (_no_gpu(), tbn.load(_cuda_module().save(tmp / "c.tbn"))),
+    "qat-no-teacher": lambda tmp: _fit(alpha=0.5),
+    "qat-loader-len": lambda tmp: _fit(loader=(b for b in _batches())),
+    "qat-empty-loader": lambda tmp: _fit(loader=[]),
+    "tuning-rpc-form": lambda tmp: tbn.Tuning(rpc="127.0.0.1:9190"),
+    "tuning-rpc-unreachable": lambda tmp: tbn.compile(
+        _linear(), X, tune=tbn.Tuning(trials=1, rpc="127.0.0.1:1:cpu", progress=False)
+    ),
+    "torch-compile-option": lambda tmp: _torch_compiled(options={"p": 4}),
     "cm-multi-output": lambda tmp: tbn.compile(_TwoOutputs().eval(), X, target="mps2-an386"),
     "cm-input": lambda tmp: (_needs("arm-none-eabi-gcc"), _cortex_m()(X.double())),
     "cm-not-emulated": lambda tmp: (_needs("arm-none-eabi-gcc"), _cortex_m("stm32f746g-disco")(X)),
