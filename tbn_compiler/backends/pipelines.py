@@ -45,6 +45,7 @@ from . import schedule_rules
 __all__ = [
     "CPU_LEGALIZATIONS",
     "INDEX_ERROR_FN",
+    "MCU_LEGALIZATIONS",
     "apply_tuning_database",
     "checked_take",
     "cortex_m",
@@ -64,6 +65,7 @@ __all__ = [
     "prepare_for_tuning",
     "schedule_for_mcu",
     "schedule_kernels",
+    "serial_scan",
     "tuned",
 ]
 
@@ -142,11 +144,14 @@ def lower_and_finalize(target: Target) -> Stage:
 
 def legalize_for_inference() -> Stage:
     """BatchNorm decomposed for inference, every operator legalized to TIR (``take`` by
-    :func:`checked_take`), TIR patterns annotated, constants folded."""
+    :func:`checked_take`, ``cumsum``/``cumprod`` by :func:`serial_scan`: TVM leaves them
+    to a library dispatch with parallel loops), TIR patterns annotated, constants folded:
+    every call whose arguments are all constants (position ids, causal masks, a
+    ``cumsum`` over them) is computed at build time and becomes a constant."""
     return [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
-        relax.transform.LegalizeOps({"relax.take": _legalize_take}),
+        relax.transform.LegalizeOps(MCU_LEGALIZATIONS),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
     ]
@@ -351,6 +356,58 @@ def _legalize_take(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return bb.call_te(checked_take, call.args[0], call.args[1], axis, primfunc_name_hint="take")
 
 
+# --------------------------------------------------------------------------- scans
+
+
+def serial_scan(
+    data: te.Tensor, axis: int | None, dtype: str | None, exclusive: bool, product: bool
+) -> te.Tensor:
+    """``cumsum`` (or with ``product`` ``cumprod``) of ``data`` along ``axis`` (None: over
+    the flattened tensor) in ``dtype`` (None: the input's), as one plain reduction per
+    element: ``out[.., k, ..] = sum(x[.., r, ..] for r <= k)`` (``r < k`` when
+    ``exclusive``), the terms added in order from ``r = 0`` like a sequential scan, so
+    float results are torch's. Quadratic in the scanned length: meant for what reaches a
+    microcontroller (position ids and masks over a short sequence, mostly constants that
+    are folded at build time)."""
+    dtype = dtype or data.dtype
+    if axis is None:
+        data = topi.reshape(data, (math.prod(int(d) for d in data.shape),))
+        axis = 0
+    axis = axis % len(data.shape)
+    n = data.shape[axis]
+    r = te.reduce_axis((0, n), name="r")
+    identity = tirx.const(1 if product else 0, dtype)
+
+    def element(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+        k = i[axis]
+        inside = r < k if exclusive else r <= k
+        value = data[(*i[:axis], r, *i[axis + 1 :])].astype(dtype)
+        term = tirx.Select(inside, value, identity)
+        if product:
+            return te.comm_reducer(lambda a, b: a * b, lambda t: tirx.const(1, t))(term, axis=r)
+        return te.sum(term, axis=r)
+
+    return te.compute(data.shape, element, name="cumprod" if product else "cumsum")
+
+
+def _legalize_scan(product: bool) -> Callable[[relax.BlockBuilder, relax.Call], relax.Expr]:
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        attrs = call.attrs
+        axis = None if attrs.axis is None else int(attrs.axis)
+        dtype = str(attrs.dtype) if attrs.dtype is not None and str(attrs.dtype) else None
+        return bb.call_te(
+            serial_scan,
+            call.args[0],
+            axis,
+            dtype,
+            bool(attrs.exclusive),
+            product,
+            primfunc_name_hint="cumprod" if product else "cumsum",
+        )
+
+    return legalize
+
+
 # --------------------------------------------------------------------------- CPU softmax
 
 
@@ -401,6 +458,13 @@ def _legalize_attention(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 _TVM_LEGALIZE_ATTENTION = tvm.ir.Op.get("relax.nn.attention").get_attr("FLegalize")
+
+MCU_LEGALIZATIONS = {
+    "relax.take": _legalize_take,
+    "relax.cumsum": _legalize_scan(product=False),
+    "relax.cumprod": _legalize_scan(product=True),
+}
+"""Legalizations of the Cortex-M pipeline that replace TVM's (or add what it has none of)."""
 
 CPU_LEGALIZATIONS = {
     "relax.nn.softmax": _legalize_softmax,

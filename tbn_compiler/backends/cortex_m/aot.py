@@ -12,8 +12,13 @@ tuple projections are accepted) and returns a :class:`Plan`:
   not overlap share memory. A kernel's workspace (intermediates over 1 KiB inside the
   kernel) is a buffer live during that call only.
 
-The model has one float32 input and one float32 output; the output of the last call is
-written straight into the caller's ``output`` and the input is read in place.
+Inputs and outputs (:class:`Port`: shape and dtype, any dtype with a C type: float32,
+int32, int64 token ids, bool masks, ...) are the caller's memory: ``main``'s parameters are
+read in place (``Ref("input", i)``) and each output tensor is written straight into the
+caller's output ``k`` (``Ref("output", k)``) by the call that computes it (later calls
+read it back from there). An output that no call computes (an input or a constant
+returned as is) or that repeats another output is copied into place after the last call
+(``Plan.copies``).
 """
 
 from __future__ import annotations
@@ -25,9 +30,19 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .c_kernels import WS_ALIGN
+from .c_kernels import C_TYPES, WS_ALIGN
 
-__all__ = ["AotError", "Ref", "Step", "Const", "Buffer", "Plan", "plan_main", "plan_arena"]
+__all__ = [
+    "AotError",
+    "Ref",
+    "Port",
+    "Step",
+    "Const",
+    "Buffer",
+    "Plan",
+    "plan_main",
+    "plan_arena",
+]
 
 
 class AotError(RuntimeError):
@@ -40,6 +55,23 @@ class Ref:
 
     kind: str
     index: int = 0
+
+
+@dataclass(frozen=True)
+class Port:
+    """A model input or output: static shape and dtype (TVM's name: "float32", "int64")."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        """Elements."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.shape, self.dtype)
 
 
 @dataclass
@@ -82,8 +114,10 @@ class Plan:
     constants: list[Const] = field(default_factory=list)
     buffers: list[Buffer] = field(default_factory=list)
     arena_bytes: int = 0
-    input_shape: tuple[int, ...] = ()
-    output_shape: tuple[int, ...] = ()
+    inputs: list[Port] = field(default_factory=list)
+    outputs: list[Port] = field(default_factory=list)
+    copies: list[tuple[int, Ref]] = field(default_factory=list)
+    """(output index, source) copied after the last call: outputs no call writes."""
 
 
 def _tensor_info(ty: relax.TensorType | object, what: str) -> tuple[tuple[int, ...], str]:
@@ -107,19 +141,29 @@ def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
     return math.prod(shape) * tvm.DataType(dtype).bits // 8
 
 
+def _port(ty: object, what: str) -> Port:
+    """The :class:`Port` of a model input or output; :class:`AotError` for a dynamic shape
+    or a dtype C has no type for."""
+    if not isinstance(ty, relax.TensorType):
+        raise AotError(f"{what} must be a tensor, got {ty}")
+    shape, dtype = _tensor_info(ty, what)
+    if dtype not in C_TYPES:
+        raise AotError(
+            f"{what} has dtype {dtype}, which the Cortex-M entry point cannot pass "
+            f"(supported: {', '.join(C_TYPES)})"
+        )
+    return Port(shape, dtype)
+
+
 class _Walker:
     """State while walking the bindings of ``main``."""
 
     def __init__(self, main: relax.Function) -> None:
-        if len(main.params) != 1:
-            raise AotError(
-                f"the Cortex-M backend takes exactly one input, the model has {len(main.params)}"
-            )
         self.plan = Plan()
-        self.plan.input_shape, dtype = _tensor_info(main.params[0].ty, "the model input")
-        if dtype != "float32":
-            raise AotError(f"the model input must be float32, got {dtype}")
-        self.env: dict[relax.Var, Ref | list[Ref]] = {main.params[0]: Ref("input")}
+        self.env: dict[relax.Var, Ref | list[Ref]] = {}
+        for i, param in enumerate(main.params):
+            self.plan.inputs.append(_port(param.ty, f"model input {i} ({param.name})"))
+            self.env[param] = Ref("input", i)
         self.const_ids: dict[int, int] = {}
         self.kernel_names: dict[str, str] = {}
 
@@ -129,7 +173,7 @@ class _Walker:
         if isinstance(expr, relax.Var) and expr in self.env:
             ref = self.env[expr]
             if isinstance(ref, list):
-                raise AotError(f"a tuple value {expr.name_hint} is passed to a kernel")
+                raise AotError(f"a tuple value {expr.name} is passed to a kernel")
             if ref.kind == "buffer":
                 self.plan.buffers[ref.index].last = step
             return ref
@@ -181,21 +225,68 @@ class _Walker:
         elif isinstance(value, relax.TupleGetItem):
             outs = self.env[value.tuple_value]
             if not isinstance(outs, list):
-                raise AotError(f"tuple projection of a non-tuple {value.tuple_value.name_hint}")
+                raise AotError(f"tuple projection of a non-tuple {value.tuple_value.name}")
             self.env[var] = outs[value.index]
         elif isinstance(value, tvm.ir.Constant):
             self.env[var] = self.const(value)
+        elif isinstance(value, relax.Tuple):
+            self.env[var] = [self.leaf(f) for f in value.fields]
         else:
-            raise AotError(f"op left after legalization cannot run on a microcontroller: {value}")
+            raise AotError(_left_op_message(value))
+
+    def leaf(self, expr: relax.Expr) -> Ref:
+        """The tensor ``expr`` (a variable bound to a tensor, or a constant) as a model
+        output; nested tuples are refused."""
+        if isinstance(expr, tvm.ir.Constant):
+            return self.const(expr)
+        ref = self.env.get(expr) if isinstance(expr, relax.Var) else None
+        if not isinstance(ref, Ref):
+            raise AotError(f"the model returns a nested tuple or an unknown value: {expr}")
+        return ref
+
+    def results(self, result: relax.Expr) -> list[Ref]:
+        """The model outputs, flat, in order."""
+        if isinstance(result, relax.Tuple):
+            return [self.leaf(f) for f in result.fields]
+        if isinstance(result, relax.Var) and isinstance(self.env.get(result), list):
+            return list(self.env[result])
+        return [self.leaf(result)]
 
 
-def _redirect_output(plan: Plan, out: Ref) -> None:
-    """Make the producer of the output buffer write into ``output`` directly."""
-    if out.kind != "buffer":
-        raise AotError("the model output must be computed by a kernel (not an input or constant)")
-    for step in plan.steps:
-        step.args = [Ref("output") if a == out else a for a in step.args]
-    plan.buffers[out.index].nbytes = 0
+def _left_op_message(value: relax.Expr) -> str:
+    """What :class:`AotError` says about an operator left in ``main`` after legalization
+    and constant folding: its name, and whether its inputs are constants."""
+    op = getattr(getattr(value, "op", None), "name", None)
+    if op is None:
+        return (
+            f"a value left in the model after legalization cannot run on a microcontroller: {value}"
+        )
+    args = list(getattr(value, "args", []))
+    consts = all(isinstance(a, tvm.ir.Constant) for a in args)
+    where = (
+        "its inputs are constants, yet it was not folded"
+        if consts
+        else "it depends on the model inputs"
+    )
+    return (
+        f"operator {op} has no C lowering for Cortex-M ({where}): {value}. Keep the op off "
+        "the microcontroller (compute it in the caller and pass it as an input), or "
+        "compile for 'llvm'"
+    )
+
+
+def _redirect_outputs(plan: Plan, outs: list[Ref]) -> None:
+    """Make the producer of each output buffer write into the caller's output directly;
+    outputs no call writes (inputs, constants, a buffer already returned) are copied."""
+    placed: dict[Ref, Ref] = {}
+    for k, out in enumerate(outs):
+        if out.kind != "buffer" or out in placed:
+            plan.copies.append((k, placed.get(out, out)))
+            continue
+        placed[out] = Ref("output", k)
+        for step in plan.steps:
+            step.args = [placed[out] if a == out else a for a in step.args]
+        plan.buffers[out.index].nbytes = 0
 
 
 def plan_arena(buffers: list[Buffer]) -> int:
@@ -232,16 +323,13 @@ def plan_main(mod: tvm.IRModule, workspace: dict[str, int]) -> Plan:
         for binding in block.bindings:
             walker.bind(binding)
     result = body.body
-    if not isinstance(result, relax.Var) or result not in walker.env:
-        raise AotError(f"the model must return one tensor, got {type(result).__name__}")
-    out = walker.env[result]
-    if isinstance(out, list):
-        raise AotError(f"the Cortex-M backend returns one tensor, the model returns {len(out)}")
+    outs = walker.results(result)
+    types = list(result.ty.fields) if isinstance(result.ty, relax.TupleType) else [result.ty]
     plan = walker.plan
-    plan.output_shape, dtype = _tensor_info(result.ty, "the model output")
-    if dtype != "float32":
-        raise AotError(f"the model output must be float32, got {dtype}")
-    _redirect_output(plan, out)
+    plan.outputs = [_port(t, f"model output {k}") for k, t in enumerate(types)]
+    if len(plan.outputs) != len(outs):
+        raise AotError(f"the model returns {len(outs)} tensors, its type says {len(types)}")
+    _redirect_outputs(plan, outs)
     for i, step in enumerate(plan.steps):
         nbytes = workspace.get(step.kernel, 0)
         if nbytes:

@@ -35,6 +35,7 @@ from tvm import tirx
 from ..pipelines import INDEX_ERROR_FN
 
 __all__ = [
+    "C_TYPES",
     "WS_ALIGN",
     "CFile",
     "CKernel",
@@ -46,7 +47,7 @@ __all__ = [
 WS_ALIGN = 8
 """Alignment (bytes) of every workspace block and arena buffer."""
 
-_C_TYPES = {
+C_TYPES = {  # tensor dtype -> C element type
     "float32": "float",
     "float64": "double",
     "int8": "int8_t",
@@ -67,7 +68,7 @@ _NONFINITE_CALLS = {  # dtype -> (infinity, NaN): functions of the support code
 
 def c_type(dtype: str) -> str:
     """The C type of a tensor element of ``dtype``; :class:`TypeError` if there is none."""
-    ctype = _C_TYPES.get(str(dtype))
+    ctype = C_TYPES.get(str(dtype))
     if ctype is None:
         raise TypeError(f"dtype {dtype} has no C type in the Cortex-M backend")
     return ctype

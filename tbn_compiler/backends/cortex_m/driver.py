@@ -114,11 +114,18 @@ class GeneratedProgram:
     lines: list[dict[str, list[int]]]
 
 
-def generate_sources(mod: tvm.IRModule, name: str) -> GeneratedProgram:
+def generate_sources(
+    mod: tvm.IRModule,
+    name: str,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+) -> GeneratedProgram:
     """The four C files (``include/tbn_model.h``, ``src/tbn_kernels.{h,c}``,
     ``src/tbn_model.c``) for an imported Relax module, the plan behind them and where each
     step's code is. The kernels' parameters, workspace and failure paths come from their
-    TIR (:func:`.c_kernels.c_kernels`), not from the C text."""
+    TIR (:func:`.c_kernels.c_kernels`), not from the C text. ``input_names`` /
+    ``output_names``: the model's names of its tensors, for the header (default: the
+    Relax parameters' names and ``output<k>``)."""
     mod = pipelines.cortex_m()(mod)
     draft = aot.plan_main(mod, {})
     funcs: dict[str, Any] = {}
@@ -130,8 +137,10 @@ def generate_sources(mod: tvm.IRModule, name: str) -> GeneratedProgram:
     kernels_c = c_kernels.kernels_c_file(kernels.values())
     model_c = emit.model_source(plan, kernels)
     weights = sum(c.nbytes for c in plan.constants)
+    if input_names is None:
+        input_names = [p.name for p in mod["main"].params]
     sources = {
-        "include/tbn_model.h": emit.model_header(plan, name, weights),
+        "include/tbn_model.h": emit.model_header(plan, name, weights, input_names, output_names),
         "src/tbn_kernels.h": header.text,
         "src/tbn_kernels.c": kernels_c.text,
         "src/tbn_model.c": model_c.text,
@@ -159,13 +168,13 @@ def compile_graph_cortex_m(
     if spec.kind != "cortex-m" or spec.board is None:
         raise ValueError(f"target {spec.name!r} is not a Cortex-M board or CPU preset")
     imported = import_graph(gm, inputs)
-    if len(imported.inputs) != 1 or len(imported.outputs) != 1:
-        raise aot.AotError(
-            f"the Cortex-M backend takes one input and one output tensor, the model has "
-            f"{len(imported.inputs)} and {len(imported.outputs)}"
-        )
     name = type(gm).__name__
-    program = generate_sources(imported.mod, name)
+    program = generate_sources(
+        imported.mod,
+        name,
+        [s.name for s in imported.inputs],
+        [s.name for s in imported.outputs],
+    )
     plan = program.plan
     layers = _step_layers(plan, gm)
     info = ModelInfo(
@@ -177,6 +186,7 @@ def compile_graph_cortex_m(
         report,
         step_table(plan, layers, program.lines),
         output_tree(gm, inputs),
+        imported.index_checks,
     )
     cm = CortexMModule(spec, program.sources, info)
     try:

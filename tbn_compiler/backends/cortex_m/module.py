@@ -14,8 +14,10 @@
   ``memset`` not counted; None when a frame is unbounded), ``per_layer`` (weight bytes per
   kernel call and its model layer), board limits, and for emulated boards the whole
   firmware image (``firmware_*``, harness included).
-* ``cm(x)``: builds the firmware once, runs it in QEMU, returns a torch tensor;
-  ``cm.last_run`` holds ``instructions``, ``ticks``, ``wall_s`` and ``machine`` of the
+* ``cm(*inputs)``: checks the inputs against the compiled signature (count, shape, dtype:
+  :class:`..protocol.InputError` naming the input) and ids given as inputs against the
+  embeddings they index (the ``IndexError`` torch raises, before any run), builds the
+  firmware once, runs it in QEMU and returns what the model returns; ``cm.last_run`` holds ``instructions``, ``ticks``, ``wall_s`` and ``machine`` of the
   latest finished run. Thread-safe: one lock guards the private build directory, the
   lazy build and the memory report; QEMU runs proceed in parallel, each in its own
   working directory. ``cm.close()`` must not race with calls in flight.
@@ -30,21 +32,24 @@
 
   - ``metadata.json``: ``format``, ``format_version``, ``versions``, ``target`` (the
     :class:`TargetSpec` dict, kind ``"cortex-m"``, board included), ``inputs`` /
-    ``outputs`` (name, shape, dtype), ``output_tree`` (:class:`~tbn_compiler.capture.OutputTree`
+    ``outputs`` (name, shape, dtype), ``index_checks`` (see
+    :func:`..relax_import.index_input_checks`; absent in older files), ``output_tree`` (:class:`~tbn_compiler.capture.OutputTree`
     JSON or null), ``report`` (text or null), ``weights_bytes``, ``arena_bytes``,
     ``per_layer``, ``steps`` and ``sources`` (the member names below);
   - ``sources/include/tbn_model.h``, ``sources/src/tbn_kernels.h``,
     ``sources/src/tbn_kernels.c``, ``sources/src/tbn_model.c``: the generated C (the
     build files and harness are regenerated for the board).
 
-``cm(x)`` returns what the model returns: the output tensor inside the model's output
-structure (a dict, nested tuples, a named tuple) when the module knows it.
+``cm(*inputs)`` returns what the model returns: its output tensors inside the model's
+output structure (a dict, nested tuples, a named tuple, a Hugging Face output with its
+key/value cache) when the module knows it, else the one tensor or a tuple of them.
+Inputs travel to the board in their own dtype (token ids as ``int64_t``, see
+:mod:`.emit`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import tempfile
@@ -61,7 +66,7 @@ from ...capture import OutputTree
 from ...targets import TargetSpec, resolve_target
 from ..archive import ArtifactError, package_versions, read_archive, write_archive
 from ..protocol import FORMAT_NAME, FORMAT_VERSION, InputError
-from ..relax_import import TensorSpec
+from ..specs import TensorSpec, check_index_inputs, shape_mismatch
 from . import check, qemu, toolchain
 from .project import project_files
 
@@ -95,7 +100,9 @@ def check_fit(spec: TargetSpec, flash_bytes: int, ram_bytes: int, what: str) -> 
 @dataclasses.dataclass
 class ModelInfo:
     """What the generated program computes: I/O specs, per-layer and total weight bytes,
-    and ``steps``, one row per kernel call (see :func:`.driver.step_table`)."""
+    ``steps``, one row per kernel call (see :func:`.driver.step_table`), the output
+    structure and ``index_checks``, the id ranges of inputs that index embeddings
+    (:func:`..relax_import.index_input_checks`)."""
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -105,6 +112,7 @@ class ModelInfo:
     report: Any = None
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     output_tree: OutputTree | None = None
+    index_checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         tree = self.output_tree
@@ -124,7 +132,7 @@ class CortexMModule:
         self.spec = spec
         self.sources = dict(sources)
         self.info = info
-        self.files = project_files(spec.board, self.sources)
+        self.files = project_files(spec.board, self.sources, len(info.inputs), len(info.outputs))
         self.last_run: dict[str, Any] | None = None
         self._lock = threading.RLock()
         self._dir: Path | None = None
@@ -302,21 +310,23 @@ class CortexMModule:
         )
 
     def __call__(self, *args: torch.Tensor) -> Any:
-        """Run one inference in QEMU; ``args`` must match the example inputs' shapes.
-        :class:`.qemu.KernelError` when a kernel met invalid data (e.g. an embedding id
-        computed in the graph is out of range), naming the step and its layer."""
+        """Run one inference in QEMU on inputs of the example inputs' shapes and dtypes
+        (see module doc). :class:`.qemu.KernelError` when a kernel met invalid data (e.g.
+        an embedding id computed in the graph is out of range), naming the step and its
+        layer."""
         if self.spec.board.qemu_machine is None:
             raise NotEmulatedError(self._not_emulated())
-        x = self._check_input(args)
+        xs = self._check_inputs(args)
         with self._lock:
             self.memory  # noqa: B018  (builds the firmware and checks that the model fits)
             elf = self.build(firmware=True) / "firmware.elf"
-        spec = self.info.outputs[0]
-        res = self._run(elf, x)
+        res = self._run(elf, xs)
         with self._lock:
             self.last_run = res.to_dict()
-        y = torch.from_numpy(res.output.copy()).reshape(spec.shape)
-        return y if self.output_tree is None else self.output_tree.unflatten([y])
+        ys = [torch.from_numpy(y.copy()) for y in res.outputs]
+        if self.output_tree is not None:
+            return self.output_tree.unflatten(ys)
+        return ys[0] if len(ys) == 1 else tuple(ys)
 
     def profile(self, *args: torch.Tensor) -> list[dict[str, Any]]:
         """Instructions of each kernel call for one inference on ``args`` (emulated boards
@@ -328,15 +338,15 @@ class CortexMModule:
         but for the entry point's glue (a few instructions per step)."""
         if self.spec.board.qemu_machine is None:
             raise NotEmulatedError(self._not_emulated())
-        x = self._check_input(args)
+        xs = self._check_inputs(args)
         with self._lock:
             self.memory  # noqa: B018  (builds the firmware and checks that the model fits)
             plain_elf = self.build(firmware=True) / "firmware.elf"
             profile_elf = self.build(profile=True) / "profile" / "firmware.elf"
-        plain, profiled = self._run(plain_elf, x), self._run(profile_elf, x)
+        plain, profiled = self._run(plain_elf, xs), self._run(profile_elf, xs)
         if profiled.step_instructions is None:
             raise qemu.RunError(f"board {self.spec.name!r} has no timer to profile the steps with")
-        if not np.array_equal(plain.output.view(np.uint32), profiled.output.view(np.uint32)):
+        if not plain.same_bits(profiled):
             raise qemu.RunError("the profiling firmware computed other outputs than the model")
         keys = ("step", "kernel", "func", "layer")
         rows = [
@@ -347,12 +357,12 @@ class CortexMModule:
             self.last_run = {**plain.to_dict(), "steps": rows}
         return rows
 
-    def _run(self, elf: Path, x: np.ndarray) -> qemu.RunResult:
-        """One QEMU run of ``elf`` on ``x`` (a kernel error described in model terms)."""
+    def _run(self, elf: Path, xs: list[np.ndarray]) -> qemu.RunResult:
+        """One QEMU run of ``elf`` on ``xs`` (a kernel error described in model terms)."""
         board = self.spec.board
-        n_out = math.prod(self.info.outputs[0].shape)
+        outs = [(s.shape, _numpy_dtype(s)) for s in self.info.outputs]
         try:
-            return qemu.run_firmware(elf, board.qemu_machine, board.cpu, x, n_out)
+            return qemu.run_firmware(elf, board.qemu_machine, board.cpu, xs, outs)
         except qemu.KernelError as exc:
             raise self._kernel_error(exc) from None
 
@@ -375,18 +385,33 @@ class CortexMModule:
             exc.detail,
         )
 
-    def _check_input(self, args: tuple[torch.Tensor, ...]) -> np.ndarray:
-        if len(args) != len(self.inputs):
-            raise InputError(f"expected {len(self.inputs)} input(s), got {len(args)}")
-        x, spec = args[0], self.inputs[0]
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if tuple(x.shape) != spec.shape or x.dtype != torch.float32:
-            raise InputError(
-                f"input must be float32 of shape {spec.shape} (compiled shape), "
-                f"got {x.dtype} {tuple(x.shape)}"
-            )
-        return x.detach().cpu().contiguous().numpy()
+    def _check_inputs(self, args: tuple[Any, ...]) -> list[np.ndarray]:
+        """The inputs as numpy arrays for the firmware; :class:`InputError` naming the
+        first input whose count, type, shape or dtype differs from the compiled signature
+        (Cortex-M builds are static: one arena for the example's shapes), the exception
+        torch raises for an id out of its embedding's range."""
+        specs = self.inputs
+        if len(args) != len(specs):
+            names = ", ".join(s.name for s in specs)
+            raise InputError(f"expected {len(specs)} input(s) ({names}), got {len(args)}")
+        for spec, x in zip(specs, args, strict=True):
+            if not isinstance(x, torch.Tensor):
+                raise InputError(
+                    f"input {spec.name!r}: expected a torch.Tensor, got {type(x).__name__}"
+                )
+            problem = shape_mismatch(spec, x.shape, {})
+            if problem is not None:
+                raise InputError(f"{problem} (Cortex-M builds are static: compiled shapes only)")
+            dtype = str(x.dtype).removeprefix("torch.")
+            if dtype != spec.dtype:
+                raise InputError(
+                    f"input {spec.name!r}: expected dtype {spec.dtype}, got {dtype} "
+                    f"(shape {spec.signature})"
+                )
+        if self.info.index_checks:
+            named = {s.name: t.detach().cpu() for s, t in zip(specs, args, strict=True)}
+            check_index_inputs(self.info.index_checks, named)
+        return [x.detach().cpu().contiguous().numpy() for x in args]
 
     # ------------------------------------------------------------------ save / load
 
@@ -405,6 +430,7 @@ class CortexMModule:
             "target": self.spec.to_dict(),
             "inputs": [s.to_dict() for s in info.inputs],
             "outputs": [s.to_dict() for s in info.outputs],
+            "index_checks": info.index_checks,
             "output_tree": None if info.output_tree is None else info.output_tree.to_json(),
             "report": None if info.report is None else str(info.report),
             "weights_bytes": info.weights_bytes,
@@ -445,6 +471,7 @@ class CortexMModule:
                 report=meta.get("report"),
                 steps=list(meta["steps"]),
                 output_tree=None if tree is None else OutputTree.from_json(tree),
+                index_checks=list(meta.get("index_checks") or []),
             )
             names = list(meta["sources"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -469,6 +496,11 @@ class CortexMModule:
 
 
 _SOURCES = "sources/"
+
+
+def _numpy_dtype(spec: TensorSpec) -> str:
+    """The numpy dtype of a tensor spec (torch's dtype names: float32, int64, bool...)."""
+    return str(torch.empty((), dtype=getattr(torch, spec.dtype)).numpy().dtype)
 
 
 def _kib(kib: int | None) -> int | None:

@@ -4,8 +4,9 @@
   too): semihosting on, serial and monitor off, ``-icount shift=ICOUNT_SHIFT`` so the
   CMSDK timer counts instructions.
 * :func:`run_firmware` runs an image in a private working directory holding its
-  ``input.bin`` (so concurrent runs of one image do not share files) and returns outputs
-  (bit-exact) plus instruction count and wall time. Instructions = CMSDK timer ticks /
+  ``input.bin`` (every input's raw bytes in order, little endian; so concurrent runs of
+  one image do not share files) and returns the output tensors (bit-exact, each as its
+  dtype) plus instruction count and wall time. Instructions = CMSDK timer ticks /
   (0.025 * 2**ICOUNT_SHIFT) = ticks / 25.6. A run whose ``tbn_model_run`` reported
   invalid data raises :class:`KernelError`. A profiling image (``make profile``) also
   gives the instructions of each step, less the timer read it adds to each.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ __all__ = [
     "KernelError",
     "RunError",
     "RunResult",
+    "input_bytes",
     "qemu_command",
     "run_firmware",
 ]
@@ -51,17 +54,33 @@ class KernelError(RunError):
         self.step, self.reason, self.detail = step, reason, detail
 
 
+OutputSpec = tuple[tuple[int, ...], str]
+"""Shape and numpy dtype name of one output tensor."""
+
+
 @dataclass
 class RunResult:
-    """One QEMU run: outputs as float32, instruction count (None without timer), wall time,
-    and for a profiling image the instructions of each step (else None)."""
+    """One QEMU run: the output tensors (numpy, each of its shape and dtype), instruction
+    count (None without timer), wall time, and for a profiling image the instructions of
+    each step (else None)."""
 
-    output: np.ndarray
+    outputs: list[np.ndarray]
     instructions: int | None
     ticks: int | None
     wall_s: float
     machine: str
     step_instructions: list[int] | None = None
+
+    @property
+    def output(self) -> np.ndarray:
+        """The first output tensor."""
+        return self.outputs[0]
+
+    def same_bits(self, other: RunResult) -> bool:
+        """Whether both runs wrote the same bytes to every output."""
+        return len(self.outputs) == len(other.outputs) and all(
+            a.tobytes() == b.tobytes() for a, b in zip(self.outputs, other.outputs, strict=True)
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -109,7 +128,29 @@ def _step_instructions(lines: list[str]) -> list[int] | None:
     return [max(_insns(t - overhead[0]), 0) for t in by_step.values()]
 
 
-def _parse(stdout: str, n_out: int) -> tuple[np.ndarray, int | None, int | None]:
+def _split_outputs(words: list[int], outputs: Sequence[OutputSpec]) -> list[np.ndarray]:
+    """The printed words (see :mod:`.project`: each tensor's bytes, the last word of a
+    tensor zero-padded) as one array per output."""
+    arrays, at = [], 0
+    for shape, dtype in outputs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        n_words = -(-nbytes // 4)
+        raw = np.array(words[at : at + n_words], dtype="<u4").tobytes()[:nbytes]
+        arrays.append(np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape))
+        at += n_words
+    return arrays
+
+
+def _words(outputs: Sequence[OutputSpec]) -> int:
+    return sum(
+        -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // 4)
+        for shape, dtype in outputs
+    )
+
+
+def _parse(
+    stdout: str, outputs: Sequence[OutputSpec]
+) -> tuple[list[np.ndarray], int | None, int | None]:
     words, ticks, rc, reason, detail = [], None, None, "", (-1, -1)
     for line in stdout.splitlines():
         if line.startswith("TBN_OUT "):
@@ -126,22 +167,39 @@ def _parse(stdout: str, n_out: int) -> tuple[np.ndarray, int | None, int | None]
         raise KernelError(
             f"the kernel of step {rc - 1} stopped the model: {reason}", rc - 1, reason, detail
         )
-    if rc != 0 or len(words) != n_out:
-        raise RunError(f"firmware run failed (rc={rc}, {len(words)}/{n_out} outputs):\n{stdout}")
-    out = np.array(words, dtype=np.uint32).view(np.float32)
+    n_words = _words(outputs)
+    if rc != 0 or len(words) != n_words:
+        raise RunError(
+            f"firmware run failed (rc={rc}, {len(words)}/{n_words} output words):\n{stdout}"
+        )
     insns = None if ticks is None else _insns(ticks)
-    return out, ticks, insns
+    return _split_outputs(words, outputs), ticks, insns
+
+
+def input_bytes(inputs: Sequence[np.ndarray]) -> bytes:
+    """The contents of ``input.bin``: every input's raw bytes in order, little endian."""
+    return b"".join(
+        np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<"), copy=False).tobytes()
+        for x in inputs
+    )
 
 
 def run_firmware(
-    elf: Path, machine: str, cpu: str, x: np.ndarray, n_out: int, timeout: float = 120
+    elf: Path,
+    machine: str,
+    cpu: str,
+    inputs: Sequence[np.ndarray],
+    outputs: Sequence[OutputSpec],
+    timeout: float = 120,
 ) -> RunResult:
-    """Run the firmware image ``elf`` under QEMU on input ``x`` (float32); safe to call
-    from several threads at once (each run has its own working directory)."""
+    """Run the firmware image ``elf`` under QEMU on ``inputs`` (numpy arrays of the
+    model's input dtypes, in order) and read back ``outputs`` (shape and dtype of each
+    output tensor); safe to call from several threads at once (each run has its own
+    working directory)."""
     require_toolchain(qemu=True)
     cmd = qemu_command(machine, cpu, str(Path(elf).resolve()))
     with tempfile.TemporaryDirectory(prefix="tbn_cm_run_") as cwd:
-        np.ascontiguousarray(x, dtype="<f4").tofile(Path(cwd) / "input.bin")
+        (Path(cwd) / "input.bin").write_bytes(input_bytes(inputs))
         start = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -154,6 +212,6 @@ def run_firmware(
         raise RunError(
             f"QEMU ({machine}) exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
         )
-    out, ticks, insns = _parse(proc.stdout, n_out)
+    out, ticks, insns = _parse(proc.stdout, outputs)
     steps = _step_instructions(proc.stdout.splitlines())
     return RunResult(out, insns, ticks, wall, machine, steps)
