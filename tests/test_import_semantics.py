@@ -1,7 +1,8 @@
 """Relax import: ops whose TVM converters break torch's semantics, against plain torch.
 
 select with a negative index, whole powers, concatenation with an empty operand (the
-empty key/value cache of Hugging Face decoders), dropout and random ops.
+empty key/value cache of Hugging Face decoders), dropout and random ops, and the dtype
+of float32 arithmetic with 0-d float64 tensors.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ class EmptyCache(nn.Module):
         return keys * 2, values
 
 
+class ZeroDimDouble(nn.Module):
+    """float32 with 0-d float64 tensors (torch keeps float32) and with a 1-D float64
+    tensor (torch promotes to float64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(1.5, dtype=torch.float64))
+        self.register_buffer("shift", torch.tensor([0.25, -0.5, 2.0], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x * self.scale, x / self.scale - self.scale, x + self.shift
+
+
 def _compiled_matches(model: nn.Module, x: torch.Tensor) -> None:
     cm = tbn.compile(model, x, config=DENSE)
     expected, got = model(x), cm(x)
@@ -57,6 +71,12 @@ def test_select_counts_negative_indices_from_the_end() -> None:
 def test_whole_powers_match_torch_also_for_negative_bases() -> None:
     x = torch.linspace(-3.0, 3.0, 24).reshape(4, 6)
     _compiled_matches(Powers(), x)
+
+
+def test_zero_dim_float64_operands_keep_torchs_result_dtype() -> None:
+    model, x = ZeroDimDouble(), torch.randn(4, 3)
+    assert [t.dtype for t in model(x)] == [torch.float32, torch.float32, torch.float64]
+    _compiled_matches(model, x)  # assert_close also compares the dtypes
 
 
 def test_concatenation_skips_empty_operands_of_any_rank() -> None:

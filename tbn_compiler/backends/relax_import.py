@@ -928,13 +928,16 @@ class _Importer(ept.ExportedProgramImporter):
     def update_convert_map(self, custom_convert_map: dict[str, Callable]) -> None:
         self.stock_convert_map = dict(self.convert_map)  # TVM's own, for fallbacks
         super().update_convert_map(custom_convert_map)
-        self.convert_map = {k: _guarded(k, fn) for k, fn in self.convert_map.items()}
+        self.convert_map = {k: _guarded(k, fn, self) for k, fn in self.convert_map.items()}
 
 
-def _guarded(op: Any, fn: Callable) -> Callable:
+def _guarded(op: Any, fn: Callable, importer: Any) -> Callable:
+    """``fn`` with its errors naming the fx node, and its float result cast to the float
+    dtype torch gives the node (see :func:`_with_torch_float_dtype`)."""
+
     def convert(node: fx.Node, *rest: Any) -> Any:
         try:
-            return fn(node, *rest)
+            result = fn(node, *rest)
         except GraphImportError:
             raise
         except Exception as exc:
@@ -942,8 +945,26 @@ def _guarded(op: Any, fn: Callable) -> Callable:
                 f"TVM could not import fx node {node.name!r}{_node_origin(node)} "
                 f"(op {op}): {type(exc).__name__}: {exc}"
             ) from exc
+        return _with_torch_float_dtype(importer.block_builder, node, result)
 
     return convert
+
+
+def _with_torch_float_dtype(bb: Any, node: fx.Node, result: Any) -> Any:
+    """``result`` cast to the node's float dtype where TVM's converter promoted otherwise.
+
+    TVM promotes like numpy: float32 * a 0-d float64 tensor gives float64, where torch
+    keeps float32 (a 0-d tensor does not raise the dtype within its category). Only a
+    float result of a node whose traced value is a float tensor is cast."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+        return result
+    if not isinstance(result, relax.Expr) or not isinstance(result.ty, relax.TensorType):
+        return result
+    want = str(val.dtype).removeprefix("torch.")
+    if _dtype(result) == want or not _is_float(result):
+        return result
+    return bb.emit(relax.op.astype(result, want))
 
 
 def _check_supported(ep: torch.export.ExportedProgram, convert_map: dict) -> None:
