@@ -967,6 +967,18 @@ def _with_torch_float_dtype(bb: Any, node: fx.Node, result: Any) -> Any:
     return bb.emit(relax.op.astype(result, want))
 
 
+def _close_open_blocks(importer: Any) -> None:
+    """End the binding blocks an import left open when a converter raised: TVM's function
+    scope does not, and its block builder then prints "BlockBuilder destroyed with
+    remaining blocks!" when it is freed."""
+    bb = getattr(importer, "block_builder", None)
+    for _ in range(8):  # a function scope opens at most a few nested blocks
+        try:
+            bb._end_block()
+        except Exception:  # no block left open (or no builder)
+            return
+
+
 def _check_supported(ep: torch.export.ExportedProgram, convert_map: dict) -> None:
     missing = [
         n for n in ep.graph.nodes if n.op == "call_function" and _op_name(n) not in convert_map
@@ -1283,8 +1295,10 @@ def _import(gm: torch.nn.Module, inputs: list[torch.Tensor], dynamic_batch: bool
             custom_convert_map=convert_map,
         )
     except GraphImportError:
+        _close_open_blocks(importer)
         raise
     except Exception as exc:
+        _close_open_blocks(importer)
         raise GraphImportError(
             f"TVM could not import the graph: {type(exc).__name__}: {exc}"
         ) from exc
