@@ -14,7 +14,15 @@ Run ``python benchmarks/bench_mcu.py [--board mps2-an386] [--out PATH]``. For th
 it reports weight bytes (and the ideal: tile bits / 8 + 4 bytes per alpha + everything else
 at its own size), library flash, static RAM (data + bss: the arena) and stack (the deepest
 kernel frame plus ``tbn_model_run``'s), instructions per inference in QEMU (``-icount`` +
-CMSDK timer) and per kernel call (``cm.profile``). Prints the tables and writes JSON
+CMSDK timer) and per kernel call (``cm.profile``).
+
+Then real small models with the default config on ``--real-board`` (mps2-an500, Cortex-M7):
+a tiny Hugging Face GPT-2 (``GPT2LMHeadModel``, 2 layers, n_embd 32, 2 heads, vocab 500,
+its default ``use_cache``: int64 token ids (1, 8) in, logits and the key/value cache out)
+and torchvision's MobileNetV3-small (width 0.25, 10 classes, 1x3x32x32): library flash and
+RAM, the whole firmware (harness included), instructions, and the largest error of any
+output tensor against the rewritten graph (max abs difference / max abs value). A model
+whose library is missing is listed with the install line. Prints the tables and writes JSON
 (default ``benchmarks/results/mcu.json``). Needs arm-none-eabi-gcc, newlib and
 qemu-system-arm.
 """
@@ -45,6 +53,8 @@ from tbn_compiler.backends.schedule_rules import mcu  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import zoo  # noqa: E402  (torchvision from its own folder)
 from demo import DigitsCNN  # noqa: E402  (the demo's model)
 from models import MnistMLP, randomize_batchnorm  # noqa: E402  (the test zoo's copy of the paper's model)
 
@@ -135,6 +145,91 @@ def run_case(
         cm.close()
 
 
+def tiny_gpt2() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """GPT2LMHeadModel, 2 layers, n_embd 32, vocab 500 (default use_cache), ids (1, 8)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=500, n_positions=64)
+    return GPT2LMHeadModel(config).eval(), (torch.randint(0, 500, (1, 8)),)
+
+
+def mobilenet_v3_small() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """torchvision MobileNetV3-small, width 0.25, 10 classes, a 1x3x32x32 input."""
+    models = zoo.import_torchvision_models()
+    torch.manual_seed(0)
+    model = models.mobilenet_v3_small(width_mult=0.25, num_classes=10).eval()
+    return model, (torch.randn(1, 3, 32, 32),)
+
+
+REAL_MODELS = {"gpt2_tiny": tiny_gpt2, "mobilenet_v3_small_0.25": mobilenet_v3_small}
+
+
+def scaled_error(got: Any, ref: Any) -> float:
+    """Largest max |got - ref| / max |ref| over the output tensors (same structure)."""
+    leaves = torch.utils._pytree.tree_leaves
+    pairs = list(zip(leaves(got), leaves(ref), strict=True))
+    return max(
+        float((g - r).abs().max()) / max(float(r.abs().max()), 1e-12)
+        for g, r in pairs
+        if isinstance(r, torch.Tensor)
+    )
+
+
+def run_real_case(build: Any, board: str) -> dict[str, Any]:
+    """One real model with the default config on ``board``: sizes, instructions, error."""
+    try:
+        model, inputs = build()
+    except (ImportError, zoo.LibraryMissing) as exc:
+        return {"skipped": str(exc)}
+    gm = tbn.rewrite(model, inputs)
+    with torch.no_grad():
+        ref = gm(*inputs)
+    cm = tbn.compile(model, inputs, target=board)
+    try:
+        out = cm(*inputs)
+        mem = cm.memory
+        return {
+            "inputs": [f"{s.dtype}{list(s.shape)}" for s in cm.input_specs],
+            "outputs": len(cm.output_specs),
+            "tiled_layers": cm.report.totals["tiled"],
+            "layers": cm.report.totals["layers"],
+            "weights_bytes": mem["weights_bytes"],
+            "code_bytes": mem["code_bytes"],
+            "flash_bytes": mem["flash_bytes"],
+            "ram_bytes": mem["ram_bytes"],
+            "arena_bytes": mem["arena_bytes"],
+            "stack_bytes": mem["stack_bytes"],
+            "firmware_flash_bytes": mem.get("firmware_flash_bytes"),
+            "firmware_ram_bytes": mem.get("firmware_ram_bytes"),
+            "instructions": cm.last_run["instructions"],
+            "scaled_error_vs_graph": scaled_error(out, ref),
+        }
+    finally:
+        cm.close()
+
+
+def _real_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    keys = (
+        "weights_bytes",
+        "flash_bytes",
+        "ram_bytes",
+        "stack_bytes",
+        "firmware_flash_bytes",
+        "firmware_ram_bytes",
+        "instructions",
+    )
+    rows = []
+    for name, r in results.items():
+        if "skipped" in r:
+            rows.append([name, "skipped: " + r["skipped"], *[""] * (len(keys) + 1)])
+            continue
+        ok = "ok" if r["scaled_error_vs_graph"] <= 1e-4 else "FAIL"
+        err = f"{r['scaled_error_vs_graph']:.1e} {ok}"
+        rows.append([name, ", ".join(r["inputs"]), *[r[k] for k in keys], err])
+    return rows
+
+
 def _step_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
     """One row per kernel call of every build."""
     return [
@@ -153,6 +248,7 @@ def _gcc_version() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--board", default="mps2-an386")
+    ap.add_argument("--real-board", default="mps2-an500", help="board of the real models")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mcu.json"))
     args = ap.parse_args()
     rows, results = [], {}
@@ -194,10 +290,18 @@ def main() -> None:
     print(
         tabulate(_step_rows(results), headers=["model", "build", "step", "layer", "instructions"])
     )
+    real = {name: run_real_case(build, args.real_board) for name, build in REAL_MODELS.items()}
+    print(f"\nreal models on {args.real_board}, default config (library flash/RAM; firmware:")
+    print("with the QEMU harness; error: max over output tensors vs the rewritten graph)")
+    real_headers = ["model", "inputs", "weights B", "flash B", "RAM B", "stack B"]
+    real_headers += ["firmware flash B", "firmware RAM B", "instructions", "error"]
+    print(tabulate(_real_rows(real), headers=real_headers, tablefmt="github"))
+    results["real_models"] = real
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "board": args.board,
+        "real_board": args.real_board,
         "compiler": _gcc_version(),
         "opt": "-O2",
         "host": platform.platform(),
