@@ -43,6 +43,12 @@ Kernel kinds (``func.attrs["tbn_kernel"]``, read by the rules of :mod:`.schedule
     the row start (blocks ``small``/``acc``/``out``; convs over ``patches``).
     Otherwise a plain modulo-indexed reduction (block ``acc``, or ``out`` without bias).
 
+Panel form (:func:`panel_primfunc`, for ``linear_aligned`` and ``conv_aligned``): the
+same kernel with the tile rows unpacked into ``+-1`` numbers (block ``panel``, tile
+rows innermost) and a multiply-add product over them (a conv reads its padded input
+directly, no im2col rows); the CPU rules rebuild a kernel in it when many rows share
+the tile (builders record their arguments in :data:`SPEC_ATTR` for that).
+
 ``gather``
     Not a tile op: the checked indexing kernels, described by an :class:`IndexMap`.
     :func:`gather_primfunc` reads (``embedding``, ``index_select``, ``x[ids]``,
@@ -66,6 +72,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -90,10 +97,21 @@ __all__ = [
     "kernel_kind",
     "is_static",
     "KERNEL_ATTR",
+    "FORM_ATTR",
+    "PANEL_KINDS",
+    "SPEC_ATTR",
+    "panel_primfunc",
 ]
 
 KERNEL_ATTR = "tbn_kernel"
 """PrimFunc attribute naming the kernel kind (see the module docstring)."""
+
+FORM_ATTR = "tbn_form"
+"""PrimFunc attribute ``"panel"`` on a kernel in panel form (:func:`panel_primfunc`)."""
+
+SPEC_ATTR = "tbn_spec"
+"""PrimFunc attribute holding the builder's arguments but the batch (a JSON object), so
+that :func:`panel_primfunc` can build the same kernel in another form."""
 
 _SIGN_BIT = 0x80000000
 _UINT = {"float32": "uint32", "float16": "uint16", "float64": "uint64"}
@@ -182,10 +200,12 @@ def _lut_mask(lut: te.Tensor, word: tirx.Expr, byte, bit) -> tirx.Expr:
     return lut[b.astype("int64"), bit]
 
 
-def _finish(args: list[te.Tensor], kind: str) -> tirx.PrimFunc:
-    """The PrimFunc of ``args`` (inputs, then the output), tagged with its kernel kind."""
+def _finish(args: list[te.Tensor], kind: str, spec: dict | None = None) -> tirx.PrimFunc:
+    """The PrimFunc of ``args`` (inputs, then the output), tagged with its kernel kind
+    and, when given, the builder arguments ``spec`` (:data:`SPEC_ATTR`)."""
     func = te.create_prim_func(args).without_attr("global_symbol")
-    return func.with_attr(KERNEL_ATTR, kind)
+    func = func.with_attr(KERNEL_ATTR, kind)
+    return func if spec is None else func.with_attr(SPEC_ATTR, json.dumps(spec, sort_keys=True))
 
 
 def _check(numel: int, p: int) -> int:
@@ -253,7 +273,16 @@ def tiled_linear_primfunc(
         out = _linear_general(x, tile, alphas, bias, m, k, n, length, weight_in_out)
         kind = "linear_general"
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
-    return _finish(args, kind)
+    spec = {
+        "op": "linear",
+        "in_features": k,
+        "out_features": n,
+        "p": p,
+        "weight_in_out": bool(weight_in_out),
+        "has_bias": bool(has_bias),
+        "dtype": dtype,
+    }
+    return _finish(args, kind, spec)
 
 
 class _RowTable:
@@ -565,7 +594,18 @@ def tiled_conv_primfunc(
         out = _conv_general(xp, tile, alphas, bias, geom, out_shape, groups, length)
         kind = "conv_general"
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
-    return _finish(args, kind)
+    spec = {
+        "op": "conv",
+        "weight_shape": [cout, cg, *ksize],
+        "stride": list(stride),
+        "padding": list(padding),
+        "dilation": list(dilation),
+        "groups": int(groups),
+        "p": int(p),
+        "has_bias": bool(has_bias),
+        "dtype": dtype,
+    }
+    return _finish(args, kind, spec)
 
 
 class _ConvGeom:
@@ -759,6 +799,115 @@ def _conv_general(
     return te.compute(
         _shape(out_shape), lambda b, co, *sp: acc[(b, co, *sp)] + bias[co], name="out"
     )
+
+
+# --------------------------------------------------------------------------- panel form
+
+
+PANEL_KINDS = ("linear_aligned", "conv_aligned")
+"""Kinds that have a *panel* form (:func:`panel_primfunc`)."""
+
+
+def _sign_value(tile: te.Tensor, flat, dtype: str) -> tirx.Expr:
+    """``+1`` or ``-1`` in ``dtype``: tile element ``flat`` as a number."""
+    return _flip(tirx.const(1.0, dtype), _bit_mask(tile, flat), dtype)
+
+
+def panel_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """``func`` (a kernel built here) in *panel* form, or None when its kind has none
+    (:data:`PANEL_KINDS`) or it carries no :data:`SPEC_ATTR`.
+
+    Same buffers, same kind, same results up to the order of the sums; the batch extent
+    is ``func``'s (the first dim of ``x``; a symbolic one becomes the new kernel's own
+    var). The tile rows are first unpacked into a block ``panel`` of ``+-1`` numbers,
+    stored reduction-major with the tile rows innermost (``(in, rows)`` for a linear,
+    ``(cg, *kernel, filters)`` for a conv), then the product ``small`` multiplies and
+    adds them (``x * +-1`` is exact: the sums are those of the sign flips, as fused
+    multiply-adds): tile rows are contiguous, so a vector of them takes one broadcast
+    input value, and a conv reads its (padded) input directly, without im2col rows.
+    ``small`` is ``(m, rows)`` for a linear, ``(n, *out_spatial, filters)`` (channels
+    last) for a conv; block ``out`` scales, adds the bias and, for a conv, goes back to
+    channels first. Unpacking costs one step per tile weight: the form pays for itself
+    when many rows (input rows, output positions) share the panel."""
+    kind = kernel_kind(func)
+    attrs = func.attrs
+    if kind not in PANEL_KINDS or attrs is None or SPEC_ATTR not in attrs:
+        return None
+    spec = json.loads(str(attrs[SPEC_ATTR]))
+    x_shape = list(func.params[0].shape)
+    batch = x_shape[0] if not isinstance(x_shape[0], tirx.IntImm) else int(x_shape[0])
+    if kind == "linear_aligned":
+        return _linear_panel(batch, spec)
+    return _conv_panel([batch, *(int(d) for d in x_shape[1:])], spec)
+
+
+def _linear_panel(m: Extent, spec: dict) -> tirx.PrimFunc:
+    """Panel form of ``linear_aligned`` (see :func:`panel_primfunc`)."""
+    m = _own_extent(m, "m")
+    k, n, p = int(spec["in_features"]), int(spec["out_features"]), int(spec["p"])
+    dtype, has_bias = str(spec["dtype"]), bool(spec["has_bias"])
+    rows = n // p
+    x, tile, alphas, bias = _inputs((m, k), k * rows, p, n, has_bias, dtype)
+    panel = te.compute(
+        _shape((k, rows)), lambda q, r: _sign_value(tile, r * k + q, dtype), name="panel"
+    )
+    kk = te.reduce_axis((_i64(0), _i64(k)), name="k")
+    small = te.compute(
+        _shape((m, rows)), lambda i, r: te.sum(x[i, kk] * panel[kk, r], axis=kk), name="small"
+    )
+    out = te.compute(
+        _shape((m, n)),
+        lambda i, j: _add_bias(
+            alphas[tirx.floordiv(j, rows)] * small[i, tirx.floormod(j, rows)], bias, j
+        ),
+        name="out",
+    )
+    args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
+    return _finish(args, "linear_aligned", spec).with_attr(FORM_ATTR, "panel")
+
+
+def _conv_panel(x_shape: list[Extent], spec: dict) -> tirx.PrimFunc:
+    """Panel form of ``conv_aligned`` (see :func:`panel_primfunc`)."""
+    cout, cg, *ksize = (int(d) for d in spec["weight_shape"])
+    stride, padding, dilation = (
+        tuple(int(v) for v in spec[a]) for a in ("stride", "padding", "dilation")
+    )
+    p, dtype, has_bias = int(spec["p"]), str(spec["dtype"]), bool(spec["has_bias"])
+    nd = len(ksize)
+    batch = _own_extent(x_shape[0], "n")
+    in_sp = [int(d) for d in x_shape[2:]]
+    out_sp = [
+        (in_sp[a] + 2 * padding[a] - dilation[a] * (ksize[a] - 1) - 1) // stride[a] + 1
+        for a in range(nd)
+    ]
+    filters = cout // p
+    x, tile, alphas, bias = _inputs(
+        (batch, cg, *in_sp), filters * cg * math.prod(ksize), p, cout, has_bias, dtype
+    )
+    xp = _pad(x, padding)
+    geom = _ConvGeom(cg, tuple(ksize), stride, dilation)
+
+    def unpack(c, *rest):
+        *taps, f = rest
+        return _sign_value(tile, geom.flat(f, c, taps), dtype)
+
+    panel = te.compute(_shape([cg, *ksize, filters]), unpack, name="panel")
+    rc, taps = geom.reduce_axes()
+
+    def body(b, *rest):
+        *sp, f = rest
+        xv = xp[(b, rc, *geom.src(sp, taps))]
+        return te.sum(xv * panel[(rc, *taps, f)], axis=[rc, *taps])
+
+    small = te.compute(_shape([batch, *out_sp, filters]), body, name="small")
+
+    def out(b, co, *sp):
+        v = alphas[tirx.floordiv(co, filters)] * small[(b, *sp, tirx.floormod(co, filters))]
+        return _add_bias(v, bias, co)
+
+    result = te.compute(_shape([batch, cout, *out_sp]), out, name="out")
+    args = [x, tile, alphas] + ([bias] if bias is not None else []) + [result]
+    return _finish(args, "conv_aligned", spec).with_attr(FORM_ATTR, "panel")
 
 
 # --------------------------------------------------------------------------- checked indexing

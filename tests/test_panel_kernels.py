@@ -1,0 +1,183 @@
+"""Panel form of the aligned tile kernels (kernels.panel_primfunc) and the CPU rule that
+uses it (schedule_rules.cpu.PanelProduct): exact against the tbn_compiler.ops reference
+(plain torch math), chosen from PANEL_MIN_ROWS rows on, the table form below, and both
+inside one kernel when the batch is symbolic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import tirx  # noqa: E402
+
+from tbn_compiler import ops, tiling  # noqa: E402
+from tbn_compiler.backends import kernels, schedule_rules  # noqa: E402
+from tbn_compiler.backends.schedule_rules import cpu  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+HOST = schedule_rules.host_target()
+RTOL, ATOL = 1e-4, 1e-4
+
+
+def _tile(numel: int, p: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.where(torch.rand(numel // p, generator=g) > 0.5, 1.0, -1.0)
+    return tiling.pack_bits(signs), torch.rand(p, generator=g) + 0.5
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.int32).numpy().view(np.uint32) if t.dtype == torch.uint32 else t.numpy()
+
+
+def _run(func: tirx.PrimFunc, inputs: list[torch.Tensor], out_shape) -> np.ndarray:
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    lib = tvm.compile(mod, target=HOST)
+    out = tvm.runtime.tensor(np.zeros(tuple(out_shape), np.float32))
+    lib["main"](*[tvm.runtime.tensor(_np(t)) for t in inputs], out)
+    return out.numpy()
+
+
+def _close(got: np.ndarray, ref: torch.Tensor) -> None:
+    np.testing.assert_allclose(got, ref.numpy(), rtol=RTOL, atol=ATOL * float(ref.abs().max()))
+
+
+def _is_panel(func: tirx.PrimFunc) -> bool:
+    return str((func.attrs or {}).get(kernels.FORM_ATTR, "")) == "panel"
+
+
+def _conv_ref(x, words, alphas, b, ws, stride, pad, dil):
+    nd = len(ws) - 2
+    fn = ops.tiled_conv1d if nd == 1 else ops.tiled_conv2d
+    return fn(x, words, alphas, b, list(ws), [stride] * nd, [pad] * nd, [dil] * nd, 1)
+
+
+LINEAR_CASES = [
+    # m, in, out, p, bias
+    (32, 64, 64, 4, True),
+    (48, 96, 24, 8, False),  # 3 tile rows
+    (40, 50, 20, 2, True),  # inputs not a multiple of 8
+    (64, 520, 128, 4, True),  # inputs in blocks of 8 (520 = 65 * 8)
+]
+
+
+@pytest.mark.parametrize("m,k,n,p,bias", LINEAR_CASES)
+def test_linear_panel_form_matches_reference(m, k, n, p, bias):
+    words, alphas = _tile(k * n, p, seed=k + n)
+    x, b = torch.randn(m, k), torch.randn(n) if bias else None
+    func = kernels.tiled_linear_primfunc(m, k, n, p, False, bias)
+    panel = kernels.panel_primfunc(func)
+    assert panel is not None and kernels.kernel_kind(panel) == "linear_aligned"
+    assert [buf.shape for buf in panel.params] == [buf.shape for buf in func.params]
+    scheduled = schedule_rules.schedule_for(func, HOST)
+    assert _is_panel(scheduled)
+    got = _run(scheduled, [x, words, alphas] + ([b] if bias else []), (m, n))
+    _close(got, ops.tiled_linear(x, words, alphas, b, n, k, False))
+    unscheduled = _run(panel, [x, words, alphas] + ([b] if bias else []), (m, n))
+    _close(unscheduled, ops.tiled_linear(x, words, alphas, b, n, k, False))
+
+
+CONV_CASES = [
+    # x shape, weight shape, stride, padding, dilation, p, bias
+    ((1, 16, 8, 8), (16, 16, 3, 3), 1, 1, 1, 1, True),
+    ((2, 8, 9, 9), (8, 8, 3, 3), 1, 1, 1, 4, True),  # 2 filters, width 9
+    ((1, 3, 12, 12), (24, 3, 3, 3), 1, 1, 1, 2, False),  # 27 taps, 12 filters
+    ((1, 16, 16, 16), (32, 16, 3, 3), 2, 1, 1, 8, True),  # stride 2
+    ((1, 8, 12, 12), (16, 8, 1, 1), 2, 0, 1, 1, True),  # 1x1 stride 2
+    ((2, 4, 11, 10), (8, 4, 3, 3), 1, 2, 2, 2, False),  # dilation
+    ((2, 8, 40), (32, 8, 3), 1, 1, 1, 4, True),  # 1-D
+    ((1, 64, 6, 6), (128, 64, 3, 3), 1, 1, 1, 8, True),  # 16 filters of 576 weights
+]
+
+
+@pytest.mark.parametrize("xs,ws,stride,pad,dil,p,bias", CONV_CASES)
+def test_conv_panel_form_matches_reference(xs, ws, stride, pad, dil, p, bias):
+    numel = int(np.prod(ws))
+    words, alphas = _tile(numel, p, seed=numel)
+    x, b = torch.randn(*xs), torch.randn(ws[0]) if bias else None
+    ref = _conv_ref(x, words, alphas, b, ws, stride, pad, dil)
+    func = kernels.tiled_conv_primfunc(xs, ws, stride, pad, dil, 1, p, bias)
+    assert kernels.kernel_kind(func) == "conv_aligned"
+    scheduled = schedule_rules.schedule_for(func, HOST)
+    rows = xs[0] * int(np.prod(ref.shape[2:]))
+    assert _is_panel(scheduled) == (rows >= cpu.PANEL_MIN_ROWS)
+    _close(_run(scheduled, [x, words, alphas] + ([b] if bias else []), ref.shape), ref)
+
+
+def test_only_aligned_kernels_with_a_spec_have_a_panel_form():
+    general = kernels.tiled_linear_primfunc(2, 30, 7, 3, False, True)
+    in_out = kernels.tiled_linear_primfunc(2, 64, 32, 4, True, True)
+    grouped = kernels.tiled_conv_primfunc((1, 8, 9, 9), (6, 4, 3, 3), 1, 1, 1, 2, 2, False)
+    assert all(kernels.panel_primfunc(f) is None for f in (general, in_out, grouped))
+    aligned = kernels.tiled_linear_primfunc(64, 64, 32, 4, False, True)
+    assert kernels.panel_primfunc(aligned.without_attr(kernels.SPEC_ATTR)) is None
+    # without a spec the table rules schedule it, still exact
+    assert not _is_panel(schedule_rules.schedule_for(aligned.without_attr(kernels.SPEC_ATTR), HOST))
+
+
+def test_few_rows_keep_the_table_form():
+    func = kernels.tiled_linear_primfunc(cpu.PANEL_MIN_ROWS - 1, 64, 64, 4, False, True)
+    assert not _is_panel(schedule_rules.schedule_for(func, HOST))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4, 33, 64])
+def test_symbolic_linear_batch_runs_table_below_and_panel_from_min_rows(batch):
+    """One kernel for every batch: the table form below PANEL_MIN_ROWS rows (the branch
+    taken at batch 1, 3, 4), the panel form from there (33, 64), both exact."""
+    k, n, p = 128, 64, 4
+    m = tirx.Var("m", "int64")
+    func = kernels.tiled_linear_primfunc(m, k, n, p, False, True)
+    scheduled = schedule_rules.schedule_for(func, HOST)
+    script = scheduled.script()
+    assert "panel" in script and "sign_lut" in script  # both forms inside
+    words, alphas = _tile(k * n, p, seed=1)
+    x, b = torch.randn(batch, k), torch.randn(n)
+    got = _run(scheduled, [x, words, alphas, b], (batch, n))
+    _close(got, ops.tiled_linear(x, words, alphas, b, n, k, False))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_symbolic_conv_batch(batch):
+    """A conv of 16 output positions per image: the table form for one image, the panel
+    form from two images (32 rows) on."""
+    xs, ws = (4, 8, 4, 4), (16, 8, 3, 3)
+    n = tirx.Var("n", "int64")
+    func = kernels.tiled_conv_primfunc((n, *xs[1:]), ws, 1, 1, 1, 1, 2, True)
+    scheduled = schedule_rules.schedule_for(func, HOST)
+    assert "panel" in scheduled.script()
+    words, alphas = _tile(int(np.prod(ws)), 2, seed=2)
+    x, b = torch.randn(batch, *xs[1:]), torch.randn(ws[0])
+    ref = _conv_ref(x, words, alphas, b, ws, 1, 1, 1)
+    _close(_run(scheduled, [x, words, alphas, b], ref.shape), ref)
+
+
+def test_vector_lanes_follow_the_target():
+    assert cpu._vector_lanes(tvm.target.Target("llvm")) == 8
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    assert cpu._vector_lanes(avx512) == 16
+    # generic x86-64 builds the same panel schedule with 8 lanes, exact
+    words, alphas = _tile(64 * 64, 4, seed=3)
+    x, b = torch.randn(40, 64), torch.randn(64)
+    func = kernels.tiled_linear_primfunc(40, 64, 64, 4, False, True)
+    target = tvm.target.Target("llvm")
+    scheduled = schedule_rules.schedule_for(func, target)
+    assert _is_panel(scheduled)
+    lib = tvm.compile(
+        tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=target
+    )
+    out = tvm.runtime.tensor(np.zeros((40, 64), np.float32))
+    lib["main"](*[tvm.runtime.tensor(_np(t)) for t in (x, words, alphas, b)], out)
+    _close(out.numpy(), ops.tiled_linear(x, words, alphas, b, 64, 64, False))
+
+
+@pytest.mark.parametrize("m", [64, tirx.Var("m", "int64")])
+def test_rebuilt_kernel_keeps_the_attributes_of_the_kernel(m):
+    """The panel form is a new PrimFunc: it keeps what the pipelines set on the kernel
+    (the opaque op pattern that keeps FuseOps from fusing into a scheduled kernel)."""
+    func = kernels.tiled_linear_primfunc(m, 64, 64, 4, False, True).with_attr("op_pattern", 8)
+    scheduled = schedule_rules.schedule_for(func, HOST)
+    assert int(scheduled.attrs["op_pattern"]) == 8
+    assert kernels.kernel_kind(scheduled) == "linear_aligned" and _is_panel(scheduled)
