@@ -198,8 +198,8 @@ def test_mobilenet_v3_small_in_qemu() -> None:
 
 
 class Tokens(nn.Module):
-    """Three inputs (float32 features, int64 token ids, an int32 mask whose running sum
-    gives the position ids, computed on the board) and four outputs in a dict: logits,
+    """Three inputs (float32 features, int64 token ids, an int32 mask whose running sum,
+    in int64 as torch sums it, gives the position ids, computed on the board) and four outputs in a dict: logits,
     hidden states, an int64 count and the features returned as they came."""
 
     def __init__(self) -> None:
@@ -210,7 +210,7 @@ class Tokens(nn.Module):
         self.head = nn.Linear(16, 4)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict:
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as in HF
+        positions = (mask.cumsum(-1) - 1).clamp(min=0).masked_fill(mask == 0, 1)
         h = torch.relu(self.fc(self.tok(ids) + self.pos(positions) + x))
         return {"logits": self.head(h), "hidden": h, "count": mask.sum(-1), "x": x}
 

@@ -11,8 +11,9 @@ Contract of :func:`import_graph`:
   and handed to TVM's ``from_exported_program``. Before that, operands that add nothing
   to a ``cat`` (an empty key/value cache) are dropped (:func:`drop_empty_cat_operands`),
   a slice's negative dim is counted from the start (:func:`positive_slice_dims`), boolean
-  attention masks become additive float masks (:func:`float_attention_masks`), and the
-  boolean operands of ops TVM mishandles become integers (:func:`integer_bool_operands`).
+  attention masks become additive float masks (:func:`float_attention_masks`), the
+  boolean operands of ops TVM mishandles become integers (:func:`integer_bool_operands`),
+  and scans sum in the dtype torch does (:func:`scan_operand_dtypes`: int32 -> int64).
 * The tile ops (``tbn::tiled_linear``, ``tbn::tiled_conv1d``, ... : every registered
   :class:`~tbn_compiler.tile_ops.TileOpRecord`) go through their records' converters
   (:func:`converters`: op name -> converter, like TVM's own convert map; they live in
@@ -295,10 +296,13 @@ def _nan_minimum(a: relax.Expr, b: relax.Expr) -> relax.Expr:
 
 def _clamp_scalars(bb: Any, x: relax.Expr, low: Any, high: Any) -> relax.Expr:
     """``torch.clamp(x, low, high)`` with number bounds (None: unbounded), NaN kept."""
+    if not _is_float(x) and any(isinstance(b, float) for b in (low, high)):
+        x = bb.emit(relax.op.astype(x, "float32"))  # torch: an int tensor, float bounds: float
     if not _is_float(x):
-        lo = -math.inf if low is None else low
-        hi = math.inf if high is None else high
-        return bb.emit(relax.op.clip(x, lo, hi))
+        for bound, extreme in ((low, relax.op.maximum), (high, relax.op.minimum)):
+            if bound is not None:  # clip would cast an infinite missing bound to an int
+                x = bb.emit(extreme(x, relax.const(int(bound), _dtype(x))))
+        return x
     if any(b is not None and math.isnan(b) for b in (low, high)):
         return bb.emit(relax.op.add(x, _scalar(math.nan, x)))  # torch: all NaN
     low, high = (None if b is None else float(b) for b in (low, high))
@@ -1134,6 +1138,26 @@ _BOOL_OPERAND_CASTS = {
 }
 
 
+_SCANS = (torch.ops.aten.cumsum.default, torch.ops.aten.cumprod.default)
+
+
+def scan_operand_dtypes(ep: torch.export.ExportedProgram) -> None:
+    """Cast the operand of every ``cumsum``/``cumprod`` to the dtype torch gives its
+    result, in place: torch sums small integers (int32 attention masks, ...) in int64,
+    TVM's converter keeps the operand's dtype."""
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.target not in _SCANS or not isinstance(node.args[0], fx.Node):
+            continue
+        x, out = node.args[0].meta.get("val"), node.meta.get("val")
+        if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dtype != out.dtype:
+            cast = _insert_before(
+                graph, node, torch.ops.aten._to_copy.default, (node.args[0],), {"dtype": out.dtype}
+            )
+            node.args = (cast, *node.args[1:])
+    ep.graph_module.recompile()
+
+
 def integer_bool_operands(ep: torch.export.ExportedProgram) -> None:
     """Cast the boolean tensor operands of :data:`_BOOL_OPERAND_CASTS` ops to integers,
     in place (same results in torch; correct code from TVM)."""
@@ -1283,6 +1307,7 @@ def _import(gm: torch.nn.Module, inputs: list[torch.Tensor], dynamic_batch: bool
     positive_slice_dims(ep)
     float_attention_masks(ep)
     integer_bool_operands(ep)
+    scan_operand_dtypes(ep)
     importer = _Importer()
     convert_map = converters()
     _check_supported(ep, {**importer.convert_map, **convert_map})
