@@ -161,7 +161,7 @@ class _ProductRule(ScheduleRule):
         self, func: tirx.PrimFunc, sch: Schedule, kernel: KernelAnalysis, batch: tirx.Var
     ) -> tuple[list[tuple[tirx.Expr, tirx.PrimFunc]], tirx.PrimFunc]:
         """(cases, default) for :func:`.base.dispatch` of ``func`` over ``batch``."""
-        multiples = _row_multiples(sch, kernel) if self.blocks_rows else []
+        multiples = self._multiples(sch, kernel)
         cases = []
         small = _serial_below(func, batch, MIN_PARALLEL_WORK, lambda f: analyse(Schedule(f)).work)
         if small > 1:
@@ -177,6 +177,10 @@ class _ProductRule(ScheduleRule):
         sch = Schedule(func)
         self.schedule_all(sch, parallel)
         return sch.mod["main"]
+
+    def _multiples(self, sch: Schedule, kernel: KernelAnalysis) -> list[int]:
+        """Multiples of a symbolic batch that get cases of their own (largest first)."""
+        return _row_multiples(sch, kernel) if self.blocks_rows else []
 
 
 ROW_MULTIPLES = (2, 4)
@@ -296,7 +300,17 @@ class _PanelSchedule(_ProductRule):
 
     def __init__(self, lanes: int) -> None:
         self.lanes = lanes
-        self.blocks_rows = False
+
+    def _multiples(self, sch: Schedule, kernel: KernelAnalysis) -> list[int]:
+        """A linear's rows are the batch: cases for multiples of 4 and 2 (register
+        blocks of that many rows); a conv blocks positions within a row of an image."""
+        if kernel_kind(sch.mod["main"]) in CONV_KINDS:
+            return []
+        rows = sch.get_loops(sch.get_sblock("small"))[0]
+        if known_extent(sch, rows) is not None:
+            return []
+        known = static_multiple(sch, rows)
+        return [d for d in ROW_MULTIPLES[::-1] if _row_factor(known * d) > _row_factor(known)]
 
     def schedule_all(self, sch: Schedule, parallel: bool) -> None:
         pad = _child(sch, "xpad")
