@@ -233,6 +233,15 @@ def _fit(loader: object = None, **kwargs: object) -> object:
     return _unchanged(model, lambda: tbn.qat.fit(model, data, epochs=1, progress=False, **kwargs))()
 
 
+def _tune_without_tracker(tmp: Path) -> object:
+    """Tuning through a tracker nobody listens on; its database folder is not created."""
+    tune = tbn.Tuning(trials=1, rpc="127.0.0.1:1:cpu", progress=False, database=tmp / "db")
+    try:
+        return tbn.compile(_linear(), X, tune=tune)
+    finally:
+        assert not (tmp / "db").exists()
+
+
 def _torch_compiled(options: dict) -> object:
     compiled = torch.compile(_linear(), backend="tbn", options=options)
     with torch.no_grad():
@@ -281,9 +290,7 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "qat-loader-len": lambda tmp: _fit(loader=(b for b in _batches())),
     "qat-empty-loader": lambda tmp: _fit(loader=[]),
     "tuning-rpc-form": lambda tmp: tbn.Tuning(rpc="127.0.0.1:9190"),
-    "tuning-rpc-unreachable": lambda tmp: tbn.compile(
-        _linear(), X, tune=tbn.Tuning(trials=1, rpc="127.0.0.1:1:cpu", progress=False)
-    ),
+    "tuning-rpc-unreachable": lambda tmp: _tune_without_tracker(tmp),
     "torch-compile-option": lambda tmp: _torch_compiled(options={"p": 4}),
     "cm-no-c-lowering": lambda tmp: tbn.compile(_Sorted().eval(), X, target="mps2-an386"),
     "cm-input": lambda tmp: (_needs("arm-none-eabi-gcc"), _cortex_m()(X.double())),

@@ -288,6 +288,7 @@ def tune_module(mod: tvm.IRModule, target: Target, tune: Tuning) -> ms.database.
     ``tune.trials`` measurements for ``target`` (see the module docstring); return it.
     Ctrl-C (SIGINT) keeps what was measured and raises KeyboardInterrupt saying so.
     MetaSchedule's log goes to ``<database>/logs``, not the console."""
+    runner = _runner(tune) if tune.trials else None  # an unreachable tracker writes nothing
     database = open_database(tune)
     if tune.trials == 0:
         return database
@@ -306,7 +307,6 @@ def tune_module(mod: tvm.IRModule, target: Target, tune: Tuning) -> ms.database.
         num_threads="physical",
     )
     _log_to_files_only()
-    runner = _runner(tune)
     callbacks = ms.measure_callback.MeasureCallback.create("default")
     progress = _Progress(plan.trials, len(plan.tasks), plan.reused) if tune.progress else None
     if progress is not None:
