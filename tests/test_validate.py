@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import tvm
 from models import MLP
 
 import tbn_compiler as tbn
@@ -159,6 +160,28 @@ def test_scaled_error_is_relative_to_the_reference_and_exact_for_non_finite() ->
     ids = torch.tensor([3, 4])
     assert validate.scaled_error(ids, ids.clone()) == 0.0
     assert validate.scaled_error(ids, torch.tensor([3, 5])) == math.inf
+    assert validate.scaled_error(ids, ids.int()) == math.inf  # same values, other dtype
+    assert validate.scaled_error(ref, ref.double()) == math.inf
+
+
+def test_a_build_of_another_output_dtype_is_caught(monkeypatch) -> None:
+    """A converter that returns float64 where torch gives float32 (the values equal)."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(16, 16), nn.ReLU()).eval(), torch.randn(3, 16)
+    gm = tbn.rewrite(model, x, CFG)
+    target = _relu_nodes(gm)[-1]
+    convert = SEMANTIC_CONVERTERS["relu.default"]
+
+    def as_double(node, importer):
+        result = convert(node, importer)
+        if node.name != target.name:
+            return result
+        return importer.block_builder.emit(tvm.relax.op.astype(result, "float64"))
+
+    monkeypatch.setitem(SEMANTIC_CONVERTERS, "relu.default", as_double)
+    monkeypatch.setattr(relax_import, "_with_torch_float_dtype", lambda bb, node, r: r)
+    with pytest.raises(tbn.ValidationError, match="off by inf.*another shape or dtype"):
+        tbn.compile_graph(gm, x)
 
 
 def test_fresh_inputs_keep_the_signature_and_the_id_range() -> None:

@@ -14,8 +14,8 @@ A compiled module that raises where the graph runs raises :class:`ValidationErro
 
 Error of one tensor (:func:`scaled_error`): ``max |out - ref| / max(max |ref|, 1e-6)``
 over the positions where the reference is finite; NaN and infinities must sit at the same
-positions with the same values, and integer and boolean tensors must be equal (else the
-error is infinite). A tensor whose error exceeds :data:`TOLERANCE` (1e-3) is a mismatch.
+positions with the same values, integer and boolean tensors must be equal, and shapes and
+dtypes the same (else the error is infinite). A tensor whose error exceeds :data:`TOLERANCE` (1e-3) is a mismatch.
 fp32 reordering stays far below that: on the models of ``tests/models.py``, the fuzzer's
 nets, ResNet-18 and the Hugging Face models of ``tests/test_hf_models.py`` the largest error
 measured is about 3e-6; a wrong op gives errors of 1e-2 and more.
@@ -130,8 +130,11 @@ class ValidationError(RuntimeError):
 
 def scaled_error(ref: torch.Tensor, out: Any) -> float:
     """Error of ``out`` against ``ref`` (see the module docstring); ``inf`` when ``out``
-    is not a tensor of ``ref``'s shape, or non-finite values or exact dtypes differ."""
+    is not a tensor of ``ref``'s shape and dtype, or non-finite values or exact dtypes
+    differ."""
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(ref.shape):
+        return math.inf
+    if out.dtype != ref.dtype:
         return math.inf
     ref, out = ref.detach().cpu(), out.detach().cpu()
     if ref.numel() == 0:
@@ -304,6 +307,11 @@ def _mismatch(
         f"computes: on the {input_set} input, output tensor {output} is off by {error:.3g} "
         f"(max abs difference / max abs value; tolerance {TOLERANCE:g})."
     )
+    if math.isinf(error):
+        head += (
+            " (An infinite error: another shape or dtype, non-finite values elsewhere, or "
+            "unequal integers.)"
+        )
     divergence = None
     if build is not None and isinstance(gm, fx.GraphModule):
         divergence = locate_divergence(gm, inputs, build, output)
