@@ -68,3 +68,45 @@ def test_inputs_off_the_fast_path_still_get_every_check(mlp, bad, message):
         cm(bad())
     with pytest.raises(InputError, match=r"expected 1 inputs"):
         cm(torch.randn(2, 64), torch.randn(2, 64))
+
+
+def test_host_threads_default_to_physical_cores_and_leave_user_settings_alone():
+    """configure_host_threads fills in TVM's pool settings only where the user set none;
+    TBN_THREADS picks the thread count or turns the defaults off."""
+    import os
+
+    from tbn_compiler.backends import artifact
+
+    cores = artifact.physical_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    env: dict[str, str] = {}
+    assert artifact.configure_host_threads(env) == {
+        "TVM_NUM_THREADS": str(cores),
+        "TVM_THREAD_POOL_SPIN_COUNT": str(artifact.POOL_SPIN_COUNT),
+    }
+    assert env["TVM_NUM_THREADS"] == str(cores)
+    env = {"TVM_NUM_THREADS": "7", "TBN_THREADS": "3"}
+    assert artifact.configure_host_threads(env) == {
+        "TVM_THREAD_POOL_SPIN_COUNT": str(artifact.POOL_SPIN_COUNT)
+    }
+    assert env["TVM_NUM_THREADS"] == "7"
+    env = {"TBN_THREADS": "3"}
+    artifact.configure_host_threads(env)
+    assert env["TVM_NUM_THREADS"] == "3"
+    env = {"TBN_THREADS": "off"}
+    assert artifact.configure_host_threads(env) == {} and env == {"TBN_THREADS": "off"}
+    with pytest.raises(ValueError, match="TBN_THREADS"):
+        artifact.configure_host_threads({"TBN_THREADS": "two"})
+
+
+def test_this_process_runs_with_the_configured_pool():
+    """Importing tbn_compiler set TVM's thread count before its pool started (unless the
+    environment had one): TVM's runtime reports that many threads."""
+    import os
+
+    import tvm
+
+    if "TVM_NUM_THREADS" not in os.environ:
+        pytest.skip("TBN_THREADS=off and no TVM_NUM_THREADS: TVM's own default")
+    expected = min(int(os.environ["TVM_NUM_THREADS"]), os.cpu_count() or 1)
+    assert tvm.get_global_func("runtime.NumThreads")() == expected

@@ -32,6 +32,16 @@ Cortex-M modules use the same container with their own members (see
 has another format or version, fails a checksum, or targets something that cannot run
 on this machine (no GPU, another GPU architecture, another CPU); each with an
 :class:`ArtifactError` saying which.
+
+Host threads (:func:`configure_host_threads`, when this module is imported, before TVM's
+thread pool starts): unless set already, ``TVM_NUM_THREADS`` becomes the number of
+physical cores this process may use (TVM's own default halves the logical CPUs on x86,
+which runs single-threaded on a 2-core machine without SMT) and
+``TVM_THREAD_POOL_SPIN_COUNT`` becomes :data:`POOL_SPIN_COUNT` (TVM's default keeps a
+worker yielding for 300,000 rounds after each parallel region, milliseconds in which
+torch's OpenMP workers, in a pipeline mixing torch ops with our calls, lose a core).
+``TBN_THREADS=N`` asks for N threads; ``TBN_THREADS=off`` leaves TVM's settings alone.
+See ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -85,6 +95,58 @@ __all__ = [
 _META = "metadata.json"
 _LIB = "library.so"
 _CU = "kernels.cu"
+
+
+# --------------------------------------------------------------------------- threads
+
+THREADS_ENV = "TBN_THREADS"
+"""Environment variable: the number of TVM threads, or ``off`` to leave TVM's own
+settings (``TVM_NUM_THREADS``, ``TVM_THREAD_POOL_SPIN_COUNT``) alone."""
+
+POOL_SPIN_COUNT = 10_000
+"""Rounds a TVM worker yields for new work after a parallel region before it sleeps
+(TVM's default: 300,000). Long enough to bridge the gaps between the kernels of one
+call; short enough that the worker is asleep soon after the call returns, when torch
+ops of the same program need its core (``benchmarks/bench_mixed.py``)."""
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (all of them where the
+    ratio of logical to physical CPUs is unknown)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    try:
+        import psutil
+    except ImportError:
+        return max(1, usable)
+    logical, physical = psutil.cpu_count(), psutil.cpu_count(logical=False)
+    if not logical or not physical:
+        return max(1, usable)
+    return max(1, usable * physical // logical)
+
+
+def configure_host_threads(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Set the TVM thread pool's environment (``os.environ`` by default) unless the user
+    did: ``TVM_NUM_THREADS`` (``$TBN_THREADS``, else :func:`physical_cores`) and
+    ``TVM_THREAD_POOL_SPIN_COUNT`` (:data:`POOL_SPIN_COUNT`). TVM reads both when its
+    pool starts (at the first parallel kernel of the process). Returns what it set;
+    ``TBN_THREADS=off`` sets nothing. ValueError for another ``TBN_THREADS`` that is not
+    a positive integer."""
+    env = os.environ if environ is None else environ
+    setting = env.get(THREADS_ENV, "").strip()
+    if setting.lower() == "off":
+        return {}
+    if setting and not (setting.isdigit() and int(setting) > 0):
+        raise ValueError(f"{THREADS_ENV}={setting!r}: expected a positive integer or 'off'")
+    wanted = {
+        "TVM_NUM_THREADS": setting or str(physical_cores()),
+        "TVM_THREAD_POOL_SPIN_COUNT": str(POOL_SPIN_COUNT),
+    }
+    done = {k: v for k, v in wanted.items() if k not in env}
+    env.update(done)
+    return done
+
+
+configure_host_threads()
 
 
 # --------------------------------------------------------------------------- module
