@@ -164,6 +164,35 @@ def test_gpt2_without_cache_folds_the_constant_cumsum() -> None:
         cm.close()
 
 
+class _Padded(nn.Module):
+    """GPT-2 called as for a padded batch: ids and an attention mask in, logits out."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def test_gpt2_with_a_left_padding_mask() -> None:
+    """Two int64 inputs; the first rows attend nowhere (torch gives them zeros)."""
+    model = _Padded(_gpt2())
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 500, (1, 8), generator=gen)
+    mask = torch.ones(1, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    gm = tbn.rewrite(model, (ids, mask))
+    cm = tbn.compile(model, (ids, mask), target=BOARD)
+    try:
+        assert "const int64_t *input0, const int64_t *input1, float *output" in _header(cm)
+        for m in (mask, torch.ones_like(mask)):
+            with torch.no_grad():
+                assert_parity(cm(ids, m), gm(ids, m))
+    finally:
+        cm.close()
+
+
 # --------------------------------------------------------------------------- MobileNetV3
 
 

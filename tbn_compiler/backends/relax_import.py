@@ -1104,6 +1104,54 @@ def _is_bool(value: Any) -> bool:
     )
 
 
+def _sdpa_mask(node: fx.Node) -> Any:
+    return node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+
+
+def zero_fully_masked_rows(ep: torch.export.ExportedProgram) -> None:
+    """Make every ``scaled_dot_product_attention`` with a mask return zeros for the query
+    rows the mask hides entirely, as torch does, in place: TVM softmaxes the masked scores
+    into an average of the values (a boolean mask, made finite by
+    :func:`float_attention_masks`) or NaN (-inf). A row is hidden when its boolean mask
+    holds no True, or its float mask only -inf (left padding under a causal mask: the
+    first query rows)."""
+    graph = ep.graph_module.graph
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target is not aten.scaled_dot_product_attention.default:
+            continue
+        mask = _sdpa_mask(node)
+        if not isinstance(mask, fx.Node) or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        hidden = _rows_hidden(graph, node, mask)
+        zeroed = _insert_before(graph, node.next, aten.masked_fill.Scalar, (node, hidden, 0.0))
+        node.replace_all_uses_with(zeroed, delete_user_cb=lambda user, new=zeroed: user is not new)
+        for spec in ep.graph_signature.output_specs:  # the attention may be a model output
+            if getattr(spec.arg, "name", None) == node.name:
+                spec.arg = type(spec.arg)(name=zeroed.name)
+    ep.graph_module.recompile()
+
+
+def _rows_hidden(graph: fx.Graph, sdpa: fx.Node, mask: fx.Node) -> fx.Node:
+    """True for the rows of ``sdpa``'s scores that attend nowhere (the mask's shape, its
+    last dim 1), inserted before ``sdpa``."""
+    aten = torch.ops.aten
+    if _is_bool(mask):
+        as_float = _insert_before(
+            graph, sdpa, aten._to_copy.default, (mask,), {"dtype": torch.float32}
+        )
+        largest = _insert_before(graph, sdpa, aten.amax.default, (as_float, [-1], True))
+        return _insert_before(graph, sdpa, aten.le.Scalar, (largest, 0.0))
+    # all -inf: the smallest of (mask == -inf) is 1 (TVM's max of a row of -inf is the
+    # lowest finite float, not -inf, so the row's max cannot tell)
+    is_inf = _insert_before(graph, sdpa, aten.eq.Scalar, (mask, -math.inf))
+    as_float = _insert_before(
+        graph, sdpa, aten._to_copy.default, (is_inf,), {"dtype": torch.float32}
+    )
+    smallest = _insert_before(graph, sdpa, aten.amin.default, (as_float, [-1], True))
+    return _insert_before(graph, sdpa, aten.gt.Scalar, (smallest, 0.0))
+
+
 def float_attention_masks(ep: torch.export.ExportedProgram) -> None:
     """Give every ``scaled_dot_product_attention`` a float mask, in place: TVM's
     converter takes only additive float masks, while PyTorch models (Hugging Face
@@ -1305,6 +1353,7 @@ def _import(gm: torch.nn.Module, inputs: list[torch.Tensor], dynamic_batch: bool
     ep, static_batch = _export_graph(gm, inputs, dynamic_batch)
     drop_empty_cat_operands(ep)
     positive_slice_dims(ep)
+    zero_fully_masked_rows(ep)
     float_attention_masks(ep)
     integer_bool_operands(ep)
     scan_operand_dtypes(ep)
