@@ -39,7 +39,8 @@ Contract of :func:`import_graph`:
     the node on host targets, and nothing is ever read or written out of bounds.
     ``embedding_bag`` and ``scatter_reduce`` have no TVM converter and are refused.
   - ``scaled_dot_product_attention`` honours ``scale``, ``is_causal``, ``enable_gqa``,
-    float masks of any broadcastable rank and 2-D/3-D/4-D inputs.
+    float masks of any broadcastable rank and 2-D/3-D/4-D inputs, and returns zeros for
+    the query rows its mask hides entirely (:func:`zero_fully_masked_rows`).
   - ``select`` (``x[:, i]``) counts a negative ``i`` from the end (TVM's converter reads
     out of bounds), and ``x ** n`` for a whole ``n`` in 2..8 multiplies (as torch does
     for 2 and 3; TVM's ``pow`` warns on stderr at every build).
