@@ -61,6 +61,7 @@ LINEAR_CASES = [
     (48, 96, 24, 8, False),  # 3 tile rows
     (40, 50, 20, 2, True),  # inputs not a multiple of 8
     (64, 520, 128, 4, True),  # inputs in blocks of 8 (520 = 65 * 8)
+    (40, 64, 8, 8, True),  # one tile row: no vector
 ]
 
 
@@ -90,6 +91,7 @@ CONV_CASES = [
     ((2, 4, 11, 10), (8, 4, 3, 3), 1, 2, 2, 2, False),  # dilation
     ((2, 8, 40), (32, 8, 3), 1, 1, 1, 4, True),  # 1-D
     ((1, 64, 6, 6), (128, 64, 3, 3), 1, 1, 1, 8, True),  # 16 filters of 576 weights
+    ((1, 16, 5, 5), (8, 16, 1, 1), 1, 0, 1, 8, True),  # one filter
 ]
 
 
@@ -103,7 +105,7 @@ def test_conv_panel_form_matches_reference(xs, ws, stride, pad, dil, p, bias):
     assert kernels.kernel_kind(func) == "conv_aligned"
     scheduled = schedule_rules.schedule_for(func, HOST)
     rows = xs[0] * int(np.prod(ref.shape[2:]))
-    assert _is_panel(scheduled) == (rows >= cpu.PANEL_MIN_ROWS)
+    assert _is_panel(scheduled) == (rows >= cpu.PANEL_MIN_ROWS["conv_aligned"])
     _close(_run(scheduled, [x, words, alphas] + ([b] if bias else []), ref.shape), ref)
 
 
@@ -119,14 +121,15 @@ def test_only_aligned_kernels_with_a_spec_have_a_panel_form():
 
 
 def test_few_rows_keep_the_table_form():
-    func = kernels.tiled_linear_primfunc(cpu.PANEL_MIN_ROWS - 1, 64, 64, 4, False, True)
+    rows = cpu.PANEL_MIN_ROWS["linear_aligned"] - 1
+    func = kernels.tiled_linear_primfunc(rows, 64, 64, 4, False, True)
     assert not _is_panel(schedule_rules.schedule_for(func, HOST))
 
 
 @pytest.mark.parametrize("batch", [1, 3, 4, 33, 64])
 def test_symbolic_linear_batch_runs_table_below_and_panel_from_min_rows(batch):
-    """One kernel for every batch: the table form below PANEL_MIN_ROWS rows (the branch
-    taken at batch 1, 3, 4), the panel form from there (33, 64), both exact."""
+    """One kernel for every batch: the table form below PANEL_MIN_ROWS rows (32: the
+    branch taken at batch 1, 3, 4), the panel form from there (33, 64), both exact."""
     k, n, p = 128, 64, 4
     m = tirx.Var("m", "int64")
     func = kernels.tiled_linear_primfunc(m, k, n, p, False, True)
@@ -141,13 +144,14 @@ def test_symbolic_linear_batch_runs_table_below_and_panel_from_min_rows(batch):
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
 def test_symbolic_conv_batch(batch):
-    """A conv of 16 output positions per image: the table form for one image, the panel
-    form from two images (32 rows) on."""
-    xs, ws = (4, 8, 4, 4), (16, 8, 3, 3)
+    """A conv of 9 output positions per image: the table form for one image, the panel
+    form from two images (18 rows, PANEL_MIN_ROWS is 16) on."""
+    xs, ws = (4, 8, 3, 3), (16, 8, 3, 3)
     n = tirx.Var("n", "int64")
     func = kernels.tiled_conv_primfunc((n, *xs[1:]), ws, 1, 1, 1, 1, 2, True)
     scheduled = schedule_rules.schedule_for(func, HOST)
-    assert "panel" in scheduled.script()
+    script = scheduled.script()
+    assert "panel" in script and "sign_lut" in script
     words, alphas = _tile(int(np.prod(ws)), 2, seed=2)
     x, b = torch.randn(batch, *xs[1:]), torch.randn(ws[0])
     ref = _conv_ref(x, words, alphas, b, ws, 1, 1, 1)
@@ -181,3 +185,24 @@ def test_rebuilt_kernel_keeps_the_attributes_of_the_kernel(m):
     scheduled = schedule_rules.schedule_for(func, HOST)
     assert int(scheduled.attrs["op_pattern"]) == 8
     assert kernels.kernel_kind(scheduled) == "linear_aligned" and _is_panel(scheduled)
+
+
+def _parallel_loops(stmt) -> int:
+    found = int(isinstance(stmt, tirx.For) and stmt.kind == tirx.ForKind.PARALLEL)
+    for name in ("body", "block", "then_case", "else_case"):
+        child = getattr(stmt, name, None)
+        if isinstance(child, tirx.Stmt):
+            found += _parallel_loops(child)
+    return found + sum(_parallel_loops(c) for c in getattr(stmt, "seq", None) or [])
+
+
+def test_small_elementwise_passes_of_a_parallel_kernel_stay_serial():
+    """A batch-1 linear large enough for a parallel product keeps its 1024-output
+    epilogue serial (one parallel loop, not two); still exact."""
+    words, alphas = _tile(2048 * 1024, 2, seed=4)
+    x, b = torch.randn(1, 2048), torch.randn(1024)
+    func = kernels.tiled_linear_primfunc(1, 2048, 1024, 2, False, True)
+    scheduled = schedule_rules.schedule_for(func, HOST)
+    assert _parallel_loops(scheduled.body) == 1
+    got = _run(scheduled, [x, words, alphas, b], (1, 1024))
+    _close(got, ops.tiled_linear(x, words, alphas, b, 1024, 2048, False))
