@@ -1,11 +1,6 @@
-"""The CPU generic schedule's vectorizable math and index simplification, against torch.
-
-* :func:`fast_math.with_fast_math`: ``erf`` and ``sigmoid`` (GELU, SiLU, QuickGELU) as
-  TOPI's polynomials, checked against float64 torch over a wide range;
-* :func:`cpu.without_batch_modulo`: a reshape of a symbolic batch inlined into a
-  reduction leaves ``% n`` indices, which it drops where provable; the scheduled function
-  still computes torch's result at several batch sizes.
-"""
+"""The CPU generic schedule's vectorizable math, against torch: ``erf`` and ``sigmoid``
+(GELU, SiLU, QuickGELU) as TOPI's polynomials (:func:`fast_math.with_fast_math`),
+checked against float64 torch over a wide range and inside the generic schedule."""
 
 from __future__ import annotations
 
@@ -13,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import te, tirx, topi
+from tvm import te, tirx
 
 from tbn_compiler.backends.schedule_rules import cpu, fast_math, host_target
 
@@ -66,38 +61,3 @@ def test_other_calls_and_dtypes_stay():
     func = te.create_prim_func([x, te.compute((N,), lambda i: tirx.erf(x[i]), name="y")])
     assert "T.erf(" in fast_math.with_fast_math(func).script()
     assert "T.exp(" in fast_math.with_fast_math(_unary("exp")).script()
-
-
-def _batch_reshape_sum(rows: int, width: int) -> tirx.PrimFunc:
-    """``y[b * rows + r] = sum_k x[b, r * width + k]`` for a symbolic batch ``b``: a
-    reshape inlined into a reduction, whose indices carry ``% n``."""
-    n = tirx.Var("n", "int64")
-    x = te.placeholder((n, rows * width), "float32", name="x")
-    flat = topi.reshape(x, (n * rows, width))
-    k = te.reduce_axis((0, width), name="k")
-    y = te.compute((n * rows,), lambda i: te.sum(flat[i, k], axis=k), name="y")
-    return te.create_prim_func([x, y])
-
-
-def test_batch_modulo_dropped_and_results_kept():
-    func = _batch_reshape_sum(197, 64)
-    sch = tvm.s_tir.Schedule(func)
-    root = sch.get_sblock("root")
-    cpu.inline_producers(sch, root)
-    assert "% n" in sch.mod["main"].script()
-    assert "% n" not in cpu.without_batch_modulo(sch.mod["main"]).script()
-    scheduled = cpu.parallelize_generic(func)
-    for batch in (1, 3):
-        xs = np.random.default_rng(batch).normal(size=(batch, 197 * 64)).astype("float32")
-        want = xs.reshape(batch * 197, 64).astype("float64").sum(axis=1)
-        got = _run(scheduled, [xs], (batch * 197,))
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_division_and_modulo_by_a_symbolic_size_dropped_where_provable():
-    """``i // n`` and ``i % n`` for ``i < n`` become ``0`` and ``i``; ``i % 5`` stays."""
-    n = tirx.Var("n", "int64")
-    x = te.placeholder((1, n), "float32", name="x")
-    y = te.compute((n,), lambda i: x[i // n, i % n] + tirx.Cast("float32", i % 5), name="y")
-    script = cpu.without_batch_modulo(te.create_prim_func([x, y])).script()
-    assert "// n" not in script and "% n" not in script and "% T.int64(5)" in script

@@ -55,11 +55,9 @@ import math
 from collections.abc import Callable
 
 import tvm
-import tvm_ffi
 from tvm import tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
-from tvm.s_tir.stmt import SBlock
 from tvm.target import Target
 
 from ..kernels import PANEL_KINDS, kernel_kind, panel_primfunc
@@ -697,9 +695,7 @@ def parallelize_generic(
     0. float32 ``erf`` and ``sigmoid`` calls become TOPI's polynomials, which vectorize
        (:func:`.fast_math.with_fast_math`: GELU, SiLU, QuickGELU);
     1. :func:`inline_producers`: intermediate blocks folded into their readers, so an
-       elementwise chain is one pass over memory and layout changes cost no pass; then
-       :func:`without_batch_modulo` drops the ``% n`` of a symbolic size from indices
-       where provable (what inlined reshapes of a symbolic batch leave);
+       elementwise chain is one pass over memory and layout changes cost no pass;
     2. a function with reductions is scheduled row by row when it can be
        (:func:`_try_row_fusion`: every block computed inside the row loops of the last
        one, one parallel loop over rows, vector lanes inside a row); data movement
@@ -752,8 +748,6 @@ def _parallelize_generic(func: tirx.PrimFunc, min_work: int, min_elementwise: in
     if root is None:
         return func
     inline_producers(sch, root)
-    sch = Schedule(without_batch_modulo(sch.mod["main"]))
-    root = root_block(sch)
     fused = _try_row_fusion(sch, root, min_work)
     if fused is not None:
         sch, rest = fused
@@ -768,41 +762,6 @@ def _parallelize_generic(func: tirx.PrimFunc, min_work: int, min_elementwise: in
             sch = _try_parallel_prefix(rf_sch, rf_block, min_work) or rf_sch
         sch = _try_parallel_prefix(sch, block, min_work) or sch
     return sch.mod["main"]
-
-
-def without_batch_modulo(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """``func`` with every ``a % m`` whose ``a`` is provably in ``[0, m)`` replaced by ``a``
-    (and ``a // m`` by 0), proven over the iteration domains of its blocks with symbolic
-    bounds. Inlined reshapes of a symbolic batch ``n`` leave indices such as
-    ``(b // 3) % n`` for ``b < 3 n``: TVM's lowering cannot drop that modulo, and an
-    integer division per element in inner loops made attention 3x slower than the
-    static build (DeiT-tiny at batch 1: 1.7 ms vs 0.5 ms per call)."""
-    analyzer = tvm.sym.Analyzer()
-    for block in _blocks(func):
-        for iv in block.iter_vars:
-            analyzer.bind(iv.var, iv.dom)
-
-    def in_range(e: tirx.PrimExpr) -> bool:
-        return _proves(analyzer, e.a >= 0) and _proves(analyzer, e.a < e.b)
-
-    def mod(e: tirx.FloorMod) -> tirx.PrimExpr:
-        return e.a if not isinstance(e.b, tirx.IntImm) and in_range(e) else e
-
-    def div(e: tirx.FloorDiv) -> tirx.PrimExpr:
-        return tirx.const(0, str(e.ty)) if not isinstance(e.b, tirx.IntImm) and in_range(e) else e
-
-    return tvm_ffi.structural_map(func, [(tirx.FloorMod, mod), (tirx.FloorDiv, div)])
-
-
-def _blocks(func: tirx.PrimFunc) -> list:
-    """Every block of ``func`` (root included)."""
-    found: list = []
-    tvm_ffi.structural_walk(func, [(SBlock, found.append)])
-    return found
-
-
-def _proves(analyzer: tvm.sym.Analyzer, condition: tirx.PrimExpr) -> bool:
-    return analyzer.can_prove(condition, strength=tvm.sym.ProofStrength.SYMBOLIC_BOUND)
 
 
 def _try_row_fusion(sch: Schedule, root, min_work: int, lanes: int = 8) -> tuple | None:
