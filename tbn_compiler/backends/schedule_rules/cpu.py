@@ -610,15 +610,17 @@ def _cpu_direct_conv(sch: Schedule, block, parallel: bool = True) -> None:
         sch.vectorize(sch.get_loops(acc)[-1])
 
 
-def _register_block(rows: int, filters: int, lanes: int, budget: int = 8) -> tuple[int, int]:
-    """(rows ``mr``, tile rows ``nr``) of a register block of ``mr x nr`` accumulators
-    (``nr`` a multiple of ``lanes`` where it can be): at most ``budget`` vectors of
-    accumulators (8 measured best on Zen 4 with AVX-512 and on Zen 3 with AVX2)."""
-    nr = factor(filters, (2 * lanes, lanes)) or filters
+def _register_block(
+    rows: int, filters: int, lanes: int, budget: int = 8, widths: tuple[int, ...] = (2, 1)
+) -> tuple[int, int]:
+    """(rows ``mr``, tile rows ``nr``) of a register block of ``mr x nr`` accumulators:
+    ``nr`` the first of ``widths`` (in vectors of ``lanes``) that divides ``filters``,
+    ``mr`` the most rows (16 at most) that keep ``budget`` vectors of accumulators."""
+    nr = factor(filters, tuple(w * lanes for w in widths))
     if nr == 1:
         nr = filters if filters <= 2 * lanes else factor(filters, (8, 4, 2))
     vectors = max(1, nr // lanes)
-    mr = factor(rows, tuple(r for r in (8, 4, 2) if r * vectors <= budget))
+    mr = factor(rows, tuple(r for r in (16, 8, 4, 2) if r * vectors <= budget))
     return mr, nr
 
 
@@ -632,7 +634,10 @@ def _cpu_panel_conv(sch: Schedule, block, parallel: bool, lanes: int):
     (smaller layers ran about 1.2x faster so on two busy cores)."""
     spatial, red = split_loops(sch, block)
     batch, *sp, filt = spatial
-    mr, nr = _register_block(extent(sch, sp[-1]), extent(sch, filt), lanes)
+    # AVX-512 has 32 vector registers: 16 accumulators of one vector of filters each
+    # (64-channel 3x3 conv at batch 16: 24.4 -> 19.8 ms against 4 positions x 2 vectors)
+    budget, widths = (16, (1, 2)) if lanes >= 16 else (8, (2, 1))
+    mr, nr = _register_block(extent(sch, sp[-1]), extent(sch, filt), lanes, budget, widths)
     wo, wi = sch.split(sp[-1], [None, mr])
     fo, fi = sch.split(filt, [None, nr])
     outer = [batch, *sp[:-1], wo]
