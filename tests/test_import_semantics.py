@@ -7,6 +7,8 @@ of float32 arithmetic with 0-d float64 tensors.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn as nn
@@ -121,3 +123,29 @@ class Noise(nn.Module):
 def test_random_ops_are_refused_not_frozen(op: str) -> None:
     with pytest.raises(UnsupportedOpError, match="draws random numbers at every call"):
         tbn.compile(Noise(op), torch.randn(2, 4), config=DENSE)
+
+
+class SliceScatters(nn.Module):
+    """``slice_scatter`` along several axes, with steps, a negative start and an open end
+    (swin_t's shifted-window masks write such slices)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.slice_scatter(x, y[:, :2], dim=1, start=1, end=5, step=2),
+            torch.slice_scatter(x, y[:3], dim=0, start=-3),
+            torch.slice_scatter(x, y[:, :, :2] * 2, dim=2, start=0, end=4, step=3),
+        )
+
+
+@pytest.mark.parametrize("target", ["llvm", "mps2-an386"])
+def test_slice_scatter_writes_torchs_slices_and_warns_nothing(target: str, capfd) -> None:
+    if target != "llvm" and not (
+        shutil.which("arm-none-eabi-gcc") and shutil.which("qemu-system-arm")
+    ):
+        pytest.skip("the Arm toolchain or QEMU is missing")
+    x, y = torch.randn(6, 7, 5), torch.randn(6, 7, 5)
+    model = SliceScatters()
+    cm = tbn.compile(model, (x, y), target=target, config=DENSE)
+    for e, g in zip(model(x, y), cm(x, y), strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert "Fast mode" not in capfd.readouterr().err

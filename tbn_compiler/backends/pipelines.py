@@ -43,6 +43,7 @@ from tvm.target import Target
 from . import schedule_rules
 
 __all__ = [
+    "COMMON_LEGALIZATIONS",
     "CPU_LEGALIZATIONS",
     "INDEX_ERROR_FN",
     "MCU_LEGALIZATIONS",
@@ -66,6 +67,7 @@ __all__ = [
     "schedule_for_mcu",
     "schedule_kernels",
     "serial_scan",
+    "slice_scatter",
     "tuned",
 ]
 
@@ -103,7 +105,7 @@ def legalize_and_fuse(target: Target | None = None) -> Stage:
     that vectorizes)."""
     cpu_target = target is not None and target.kind.name in ("llvm", "c")
     return [
-        relax.transform.LegalizeOps(CPU_LEGALIZATIONS if cpu_target else None),
+        relax.transform.LegalizeOps(CPU_LEGALIZATIONS if cpu_target else COMMON_LEGALIZATIONS),
         relax.transform.AnnotateTIROpPattern(),
         _module_pass("MarkSymbolicMovesInjective", _mark_symbolic_moves_injective),
         relax.transform.FoldConstant(),
@@ -459,7 +461,56 @@ def _legalize_attention(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 _TVM_LEGALIZE_ATTENTION = tvm.ir.Op.get("relax.nn.attention").get_attr("FLegalize")
 
+
+def slice_scatter(
+    data: te.Tensor,
+    src: te.Tensor,
+    start: tirx.PrimExpr,
+    end: tirx.PrimExpr,
+    step: tirx.PrimExpr,
+    axis: int,
+) -> te.Tensor:
+    """``data`` with ``src`` written over ``data[..., start:end:step, ...]`` along ``axis``
+    (torch's ``slice_scatter``; bounds already normalized by the import). Reads only
+    in-bounds elements of ``src``: TOPI's version gathers with a "fast" ``take`` and
+    warns on stderr at every build that out-of-bounds indices would crash."""
+    axis = axis % len(data.shape)
+    start, end, step = (tirx.Cast("int64", v) for v in (start, end, step))
+    last = tirx.Cast("int64", src.shape[axis]) - 1
+
+    def element(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+        j = tirx.Cast("int64", i[axis])
+        inside = tirx.all(j >= start, j < end, tirx.floormod(j - start, step) == 0)
+        k = tirx.Select(
+            inside, tirx.min(tirx.floordiv(j - start, step), last), tirx.const(0, "int64")
+        )
+        from_src = src[(*i[:axis], k, *i[axis + 1 :])]
+        return tirx.if_then_else(inside, from_src, data[i])
+
+    return te.compute(data.shape, element, name="T_slice_scatter")
+
+
+def _legalize_slice_scatter(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    data, src, start, end, step = call.args
+    return bb.call_te(
+        slice_scatter,
+        data,
+        src,
+        start,
+        end,
+        step,
+        int(call.attrs.axis),
+        primfunc_name_hint="slice_scatter",
+    )
+
+
+COMMON_LEGALIZATIONS = {
+    "relax.slice_scatter": _legalize_slice_scatter,
+}
+"""Legalizations of every pipeline that replace TVM's (see :func:`slice_scatter`)."""
+
 MCU_LEGALIZATIONS = {
+    **COMMON_LEGALIZATIONS,
     "relax.take": _legalize_take,
     "relax.cumsum": _legalize_scan(product=False),
     "relax.cumprod": _legalize_scan(product=True),
@@ -467,6 +518,7 @@ MCU_LEGALIZATIONS = {
 """Legalizations of the Cortex-M pipeline that replace TVM's (or add what it has none of)."""
 
 CPU_LEGALIZATIONS = {
+    **COMMON_LEGALIZATIONS,
     "relax.nn.softmax": _legalize_softmax,
     "relax.nn.attention": _legalize_attention,
 }
