@@ -106,11 +106,14 @@ def default_cases(quick: bool) -> list[Case]:
     for p in (8, 4):
         for batch in (1, 16):
             cases.append(conv2d_case(batch, 256, 256, 14, 3, 1, p))
+    for batch in (1, 16):  # ResNet-18-CIFAR's binary (p=1) 64-channel convs
+        cases.append(conv2d_case(batch, 64, 64, 32, 3, 1, 1))
     if quick:
         keep = {
             "linear 1x4096->4096 p=8",
             "linear 64x4096->4096 p=8",
             "conv2d 3x3 256->256 14x14 b=1 p=8",
+            "conv2d 3x3 64->64 32x32 b=1 p=1",
         }
         cases = [c for c in cases if c.name in keep]
     return cases

@@ -1,6 +1,7 @@
-"""Panel form of the aligned tile kernels (kernels.panel_primfunc) and the CPU rule that
-uses it (schedule_rules.cpu.PanelProduct): exact against the tbn_compiler.ops reference
-(plain torch math), chosen from PANEL_MIN_ROWS rows on, the table form below, and both
+"""Panel and words forms of the aligned tile kernels (kernels.panel_primfunc,
+kernels.words_primfunc) and the CPU rules that use them (schedule_rules.cpu.PanelProduct,
+WordsProduct): exact against the tbn_compiler.ops reference (plain torch math), the panel
+form from PANEL_MIN_ROWS rows on, the words (linear) or table form below, and both
 inside one kernel when the batch is symbolic."""
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def test_only_aligned_kernels_with_a_spec_have_a_panel_form():
     assert not _is_panel(schedule_rules.schedule_for(aligned.without_attr(kernels.SPEC_ATTR), HOST))
 
 
-def test_few_rows_keep_the_table_form():
+def test_few_rows_do_not_take_the_panel_form():
     rows = cpu.PANEL_MIN_ROWS["linear_aligned"] - 1
     func = kernels.tiled_linear_primfunc(rows, 64, 64, 4, False, True)
     assert not _is_panel(schedule_rules.schedule_for(func, HOST))
@@ -135,7 +136,7 @@ def test_symbolic_linear_batch_runs_table_below_and_panel_from_min_rows(batch):
     func = kernels.tiled_linear_primfunc(m, k, n, p, False, True)
     scheduled = schedule_rules.schedule_for(func, HOST)
     script = scheduled.script()
-    assert "panel" in script and "sign_lut" in script  # both forms inside
+    assert "panel" in script and "sign_lut" not in script  # panel and words forms inside
     words, alphas = _tile(k * n, p, seed=1)
     x, b = torch.randn(batch, k), torch.randn(n)
     got = _run(scheduled, [x, words, alphas, b], (batch, n))
@@ -206,3 +207,32 @@ def test_small_elementwise_passes_of_a_parallel_kernel_stay_serial():
     assert _parallel_loops(scheduled.body) == 1
     got = _run(scheduled, [x, words, alphas, b], (1, 1024))
     _close(got, ops.tiled_linear(x, words, alphas, b, 1024, 2048, False))
+
+
+def _form(func: tirx.PrimFunc) -> str:
+    return str((func.attrs or {}).get(kernels.FORM_ATTR, ""))
+
+
+@pytest.mark.parametrize(
+    "m,k,n,p,bias,form",
+    [
+        (1, 4096, 512, 8, True, "words"),
+        (3, 64, 40, 4, False, "words"),  # 10 tile rows
+        (31, 96, 8, 8, True, "words"),  # one tile row, 3 words
+        (2, 40, 16, 4, True, ""),  # rows not whole words: table form
+        (2, 64, 32, 4, True, ""),  # (in, out) weight: no words form
+    ],
+)
+def test_words_form_for_few_rows_matches_reference(m, k, n, p, bias, form):
+    io = (k, n) == (64, 32)
+    words, alphas = _tile(k * n, p, seed=k + n + m)
+    x, b = torch.randn(m, k), torch.randn(n) if bias else None
+    func = kernels.tiled_linear_primfunc(m, k, n, p, io, bias)
+    scheduled = schedule_rules.schedule_for(func, HOST)
+    assert _form(scheduled) == form
+    got = _run(scheduled, [x, words, alphas] + ([b] if bias else []), (m, n))
+    _close(got, ops.tiled_linear(x, words, alphas, b, n, k, io))
+    if form:
+        raw = kernels.words_primfunc(func)
+        unscheduled = _run(raw, [x, words, alphas] + ([b] if bias else []), (m, n))
+        _close(unscheduled, ops.tiled_linear(x, words, alphas, b, n, k, io))

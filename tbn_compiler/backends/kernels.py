@@ -101,13 +101,15 @@ __all__ = [
     "PANEL_KINDS",
     "SPEC_ATTR",
     "panel_primfunc",
+    "words_primfunc",
 ]
 
 KERNEL_ATTR = "tbn_kernel"
 """PrimFunc attribute naming the kernel kind (see the module docstring)."""
 
 FORM_ATTR = "tbn_form"
-"""PrimFunc attribute ``"panel"`` on a kernel in panel form (:func:`panel_primfunc`)."""
+"""PrimFunc attribute naming the form of a rebuilt kernel: ``"panel"``
+(:func:`panel_primfunc`) or ``"words"`` (:func:`words_primfunc`)."""
 
 SPEC_ATTR = "tbn_spec"
 """PrimFunc attribute holding the builder's arguments but the batch (a JSON object), so
@@ -864,6 +866,49 @@ def _linear_panel(m: Extent, spec: dict) -> tirx.PrimFunc:
     )
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
     return _finish(args, "linear_aligned", spec).with_attr(FORM_ATTR, "panel")
+
+
+def words_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """``func`` (a ``linear_aligned`` kernel built here, ``in % 32 == 0``) in *words*
+    form, or None for any other kernel (or one without :data:`SPEC_ATTR`).
+
+    Same buffers, kind and results (the same signed sums, in another order): the
+    reduction is split ``(word, bit)`` with ``small[i, r] = sum select(bit, x, -x)``, so
+    that a vector of bits of one tile word becomes a vector of lanes by a compare with
+    per-lane bit masks, and ``-x`` is shared by every tile row (a blend per weight, no
+    table). Meant for few rows (batch 1 matrix-vector products). Attribute
+    :data:`FORM_ATTR` ``"words"``."""
+    attrs = func.attrs
+    if kernel_kind(func) != "linear_aligned" or attrs is None or SPEC_ATTR not in attrs:
+        return None
+    spec = json.loads(str(attrs[SPEC_ATTR]))
+    k, n, p = int(spec["in_features"]), int(spec["out_features"]), int(spec["p"])
+    if k % WORD_BITS:
+        return None
+    dtype, has_bias = str(spec["dtype"]), bool(spec["has_bias"])
+    m = func.params[0].shape[0]
+    m = _own_extent(m if not isinstance(m, tirx.IntImm) else int(m), "m")
+    rows, words = n // p, k // WORD_BITS
+    x, tile, alphas, bias = _inputs((m, k), k * rows, p, n, has_bias, dtype)
+    kw = te.reduce_axis((_i64(0), _i64(words)), name="kw")
+    kl = te.reduce_axis((_i64(0), _i64(WORD_BITS)), name="kl")
+
+    def body(i, r):
+        word = tile[r * words + kw]
+        bit = (word >> kl.var.astype("uint32")) & _u32(1)
+        xv = x[i, kw * WORD_BITS + kl]
+        return te.sum(tirx.Select(bit == _u32(1), xv, -xv), axis=[kw, kl])
+
+    small = te.compute(_shape((m, rows)), body, name="small")
+    out = te.compute(
+        _shape((m, n)),
+        lambda i, j: _add_bias(
+            alphas[tirx.floordiv(j, rows)] * small[i, tirx.floormod(j, rows)], bias, j
+        ),
+        name="out",
+    )
+    args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
+    return _finish(args, "linear_aligned", spec).with_attr(FORM_ATTR, "words")
 
 
 def _conv_panel(x_shape: list[Extent], spec: dict) -> tirx.PrimFunc:

@@ -15,6 +15,9 @@ predicates, clean vector loops). :data:`CPU_RULES`, first that applies:
   step, fused multiply-adds; a conv reads its padded input directly (no im2col). A
   symbolic batch runs the table form (next rules) below that many rows, in the same
   function.
+* :class:`WordsProduct`: an aligned linear with fewer rows (and whole-word tile rows) is
+  rebuilt in words form (:func:`..kernels.words_primfunc`): the 32 bits of a tile word
+  give ``select(bit, x, -x)`` over 16 (8) lanes, ``nr`` tile rows per vector of inputs.
 * :class:`RowTableProduct`: a product of rows (input or im2col rows) by tile rows whose
   sign masks come from the table, reduction split (word, byte, bit): the 8 bits of one
   table entry become the vector lanes (``rfactor``); a register block of ``mr`` rows x
@@ -60,7 +63,7 @@ from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
-from ..kernels import PANEL_KINDS, kernel_kind, panel_primfunc
+from ..kernels import PANEL_KINDS, kernel_kind, panel_primfunc, words_primfunc
 from .base import (
     CONV_KINDS,
     KernelAnalysis,
@@ -92,6 +95,7 @@ __all__ = [
     "PanelProduct",
     "ParallelOutputs",
     "RowTableProduct",
+    "WordsProduct",
     "MIN_PARALLEL_ELEMENTS",
     "MIN_PARALLEL_WORK",
     "host_target",
@@ -365,6 +369,39 @@ class _PanelSchedule(_ProductRule):
         sch.reverse_compute_at(sch.get_sblock("out"), task)
 
 
+class WordsProduct(ScheduleRule):
+    """Aligned linear kernels with whole-word rows and fewer rows than the panel form
+    takes (batch-1 matrix-vector products): rebuilt in words form
+    (:func:`..kernels.words_primfunc`) and scheduled by :func:`_cpu_words_product`."""
+
+    name = "words-product"
+
+    def apply(self, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+        words = words_primfunc(func)
+        if words is None:
+            return None
+        sch = Schedule(words)
+        kernel = analyse(sch)
+        rule = _WordsSchedule(_vector_lanes(target))
+        batch = shape_vars(words)
+        if kernel.work >= 0 or len(batch) != 1:
+            rule.schedule_all(sch, worth_parallel(kernel))
+            return _with_attrs_of(sch.mod["main"], func)
+        return _with_attrs_of(rule._dispatch(words, sch, kernel, batch[0]), func)
+
+
+class _WordsSchedule(_ProductRule):
+    """The schedule of a kernel in words form, with ``lanes``-wide vectors."""
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+
+    def schedule_all(self, sch: Schedule, parallel: bool, passes: bool | None = None) -> None:
+        _cpu_words_product(sch, sch.get_sblock("small"), parallel, self.lanes)
+        out = next(s for s in analyse(sch).stages if s.name == "out")
+        _cpu_elementwise(sch, out.block, parallel and (_many(out) if passes is None else passes))
+
+
 def _with_attrs_of(scheduled: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.PrimFunc:
     """``scheduled`` (a rebuilt form of ``func``) with every attribute of ``func`` too
     (e.g. the op pattern that keeps the Relax pipelines from fusing it)."""
@@ -456,6 +493,7 @@ class ParallelOutputs(_ProductRule):
 CPU_RULES: tuple[ScheduleRule, ...] = (
     ChecksStaySerial(),
     PanelProduct(),
+    WordsProduct(),
     RowTableProduct(),
     ColumnTableProduct(),
     DirectConv(),
@@ -679,6 +717,37 @@ def _cpu_panel_linear(sch: Schedule, block, parallel: bool, lanes: int) -> None:
     init = sch.decompose_reduction(block, ko)
     _vectorize(sch, sch.get_loops(init)[-1])
     _vectorize(sch, sch.get_loops(acc)[-1])
+
+
+def _cpu_words_product(sch: Schedule, block, parallel: bool, lanes: int) -> None:
+    """``small[i, r] = sum over (word, bit)`` of a linear in words form: the bits of a
+    word become ``lanes`` partial sums (rfactor), ``nr`` tile rows share each vector of
+    inputs (and its negation), a task is ``per_task`` tile rows for every input row.
+    Measured on Zen 4 (4096x4096 p=8, batch 1): best 0.03 ms against 0.12 for the table
+    form (the same signed sums: one compare and one blend per 16 weights instead of a
+    table load and a sign flip per 8)."""
+    i, r, kw, kl = sch.get_loops(block)
+    rows = extent(sch, r)
+    nr = factor(rows, (8, 4, 2))
+    per_task = next(
+        (t for t in (64, 32, 16) if rows % t == 0 and t % nr == 0 and rows // t >= 4 * cores()),
+        nr,
+    )
+    klo, kli = sch.split(kl, [None, min(lanes, extent(sch, kl))])
+    rf = sch.rfactor(kli, factor_axis=2)  # rf[i, r, lane]
+    i, r, kw, klo, kli = sch.get_loops(rf)
+    ro, rm, ri = sch.split(r, [None, per_task // nr, nr])
+    sch.reorder(ro, i, rm, kw, klo, ri, kli)
+    _parallel(sch, ro, parallel)
+    acc = sch.cache_write(rf, 0, "local")
+    sch.reverse_compute_at(acc, rm)
+    for loop in (klo, ri):
+        sch.unroll(loop)
+    sch.vectorize(kli)
+    init = sch.decompose_reduction(rf, kw)
+    _vectorize(sch, sch.get_loops(init)[-1])
+    _vectorize(sch, sch.get_loops(acc)[-1])
+    sch.reverse_compute_at(block, ro)  # the sum of the lanes
 
 
 def _vectorize(sch: Schedule, loop) -> None:
