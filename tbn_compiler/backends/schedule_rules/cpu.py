@@ -361,7 +361,9 @@ class _PanelSchedule(_ProductRule):
             wide = _many(out) if passes is None else passes
             _cpu_elementwise(sch, out.block, parallel and wide)
             return
-        _cpu_elementwise(sch, sch.get_sblock("panel"), parallel)
+        panel = next(s for s in analyse(sch).stages if s.name == "panel")
+        big = math.prod(panel.extents) >= MIN_PARALLEL_PANEL
+        _cpu_elementwise(sch, panel.block, parallel and big)
         task = _cpu_panel_conv(sch, sch.get_sblock("small"), parallel, self.lanes)
         pad = _child(sch, "xpad")
         if pad is not None:  # the padded rows a task reads, built by the task
@@ -400,6 +402,11 @@ class _WordsSchedule(_ProductRule):
         _cpu_words_product(sch, sch.get_sblock("small"), parallel, self.lanes)
         out = next(s for s in analyse(sch).stages if s.name == "out")
         _cpu_elementwise(sch, out.block, parallel and (_many(out) if passes is None else passes))
+
+
+MIN_PARALLEL_PANEL = 1 << 16
+"""Tile weights from which a conv unpacks its panel in parallel: below, a parallel loop
+costs more than the unpacking (ResNet-18-CIFAR's 64-channel convs: 36,864)."""
 
 
 def _with_attrs_of(scheduled: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -662,6 +669,22 @@ def _register_block(
     return mr, nr
 
 
+def _widest_block(rows: int, filters: int, lanes: int, budget: int) -> tuple[int, int]:
+    """``(mr, nr)``: of register blocks ``mr`` rows x 1, 2 or 4 vectors of filters
+    (within ``budget`` vectors of accumulators), the one with the most accumulators, of
+    equal ones the narrowest (more rows): a row of 4 positions gets 4 x 4 vectors, not
+    4 x 1 (512-channel conv at 4x4). Filters not in whole vectors: :func:`_register_block`."""
+    found = []
+    for w in (1, 2, 4):
+        if filters % (w * lanes) == 0:
+            mr = factor(rows, tuple(r for r in (16, 8, 4, 2) if r * w <= budget))
+            found.append((mr * w, -w, mr, w * lanes))
+    if not found:
+        return _register_block(rows, filters, lanes, budget)
+    _, _, mr, nr = max(found)
+    return mr, nr
+
+
 def _cpu_panel_conv(sch: Schedule, block, parallel: bool, lanes: int):
     """``small (n, *out_sp, filters)`` of a conv in panel form: a register block is ``mr``
     consecutive output positions of a row x ``nr`` filters (the vector), accumulated
@@ -674,8 +697,8 @@ def _cpu_panel_conv(sch: Schedule, block, parallel: bool, lanes: int):
     batch, *sp, filt = spatial
     # AVX-512 has 32 vector registers: 16 accumulators of one vector of filters each
     # (64-channel 3x3 conv at batch 16: 24.4 -> 19.8 ms against 4 positions x 2 vectors)
-    budget, widths = (16, (1, 2)) if lanes >= 16 else (8, (2, 1))
-    mr, nr = _register_block(extent(sch, sp[-1]), extent(sch, filt), lanes, budget, widths)
+    budget = 16 if lanes >= 16 else 8
+    mr, nr = _widest_block(extent(sch, sp[-1]), extent(sch, filt), lanes, budget)
     wo, wi = sch.split(sp[-1], [None, mr])
     fo, fi = sch.split(filt, [None, nr])
     outer = [batch, *sp[:-1], wo]
