@@ -344,3 +344,31 @@ def test_several_inputs_save_load_and_export(tokens, tmp_path) -> None:
     # logits 24 floats, hidden 96, count one int64 (2 words), x 96 floats
     assert len(words) == 24 + 96 + 2 + 96
     assert "TBN_RC 0" in run.stdout
+
+
+class TiedHead(nn.Module):
+    """A token embedding whose table is also the output layer (as in GPT-2's LM head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def test_a_table_shared_by_embedding_and_head_is_stored_once() -> None:
+    """The head reads the embedding's table as stored; flash holds it once (the
+    transposed copy a folded ``permute_dims`` made doubled it)."""
+    torch.manual_seed(0)
+    model, ids = TiedHead().eval(), torch.randint(0, 50, (1, 6))
+    dense = tbn.TBNConfig(exclude=["*"])
+    cm = tbn.compile(model, (ids,), target=BOARD, config=dense)
+    table, mix = model.emb.weight, model.mix
+    expected = 4 * (table.numel() + mix.weight.numel() + mix.bias.numel())
+    assert cm.memory["weights_bytes"] == expected
+    with torch.no_grad():
+        assert_parity(cm(ids), model(ids))

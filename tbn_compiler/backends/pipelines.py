@@ -62,11 +62,13 @@ __all__ = [
     "legalize_for_inference",
     "lower_and_finalize",
     "mark_kernels",
+    "matmul_by_rows",
     "parallelize_unscheduled",
     "prepare_for_tuning",
     "schedule_for_mcu",
     "schedule_kernels",
     "serial_scan",
+    "shared_transposed_constants",
     "slice_scatter",
     "tuned",
 ]
@@ -159,6 +161,14 @@ def legalize_for_inference() -> Stage:
     ]
 
 
+def shared_transposed_constants() -> Stage:
+    """``matmul(x, permute_dims(C))`` of a 2-D constant ``C`` (a linear layer, e.g. a
+    language-model head tied to the token embedding) as one kernel that reads ``C``
+    itself (:func:`matmul_by_rows`): folding the transpose would store ``C`` twice when
+    another op (the embedding lookup) uses it too."""
+    return [_module_pass("SharedTransposedConstants", _share_transposed_constants)]
+
+
 def fuse() -> Stage:
     """Elementwise chains fused into the kernels around them (ours stay opaque)."""
     return [relax.transform.FuseOps(), relax.transform.FuseTIR()]
@@ -237,6 +247,7 @@ def cortex_m() -> tvm.transform.Pass:
         None,
         [
             mark_kernels(),
+            shared_transposed_constants(),
             legalize_for_inference(),
             fuse(),
             dead_code_elimination(),
@@ -310,6 +321,54 @@ def _mark_symbolic_moves_injective(mod: tvm.IRModule) -> tvm.IRModule:
         if schedule_rules.is_symbolic_move(func):
             mod[gv] = func.with_attr("op_pattern", _OP_PATTERN_INJECTIVE)
     return mod
+
+
+def matmul_by_rows(x: te.Tensor, w: te.Tensor) -> te.Tensor:
+    """``x @ w.T``: ``x`` (..., K) and ``w`` (N, K) give (..., N), summed over K in order."""
+    k = te.reduce_axis((0, w.shape[1]), name="k")
+    return te.compute(
+        (*x.shape[:-1], w.shape[0]),
+        lambda *i: te.sum(x[(*i[:-1], k)] * w[i[-1], k], axis=k),
+        name="T_matmul_NT",
+    )
+
+
+@relax.expr_functor.mutator
+class _TransposedConstantMatmul(relax.PyExprMutator):
+    """Rewrites ``matmul(x, permute_dims(C, [1, 0]))`` (float32, ``C`` a 2-D constant)."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op != _MATMUL or len(call.args) != 2:
+            return call
+        x, rhs = call.args
+        moved = self.lookup_binding(rhs) if isinstance(rhs, relax.Var) else rhs
+        if not isinstance(moved, relax.Call) or moved.op != _PERMUTE_DIMS:
+            return call
+        const = moved.args[0]
+        if not isinstance(const, tvm.ir.Constant) or len(const.ty.shape) != 2:
+            return call
+        if moved.attrs.axes is not None and [int(a) for a in moved.attrs.axes] != [1, 0]:
+            return call
+        if not (_dtype(x) == _dtype(const) == _dtype(call) == "float32"):
+            return call
+        return self.builder_.call_te(matmul_by_rows, x, const, primfunc_name_hint="matmul_nt")
+
+
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+_PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
+
+
+def _dtype(expr: relax.Expr) -> str | None:
+    return getattr(expr.ty, "dtype", None)
+
+
+def _share_transposed_constants(mod: tvm.IRModule) -> tvm.IRModule:
+    mutator = _TransposedConstantMatmul(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
 
 
 def _schedule_for_mcu(mod: tvm.IRModule) -> tvm.IRModule:
