@@ -104,18 +104,20 @@ def test_import_has_one_call_per_tile_op_and_no_dense_weight(name, config) -> No
 
 RULE_CASES = [
     # kernel, CPU rule, CUDA rule, MCU rule
-    (lambda: kernels.tiled_linear_primfunc(2, 1024, 64, 4, False, True), cpu.RowTableProduct,
-     cuda.WarpRowTableProduct, mcu.McuTileKernel),
-    (lambda: kernels.tiled_linear_primfunc(2, 64, 32, 4, False, True), cpu.RowTableProduct,
+    (lambda: kernels.tiled_linear_primfunc(2, 1024, 64, 4, False, True), cpu.WordsProduct,
+     cuda.WarpRowTableProduct, mcu.McuTileKernel),  # a few rows: sign-select per bit
+    (lambda: kernels.tiled_linear_primfunc(2, 64, 32, 4, False, True), cpu.WordsProduct,
      cuda.OneOutputPerThread, mcu.McuTileKernel),  # 2 words per row: too few for a warp
     (lambda: kernels.tiled_linear_primfunc(2, 50, 20, 2, False, True), cpu.ParallelOutputs,
      cuda.OneOutputPerThread, mcu.McuTileKernel),  # bit-serial: no sign table
     (lambda: kernels.tiled_linear_primfunc(2, 64, 32, 4, True, True), cpu.ColumnTableProduct,
      cuda.OneOutputPerThread, mcu.McuTileKernel),
     (lambda: kernels.tiled_linear_primfunc(2, 512, 13, 8, False, True), cpu.RowTableProduct,
-     cuda.WarpRowTableProduct, mcu.McuTileKernel),  # realigned words
+     cuda.WarpRowTableProduct, mcu.McuTileKernel),  # realigned words (13 bits a row)
+    (lambda: kernels.tiled_linear_primfunc(64, 256, 64, 4, False, True), cpu.PanelProduct,
+     cuda.WarpRowTableProduct, mcu.McuTileKernel),  # many rows: unpacked panel
     (lambda: kernels.tiled_conv_primfunc((1, 32, 6, 6), (8, 32, 3, 3), 1, 1, 1, 1, 4, True),
-     cpu.RowTableProduct, cuda.WarpRowTableProduct, mcu.McuTileKernel),  # im2col
+     cpu.PanelProduct, cuda.WarpRowTableProduct, mcu.McuTileKernel),  # direct, no im2col
     (lambda: kernels.tiled_conv_primfunc((2, 6, 8, 8), (6, 1, 3, 3), 1, 1, 1, 6, 2, True),
      cpu.DirectConv, cuda.OneOutputPerThread, mcu.McuTileKernel),  # depthwise
 ]  # fmt: skip
