@@ -114,14 +114,14 @@ class Contender:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
+def first_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, (list, tuple)):
-        return _first_tensor(value[0])
+        return first_tensor(value[0])
     return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
 
 
-def _rel_err(value: Any, reference: torch.Tensor) -> float:
-    got = _first_tensor(value).float()
+def rel_err(value: Any, reference: torch.Tensor) -> float:
+    got = first_tensor(value).float()
     return float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
 
 
@@ -147,17 +147,17 @@ def ours_contender(
     if path is not None and path.exists():
         cm = tbn.load(path)
     else:
-        cm = _quietly(lambda: tbn.compile(model, (x,), target="llvm", config=cfg))
+        cm = quietly(lambda: tbn.compile(model, (x,), target="llvm", config=cfg))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             cm.save(path)
     build_s = time.perf_counter() - start
     with torch.no_grad():
-        graph_out = _quietly(lambda: tbn.rewrite(model, (x,), cfg))(x)
+        graph_out = quietly(lambda: tbn.rewrite(model, (x,), cfg))(x)
     totals = getattr(cm.report, "totals", None) or {}
     info = {
         "build_s": round(build_s, 1),
-        "rel_err_vs_rewrite": _rel_err(cm(x), _first_tensor(graph_out).float()),
+        "rel_err_vs_rewrite": rel_err(cm(x), first_tensor(graph_out).float()),
         "weight_bytes_tiled": totals.get("tbn_bytes"),
     }
     return Contender("ours", lambda: cm(x), {**info, "module": cm})
@@ -185,7 +185,7 @@ def _source_hash() -> str:
     return digest.hexdigest()[:12]
 
 
-def _quietly(fn: Callable[[], Any]) -> Any:
+def quietly(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` with Python warnings, log records and stdout chatter suppressed."""
     logging.disable(logging.WARNING)
     try:
@@ -210,9 +210,9 @@ def ort_contenders(
     if isinstance(model, nn.Linear):
         _save_linear_onnx(model, x, fp32)
     else:
-        _quietly(lambda: torch.onnx.export(model, (x,), str(fp32), dynamo=True, verbose=False))
+        quietly(lambda: torch.onnx.export(model, (x,), str(fp32), dynamo=True, verbose=False))
     int8 = workdir / f"{case.name}.int8.onnx"
-    _quietly(lambda: quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8))
+    quietly(lambda: quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8))
     models = [("ort-fp32", fp32), ("ort-int8", int8)]
     if case.linear_only:
         models.append(("ort-4bit", _matmul_nbits(fp32, workdir / f"{case.name}.q4.onnx")))
@@ -245,7 +245,7 @@ def _matmul_nbits(src: Path, dst: Path) -> Path:
     quant = MatMulNBitsQuantizer(
         onnx.load(str(src)), bits=4, block_size=32, is_symmetric=True, accuracy_level=4
     )
-    _quietly(quant.process)
+    quietly(quant.process)
     quant.model.save_model_to_file(str(dst), False)
     return dst
 
@@ -313,7 +313,7 @@ def round_robin(
 def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     model, x = case.build()
     with torch.no_grad():
-        reference = _first_tensor(model(x)).float()
+        reference = first_tensor(model(x)).float()
     contenders = [torch_contender(model, x)]
     if args.ort:
         contenders += ort_contenders(case, model, x, args.threads, workdir)
@@ -333,7 +333,7 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, A
             "median_ms": statistics.median(samples) * 1e3,
             "min_ms": min(samples) * 1e3,
             "samples": len(samples),
-            "rel_err_vs_torch": _rel_err(c.call(), reference),
+            "rel_err_vs_torch": rel_err(c.call(), reference),
             **{k: v for k, v in c.info.items() if k != "module"},
         }
     row["load_before"] = [round(v, 2) for v in load_before]

@@ -40,12 +40,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_peers import (  # noqa: E402
     Case,
     Contender,
-    _first_tensor,
-    _quietly,
-    _rel_err,
+    first_tensor,
     have_onnxruntime,
     ours_contender,
+    quietly,
     ratio,
+    rel_err,
     round_robin,
     saved_contenders,
     table,
@@ -112,7 +112,7 @@ def ort_fp32(case: Case, model: nn.Module, x: torch.Tensor, threads: int, workdi
     import onnxruntime as ort
 
     path = workdir / f"{case.name}.onnx"
-    _quietly(lambda: torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False))
+    quietly(lambda: torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -126,7 +126,7 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, A
     """One row: every contender timed round-robin, medians, errors vs torch, load."""
     model, x = case.build()
     with torch.no_grad():
-        reference = _first_tensor(model(x)).float()
+        reference = first_tensor(model(x)).float()
     contenders = [torch_contender(model, x)]
     if args.ort:
         contenders.append(ort_fp32(case, model, x, args.threads, workdir))
@@ -148,7 +148,7 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, A
             "median_ms": statistics.median(samples) * 1e3,
             "min_ms": min(samples) * 1e3,
             "samples": len(samples),
-            "rel_err_vs_torch": _rel_err(c.call(), reference),
+            "rel_err_vs_torch": rel_err(c.call(), reference),
             **{k: v for k, v in c.info.items() if k != "module"},
         }
     row["load_before"] = [round(v, 2) for v in load_before]

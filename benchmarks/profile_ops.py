@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_peers import _cases, _quietly  # noqa: E402
+from bench_peers import _cases, quietly  # noqa: E402
 
 # first match wins; names are TVM's fused-function names (fused_conv2d_add_relu, ...)
 CATEGORIES = (
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = tbn.TBNConfig(p=args.p)
     for name in args.cases.split(","):
         model, x = cases[name].build()
-        cm = _quietly(lambda m=model, x=x: tbn.compile(m, (x,), target="llvm", config=cfg))
+        cm = quietly(lambda m=model, x=x: tbn.compile(m, (x,), target="llvm", config=cfg))
         medians, counts, wall = profile(cm, x, args.runs)
         report(name, medians, counts, wall)
     print(f"\nload {os.getloadavg()[0]:.2f}")
