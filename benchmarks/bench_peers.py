@@ -412,17 +412,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"cases {', '.join(QUICK)}")
-    parser.add_argument("--cases", help="comma-separated case names (default: all)")
+def add_harness_args(parser: argparse.ArgumentParser, rounds: int, per_round: int) -> None:
+    """The options every round-robin benchmark takes: threads, p, rounds and samples,
+    ORT on/off, and saving/comparing builds."""
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--p", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--per-round", type=int, default=3, help="samples per turn")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--per-round", type=int, default=per_round, help="samples per turn")
     parser.add_argument("--sample-ms", type=float, default=30.0)
     parser.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime peers")
-    parser.add_argument("--cache", type=Path, help="directory of compiled modules to reuse")
     parser.add_argument("--save", type=Path, help="write each case's build to DIR/<case>.tbn")
     parser.add_argument(
         "--compare",
@@ -431,6 +429,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="LABEL=DIR",
         help="also time the builds DIR/<case>.tbn (from --save) as contender ours-LABEL",
     )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"cases {', '.join(QUICK)}")
+    parser.add_argument("--cases", help="comma-separated case names (default: all)")
+    add_harness_args(parser, rounds=7, per_round=3)
+    parser.add_argument("--cache", type=Path, help="directory of compiled modules to reuse")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peers.json")
     return parser.parse_args(argv)
 

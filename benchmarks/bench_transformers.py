@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_peers import (  # noqa: E402
     Case,
     Contender,
+    add_harness_args,
     first_tensor,
     have_onnxruntime,
     ours_contender,
@@ -170,20 +171,7 @@ def verdict(row: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", help=f"comma-separated, of {', '.join(MODELS)} (default all)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--p", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--per-round", type=int, default=2, help="samples per turn")
-    parser.add_argument("--sample-ms", type=float, default=30.0)
-    parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
-    parser.add_argument("--save", type=Path, help="write each case's build to DIR/<case>.tbn")
-    parser.add_argument(
-        "--compare",
-        action="append",
-        default=[],
-        metavar="LABEL=DIR",
-        help="also time the builds DIR/<case>.tbn (from --save) as contender ours-LABEL",
-    )
+    add_harness_args(parser, rounds=5, per_round=2)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "transformers.json"
     )
