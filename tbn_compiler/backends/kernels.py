@@ -334,6 +334,15 @@ def _linear_aligned(x, tile, alphas, bias, m: Extent, k: int, n: int, p: int) ->
             return te.sum(_flip(x[i, kk], _bit_mask(tile, r * k + kk), dtype), axis=kk)
 
     small = te.compute(_shape((m, rows)), body, name="small")
+    return _scaled_copies(small, alphas, bias, m, n, rows)
+
+
+def _scaled_copies(
+    small: te.Tensor, alphas: te.Tensor, bias: te.Tensor | None, m: Extent, n: int, rows: int
+) -> te.Tensor:
+    """``out (m, n)``: the ``p`` copies of the tile product ``small (m, rows)`` side by
+    side, copy ``c`` scaled by ``alphas[c]``, plus ``bias`` (``out[i, j] =
+    alphas[j // rows] * small[i, j % rows] + bias[j]``)."""
     return te.compute(
         _shape((m, n)),
         lambda i, j: _add_bias(
@@ -857,13 +866,7 @@ def _linear_panel(m: Extent, spec: dict) -> tirx.PrimFunc:
     small = te.compute(
         _shape((m, rows)), lambda i, r: te.sum(x[i, kk] * panel[kk, r], axis=kk), name="small"
     )
-    out = te.compute(
-        _shape((m, n)),
-        lambda i, j: _add_bias(
-            alphas[tirx.floordiv(j, rows)] * small[i, tirx.floormod(j, rows)], bias, j
-        ),
-        name="out",
-    )
+    out = _scaled_copies(small, alphas, bias, m, n, rows)
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
     return _finish(args, "linear_aligned", spec).with_attr(FORM_ATTR, "panel")
 
@@ -900,13 +903,7 @@ def words_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         return te.sum(tirx.Select(bit == _u32(1), xv, -xv), axis=[kw, kl])
 
     small = te.compute(_shape((m, rows)), body, name="small")
-    out = te.compute(
-        _shape((m, n)),
-        lambda i, j: _add_bias(
-            alphas[tirx.floordiv(j, rows)] * small[i, tirx.floormod(j, rows)], bias, j
-        ),
-        name="out",
-    )
+    out = _scaled_copies(small, alphas, bias, m, n, rows)
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
     return _finish(args, "linear_aligned", spec).with_attr(FORM_ATTR, "words")
 
