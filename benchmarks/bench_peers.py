@@ -296,15 +296,25 @@ def round_robin(
 ) -> dict[str, list[float]]:
     """Timings per contender, taken in ``rounds`` turns in a new random order each
     round (seeded): a contender that leaves busy threads behind (ONNX Runtime and TVM
-    spin after a run) must not always slow down the same successor."""
+    spin after a run) must not always slow down the same successor. Each turn starts
+    after a pause of :data:`SETTLE_S` and one untimed call, so the previous contender's
+    spinning threads have gone to sleep and this one's pool is awake, as in a process
+    that runs only it."""
     order = random.Random(0)
     with torch.no_grad():
         numbers = {c.name: calibrate(c.call, sample_ms) for c in contenders}
         times: dict[str, list[float]] = {c.name: [] for c in contenders}
         for _ in range(rounds):
             for c in order.sample(contenders, len(contenders)):
+                time.sleep(SETTLE_S)
+                c.call()
                 times[c.name] += sample(c.call, numbers[c.name], per_round)
     return times
+
+
+SETTLE_S = 0.1
+"""Pause before each contender's turn (longer than the spin-wait of ORT's, torch's and
+TVM's thread pools)."""
 
 
 # --------------------------------------------------------------------------- run
