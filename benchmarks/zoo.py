@@ -111,9 +111,22 @@ def torchvision_model(name: str, size: int, **kwargs: Any) -> Builder:
 
     def build() -> tuple[torch.nn.Module, tuple]:
         models = import_torchvision_models()
-        return getattr(models, name)(weights=None, **kwargs), _image(size)
+        return _no_zero_layers(getattr(models, name)(weights=None, **kwargs)), _image(size)
 
     return build
+
+
+def _no_zero_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every all-zero Linear/Conv weight drawn at random (std 0.02):
+    torchvision's ViT initializes its head to zeros, which makes every output 0 and the
+    parity check trivial."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not weight.any():
+                weight.copy_(torch.randn(weight.shape, generator=gen) * 0.02)
+    return model
 
 
 def small_vision_transformer(size: int = 32) -> Builder:
@@ -124,7 +137,7 @@ def small_vision_transformer(size: int = 32) -> Builder:
         model = vit(
             image_size=size, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128
         )
-        return model, _image(size)
+        return _no_zero_layers(model), _image(size)
 
     return build
 
