@@ -328,7 +328,21 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, A
     if args.ort:
         contenders += ort_contenders(case, model, x, args.threads, workdir)
     ours = ours_contender(case, model, x, args.p, args.cache)
-    contenders.append(ours)
+    return timed_row(case, x, reference, contenders, ours, args)
+
+
+def timed_row(
+    case: Case,
+    x: torch.Tensor,
+    reference: torch.Tensor,
+    contenders: list[Contender],
+    ours: Contender,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The row of ``case``: ``ours`` (saved with ``--save``) after the peers in
+    ``contenders``, plus the ``--compare`` builds, timed round-robin; medians, errors
+    against ``reference`` and the load before and after."""
+    contenders = [*contenders, ours]
     if args.save is not None:
         args.save.mkdir(parents=True, exist_ok=True)
         ours.info["saved"] = str(ours.info["module"].save(args.save / f"{case.name}.tbn"))

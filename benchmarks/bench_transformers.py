@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -46,10 +45,8 @@ from bench_peers import (  # noqa: E402
     ours_contender,
     quietly,
     ratio,
-    rel_err,
-    round_robin,
-    saved_contenders,
     table,
+    timed_row,
     torch_contender,
     write_results,
 )
@@ -134,27 +131,7 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, A
     start = time.perf_counter()
     ours = ours_contender(case, model, x, args.p, None)
     print(f"{case.name}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
-    contenders.append(ours)
-    if args.save is not None:
-        args.save.mkdir(parents=True, exist_ok=True)
-        ours.info["saved"] = str(ours.info["module"].save(args.save / f"{case.name}.tbn"))
-    contenders += saved_contenders(case, x, args.compare)
-    load_before = os.getloadavg()
-    times = round_robin(contenders, args.rounds, args.per_round, args.sample_ms)
-    load_after = os.getloadavg()
-    row: dict[str, Any] = {"case": case.name, "batch": 1, "contenders": {}}
-    for c in contenders:
-        samples = times[c.name]
-        row["contenders"][c.name] = {
-            "median_ms": statistics.median(samples) * 1e3,
-            "min_ms": min(samples) * 1e3,
-            "samples": len(samples),
-            "rel_err_vs_torch": rel_err(c.call(), reference),
-            **{k: v for k, v in c.info.items() if k != "module"},
-        }
-    row["load_before"] = [round(v, 2) for v in load_before]
-    row["load_after"] = [round(v, 2) for v in load_after]
-    return row
+    return timed_row(case, x, reference, contenders, ours, args)
 
 
 def verdict(row: dict[str, Any]) -> str:
