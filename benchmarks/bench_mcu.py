@@ -111,6 +111,21 @@ def table_free_kernels() -> Iterator[None]:
         schedule_rules.schedule_mcu = original
 
 
+MEMORY_KEYS = (
+    "weights_bytes",
+    "code_bytes",
+    "flash_bytes",
+    "ram_bytes",
+    "arena_bytes",
+    "stack_bytes",
+)
+
+
+def memory_fields(mem: dict[str, Any]) -> dict[str, Any]:
+    """The library's sizes from ``cm.memory`` (bytes; see :data:`MEMORY_KEYS`)."""
+    return {key: mem[key] for key in MEMORY_KEYS}
+
+
 def run_case(
     model: nn.Module, x: torch.Tensor, cfg: tbn.TBNConfig, board: str, lut: bool = True
 ) -> dict[str, Any]:
@@ -125,13 +140,8 @@ def run_case(
         mem = cm.memory
         err = float((y - ref).abs().max())
         return {
-            "weights_bytes": mem["weights_bytes"],
+            **memory_fields(mem),
             "ideal_weights_bytes": ideal_weight_bytes(gm),
-            "code_bytes": mem["code_bytes"],
-            "flash_bytes": mem["flash_bytes"],
-            "ram_bytes": mem["ram_bytes"],
-            "arena_bytes": mem["arena_bytes"],
-            "stack_bytes": mem["stack_bytes"],
             "firmware_flash_bytes": mem.get("firmware_flash_bytes"),
             "instructions": cm.last_run["instructions"],
             "steps": [
@@ -194,12 +204,7 @@ def run_real_case(build: Any, board: str) -> dict[str, Any]:
             "outputs": len(cm.output_specs),
             "tiled_layers": cm.report.totals["tiled"],
             "layers": cm.report.totals["layers"],
-            "weights_bytes": mem["weights_bytes"],
-            "code_bytes": mem["code_bytes"],
-            "flash_bytes": mem["flash_bytes"],
-            "ram_bytes": mem["ram_bytes"],
-            "arena_bytes": mem["arena_bytes"],
-            "stack_bytes": mem["stack_bytes"],
+            **memory_fields(mem),
             "firmware_flash_bytes": mem.get("firmware_flash_bytes"),
             "firmware_ram_bytes": mem.get("firmware_ram_bytes"),
             "instructions": cm.last_run["instructions"],
