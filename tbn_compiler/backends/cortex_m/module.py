@@ -314,12 +314,7 @@ class CortexMModule:
         (see module doc). :class:`.qemu.KernelError` when a kernel met invalid data (e.g.
         an embedding id computed in the graph is out of range), naming the step and its
         layer."""
-        if self.spec.board.qemu_machine is None:
-            raise NotEmulatedError(self._not_emulated())
-        xs = self._check_inputs(args)
-        with self._lock:
-            self.memory  # noqa: B018  (builds the firmware and checks that the model fits)
-            elf = self.build(firmware=True) / "firmware.elf"
+        xs, elf, _ = self._inputs_and_firmware(args, profile=False)
         res = self._run(elf, xs)
         with self._lock:
             self.last_run = res.to_dict()
@@ -336,13 +331,7 @@ class CortexMModule:
         per step: ``step``, ``kernel``, ``func``, ``layer`` and ``instructions`` (the timer
         read taken off), also stored as ``last_run["steps"]``; the rows add up to the total
         but for the entry point's glue (a few instructions per step)."""
-        if self.spec.board.qemu_machine is None:
-            raise NotEmulatedError(self._not_emulated())
-        xs = self._check_inputs(args)
-        with self._lock:
-            self.memory  # noqa: B018  (builds the firmware and checks that the model fits)
-            plain_elf = self.build(firmware=True) / "firmware.elf"
-            profile_elf = self.build(profile=True) / "profile" / "firmware.elf"
+        xs, plain_elf, profile_elf = self._inputs_and_firmware(args, profile=True)
         plain, profiled = self._run(plain_elf, xs), self._run(profile_elf, xs)
         if profiled.step_instructions is None:
             raise qemu.RunError(f"board {self.spec.name!r} has no timer to profile the steps with")
@@ -356,6 +345,21 @@ class CortexMModule:
         with self._lock:
             self.last_run = {**plain.to_dict(), "steps": rows}
         return rows
+
+    def _inputs_and_firmware(
+        self, args: tuple[torch.Tensor, ...], profile: bool
+    ) -> tuple[list[np.ndarray], Path, Path | None]:
+        """``args`` checked, and the firmware built (checking that the model fits), with
+        the profiling firmware too when ``profile``: ``(inputs, elf, profile_elf)``.
+        :class:`NotEmulatedError` for a board QEMU does not emulate."""
+        if self.spec.board.qemu_machine is None:
+            raise NotEmulatedError(self._not_emulated())
+        xs = self._check_inputs(args)
+        with self._lock:
+            self.memory  # noqa: B018  (builds the firmware and checks that the model fits)
+            elf = self.build(firmware=True) / "firmware.elf"
+            profile_elf = self.build(profile=True) / "profile" / "firmware.elf" if profile else None
+        return xs, elf, profile_elf
 
     def _run(self, elf: Path, xs: list[np.ndarray]) -> qemu.RunResult:
         """One QEMU run of ``elf`` on ``xs`` (a kernel error described in model terms)."""
