@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from emulated import host_and_board
 
 import tbn_compiler as tbn
-from tbn_compiler.backends.cortex_m import ToolchainError, toolchain
 
 
 class Attend(nn.Module):
@@ -32,15 +32,7 @@ def _masks(kind: str) -> torch.Tensor:
     return torch.zeros(5, 5).masked_fill(~allowed, float("-inf"))
 
 
-def _targets() -> list[str]:
-    try:
-        toolchain.require_toolchain(qemu=True)
-    except ToolchainError:
-        return ["llvm"]
-    return ["llvm", "mps2-an386"]
-
-
-@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("target", host_and_board())
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_fully_masked_rows_are_zero(kind: str, target: str) -> None:
     gen = torch.Generator().manual_seed(0)

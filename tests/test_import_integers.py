@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from emulated import host_and_board
 
 import tbn_compiler as tbn
-from tbn_compiler.backends.cortex_m import ToolchainError, toolchain
 
 
 class Positions(nn.Module):
@@ -37,18 +37,10 @@ OPS = {
 }
 
 
-def _targets() -> list[str]:
-    try:
-        toolchain.require_toolchain(qemu=True)
-    except ToolchainError:
-        return ["llvm"]
-    return ["llvm", "mps2-an386"]
-
-
 CASES = [(name, torch.int32) for name in sorted(OPS)] + [("cumsum", torch.bool)]
 
 
-@pytest.mark.parametrize("target", _targets())
+@pytest.mark.parametrize("target", host_and_board())
 @pytest.mark.parametrize(("name", "dtype"), CASES)
 def test_integer_positions(name: str, dtype: torch.dtype, target: str) -> None:
     mask = torch.randint(0, 3, (2, 6), generator=torch.Generator().manual_seed(0)).to(dtype)

@@ -7,12 +7,11 @@ of float32 arithmetic with 0-d float64 tensors.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from emulated import host_and_board
 
 import tbn_compiler as tbn
 from tbn_compiler.backends.relax_import import UnsupportedOpError
@@ -137,12 +136,8 @@ class SliceScatters(nn.Module):
         )
 
 
-@pytest.mark.parametrize("target", ["llvm", "mps2-an386"])
+@pytest.mark.parametrize("target", host_and_board())
 def test_slice_scatter_writes_torchs_slices_and_warns_nothing(target: str, capfd) -> None:
-    if target != "llvm" and not (
-        shutil.which("arm-none-eabi-gcc") and shutil.which("qemu-system-arm")
-    ):
-        pytest.skip("the Arm toolchain or QEMU is missing")
     x, y = torch.randn(6, 7, 5), torch.randn(6, 7, 5)
     model = SliceScatters()
     cm = tbn.compile(model, (x, y), target=target, config=DENSE)
