@@ -68,6 +68,19 @@ def run_tbnc(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def run_artifact(
+    capsys: pytest.CaptureFixture, artifact: Path, inputs: Path, out: Path
+) -> tuple[torch.Tensor, str, list[str]]:
+    """``tbnc run artifact --input inputs -o out``, which must succeed: its ``output0``,
+    its stdout and the names in ``out``."""
+    code, stdout, err = run_tbnc(
+        capsys, "run", str(artifact), "--input", str(inputs), "-o", str(out)
+    )
+    assert code == 0, err
+    with np.load(out) as y:
+        return torch.from_numpy(y["output0"]), stdout, list(y.files)
+
+
 def assert_one_error_line(err: str, *needles: str) -> str:
     """stderr is exactly one ``tbnc: error:`` line containing every needle."""
     lines = err.strip().splitlines()
@@ -208,12 +221,7 @@ def test_cortex_m_artifact_runs_exports_and_benches(tmp_path, capsys):
     x = torch.randn(2, 64)
     np.save(tmp_path / "x.npy", x.numpy())
     y_path = tmp_path / "y.npz"
-    code, _, err = run_tbnc(
-        capsys, "run", str(out), "--input", str(tmp_path / "x.npy"), "-o", str(y_path)
-    )
-    assert code == 0, err
-    with np.load(y_path) as y:
-        got = torch.from_numpy(y["output0"])
+    got, _, _ = run_artifact(capsys, out, tmp_path / "x.npy", y_path)
     torch.testing.assert_close(got, reference_mlp()(x).detach(), rtol=1e-4, atol=1e-5)
     code, stdout, err = run_tbnc(capsys, "bench", str(out), "--repeat", "2", "--warmup", "0",
                                  "--json", "-")  # fmt: skip
@@ -558,14 +566,9 @@ def test_run_writes_outputs_equal_to_the_artifact_and_reference(llvm_artifact, t
     reference = reference_mlp()(x32).detach()
     for name in ("x.npy", "x.npz"):
         out = tmp_path / f"y_{name}.npz"
-        code, stdout, err = run_tbnc(
-            capsys, "run", str(artifact), "--input", str(tmp_path / name), "-o", str(out)
-        )
-        assert code == 0, err
+        got, stdout, files = run_artifact(capsys, artifact, tmp_path / name, out)
         assert f"wrote {out}" in stdout
-        with np.load(out) as y:
-            assert y.files == ["output0"]
-            got = torch.from_numpy(y["output0"])
+        assert files == ["output0"]
         torch.testing.assert_close(got, direct, rtol=0, atol=0)
         torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
 
@@ -575,12 +578,7 @@ def test_run_takes_another_batch_of_a_dynamic_artifact(llvm_artifact, tmp_path, 
     x = np.random.default_rng(1).standard_normal((7, PROGRAM_EXAMPLE.shape[1]), np.float32)
     np.save(tmp_path / "x7.npy", x)
     out = tmp_path / "y7.npz"
-    code, _, err = run_tbnc(
-        capsys, "run", str(artifact), "-i", str(tmp_path / "x7.npy"), "-o", str(out)
-    )
-    assert code == 0, err
-    with np.load(out) as y:
-        got = torch.from_numpy(y["output0"])
+    got, _, _ = run_artifact(capsys, artifact, tmp_path / "x7.npy", out)
     assert got.shape[0] == 7
     torch.testing.assert_close(
         got, reference_mlp()(torch.from_numpy(x)).detach(), rtol=1e-4, atol=1e-5
