@@ -47,17 +47,24 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_compile_save_load_call_is_silent_on_stderr(tmp_path: Path) -> None:
+def run_script(script: str, timeout: int) -> subprocess.CompletedProcess:
+    """``script`` in a fresh Python process with the default warning filters, as a
+    user's script runs; it must exit with 0."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(tests=str(TESTS), tmp=str(tmp_path))],
+        [sys.executable, "-c", script],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         env=env,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_compile_save_load_call_is_silent_on_stderr(tmp_path: Path) -> None:
+    proc = run_script(SCRIPT.format(tests=str(TESTS), tmp=str(tmp_path)), timeout=600)
     assert proc.stdout.strip().endswith("done")
     assert proc.stderr == ""
 
@@ -84,15 +91,6 @@ FAILING_IMPORT = textwrap.dedent(
 def test_failed_import_prints_only_its_error() -> None:
     """An import a converter refuses raises its error and leaves nothing on stderr (TVM's
     "BlockBuilder destroyed with remaining blocks!" came twice)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    proc = subprocess.run(
-        [sys.executable, "-c", FAILING_IMPORT],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_script(FAILING_IMPORT, timeout=300)
     assert proc.stdout.split() == ["UnsupportedOpError", "done"]
     assert proc.stderr == ""
