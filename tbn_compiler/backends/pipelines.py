@@ -41,6 +41,7 @@ from tvm.s_tir import dlight
 from tvm.target import Target
 
 from . import schedule_rules
+from .schedule_rules.attention_cpu import attention_attrs
 
 __all__ = [
     "COMMON_LEGALIZATIONS",
@@ -515,7 +516,18 @@ def _legalize_attention(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if attrs.causal_mask is not None or attrs.window_size is not None:
         return _TVM_LEGALIZE_ATTENTION(bb, call)  # masks: TVM's own legalization
     q, k, v = call.args[:3]
-    return bb.call_te(_attention_te, q, k, v, attrs.scale, primfunc_name_hint="attention")
+    return bb.call_te(
+        _attention_te,
+        q,
+        k,
+        v,
+        attrs.scale,
+        primfunc_name_hint="attention",
+        primfunc_attrs={**attention_attrs(attrs.scale), "op_pattern": _OP_PATTERN_OPAQUE},
+    )
+
+
+_OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps leaves the kernel alone
 
 
 _TVM_LEGALIZE_ATTENTION = tvm.ir.Op.get("relax.nn.attention").get_attr("FLegalize")

@@ -64,6 +64,7 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
 from ..kernels import PANEL_KINDS, kernel_kind, panel_primfunc, words_primfunc
+from .attention_cpu import schedule_attention
 from .base import (
     CONV_KINDS,
     KernelAnalysis,
@@ -808,7 +809,11 @@ def parallelize_generic(
     a block refuses is skipped; the result is exact either way. A function with a
     symbolic batch runs serially below the batch at which it does that much work
     (``min_work``, or ``min_elementwise`` without reductions), parallel from there
-    (:func:`.base.dispatch`)."""
+    (:func:`.base.dispatch`). A legalized attention gets its own kernel instead
+    (:func:`.attention_cpu.schedule_attention`)."""
+    attention = schedule_attention(func, _vector_lanes(Target.current(allow_none=True)))
+    if attention is not None:
+        return attention
     batch = shape_vars(func)
     if len(batch) == 1:
         root = root_block(Schedule(func))

@@ -1,0 +1,221 @@
+"""The CPU kernel of attention without mask (``R.nn.attention`` legalized by
+:func:`..pipelines._attention_te`).
+
+The legalized function states the math: ``softmax(Q K^T * scale) V`` per batch and
+head, with TOPI's polynomial ``exp`` (``topi.fast_exp``), on ``(batch, seq, heads,
+dim)`` tensors. It carries the attribute :data:`ATTENTION_ATTR`; :func:`schedule_attention`
+gives such a function the loop nest below, written directly in TIR (the same
+arithmetic; only the order of the sums differs):
+
+one parallel loop over tasks (batch x head x block of ``lanes`` query rows); a task
+
+1. copies its query rows transposed, ``(dim, lanes)``, into a stack buffer (rows past
+   the end repeat the last row; their results are not stored);
+2. computes its scores block ``(keys, lanes)`` = ``K Q_block^T * scale``: a vector of
+   ``lanes`` query rows per key, blocks of 8 keys in registers, one broadcast key
+   element and one query vector per step over ``dim``;
+3. takes the softmax over keys one vector of rows at a time (max, ``fast_exp`` of the
+   difference kept in the scores buffer, sum): no horizontal reductions;
+4. computes ``P V`` for groups of rows with the output row in registers (``dim_v`` as
+   vectors, one broadcast probability per row and key), divided by the sum at the end,
+   written straight into the ``(batch, seq, heads, dim_v)`` output.
+
+The heads-first layout of TOPI's version costs no pass: it is index arithmetic in the
+loads and stores. Measured on 2 Zen 4 cores (DeiT-tiny's attention, 3 heads x 197
+tokens x 64): see ``benchmarks/bench_attention_cpu.py``.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .fast_math import fast_expr
+
+__all__ = ["ATTENTION_ATTR", "attention_attrs", "is_attention", "schedule_attention"]
+
+ATTENTION_ATTR = "tbn_attention"
+"""PrimFunc attribute of the legalized attention: a dict with ``scale`` (float32) when
+the scores are multiplied by an explicit scale; without it they are divided by
+``sqrt(dim)``, as TOPI does."""
+
+KEY_BLOCK = 8
+"""Keys whose scores stay in registers together (8 vectors of query rows)."""
+
+ROW_VECTORS = 16
+"""Accumulator vectors of one ``P V`` register block (of the 32 AVX-512 registers)."""
+
+MAX_STACK_BYTES = 1 << 20
+"""Largest per-task scores buffer (on the stack); longer key sequences keep the
+generic schedule."""
+
+MIN_PARALLEL_WORK = 1 << 16
+"""Multiply-adds below which the kernel runs serially (a fork costs microseconds)."""
+
+
+def attention_attrs(scale: object) -> dict:
+    """The PrimFunc attributes that mark a legalized attention for :func:`schedule_attention`
+    (``scale``: the operator's explicit scale, or None)."""
+    info = {} if scale is None else {"scale": tirx.FloatImm("float32", float(scale))}
+    return {ATTENTION_ATTR: info}
+
+
+def is_attention(func: object) -> bool:
+    """Whether ``func`` is a legalized attention (it carries :data:`ATTENTION_ATTR`)."""
+    return (
+        isinstance(func, tirx.PrimFunc) and func.attrs is not None and ATTENTION_ATTR in func.attrs
+    )
+
+
+def schedule_attention(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | None:
+    """The fast CPU form of a legalized attention, or None when ``func`` is not one or
+    does not fit (not float32, a symbolic size other than the batch, a scores buffer over
+    :data:`MAX_STACK_BYTES`). Parameters, buffers and attributes are those of ``func``;
+    the result is marked ``tirx.is_scheduled``. ``lanes``: float32 vector lanes (16 with
+    AVX-512, 8 with AVX2), also the query rows of a task."""
+    if not is_attention(func) or len(func.params) != 4:
+        return None
+    q, k, v, out = func.params
+    if any(b.dtype != "float32" or len(b.shape) != 4 for b in (q, k, v, out)):
+        return None
+    sizes = [_static(d) for d in (q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3])]
+    if any(s is None for s in sizes):
+        return None
+    seq, keys, _heads, _dim, _dim_v = sizes
+    if keys * lanes * 4 > MAX_STACK_BYTES or seq == 0 or keys == 0:
+        return None
+    info = func.attrs[ATTENTION_ATTR]
+    scale = info.get("scale", None)
+    body = _kernel(q, k, v, out, scale, lanes)
+    return tirx.PrimFunc(func.params, body, func.ret_type, func.attrs).with_attr(
+        "tirx.is_scheduled", True
+    )
+
+
+def _static(dim: object) -> int | None:
+    return int(dim) if isinstance(dim, tirx.IntImm | int) else None
+
+
+def _kernel(q, k, v, out, scale, lanes: int) -> tirx.Stmt:
+    """The loop nest of the module docstring for buffers ``q`` (B, L, H, D), ``k`` (B, N,
+    H, D), ``v`` (B, N, H, Dv) and ``out`` (B, L, H, Dv)."""
+    batch = q.shape[0]
+    seq, heads, dim = (int(d) for d in q.shape[1:])
+    keys, dim_v = int(k.shape[1]), int(v.shape[3])
+    lanes = lanes if seq > lanes // 2 else lanes // 2  # short sequences: fewer padded rows
+    tiles = -(-seq // lanes)
+    tasks = batch * (heads * tiles)
+    work = heads * seq * keys * (dim + dim_v)
+    serial = isinstance(batch, tirx.IntImm | int) and int(batch) * work < MIN_PARALLEL_WORK
+    with IRBuilder() as ib:
+        loop = T.serial if serial else T.parallel
+        with loop(0, tasks) as task:
+            b = task // (heads * tiles)
+            h = task // tiles % heads
+            i0 = task % tiles * lanes
+            qt = T.alloc_buffer((dim, lanes), "float32", scope="local")
+            scores = T.alloc_buffer((keys, lanes), "float32", scope="local")
+            total = T.alloc_buffer((lanes,), "float32", scope="local")
+            _load_queries(q, qt, b, h, i0, seq, lanes)
+            _scores(k, qt, scores, b, h, keys, dim, lanes, scale)
+            _softmax(scores, total, keys, lanes)
+            _weighted_values(v, out, scores, total, b, h, i0, seq, lanes)
+    return ib.get()
+
+
+def _load_queries(q, qt, b, h, i0, seq: int, lanes: int) -> None:
+    """``qt[d, r] = q[b, min(i0 + r, seq - 1), h, d]``."""
+    dim = int(q.shape[3])
+    with T.serial(0, lanes) as r:
+        row = tirx.min(i0 + r, seq - 1) if seq % lanes else i0 + r
+        with T.serial(0, dim) as d:
+            T.buffer_store(qt, q[b, row, h, d], [d, r])
+
+
+def _scores(k, qt, scores, b, h, keys: int, dim: int, lanes: int, scale) -> None:
+    """``scores[j, r] = (sum_d k[b, j, h, d] * qt[d, r]) * scale`` (or ``/ sqrt(dim)``),
+    :data:`KEY_BLOCK` keys at a time in registers, then the remaining keys."""
+    full = keys // KEY_BLOCK
+    if full:
+        with T.serial(0, full) as jb:
+            _key_block(k, qt, scores, b, h, jb * KEY_BLOCK, KEY_BLOCK, dim, lanes, scale)
+    if keys % KEY_BLOCK:
+        _key_block(k, qt, scores, b, h, full * KEY_BLOCK, keys % KEY_BLOCK, dim, lanes, scale)
+
+
+def _key_block(k, qt, scores, b, h, j0, n: int, dim: int, lanes: int, scale) -> None:
+    acc = T.alloc_buffer((n, lanes), "float32", scope="local")
+    zero = tirx.const(0.0, "float32")
+    with T.unroll(0, n) as jj, T.vectorized(0, lanes) as r:
+        T.buffer_store(acc, zero, [jj, r])
+    with T.serial(0, dim) as d, T.unroll(0, n) as jj, T.vectorized(0, lanes) as r:
+        T.buffer_store(acc, acc[jj, r] + k[b, j0 + jj, h, d] * qt[d, r], [jj, r])
+    with T.unroll(0, n) as jj, T.vectorized(0, lanes) as r:
+        T.buffer_store(scores, _scaled(acc[jj, r], scale, dim), [j0 + jj, r])
+
+
+def _scaled(x: tirx.PrimExpr, scale, dim: int) -> tirx.PrimExpr:
+    """``x * scale``, or ``x / sqrt(dim)`` in float32 as TOPI's legalization has it."""
+    if scale is not None:
+        return x * scale
+    return x / tirx.sqrt(tirx.const(float(dim), "float32"))
+
+
+def _softmax(scores, total, keys: int, lanes: int) -> None:
+    """Per query row (vector lane): ``scores[j] = fast_exp(scores[j] - max_j scores)``
+    and ``total = sum_j scores[j]``."""
+    top = T.alloc_buffer((lanes,), "float32", scope="local")
+    with T.vectorized(0, lanes) as r:
+        T.buffer_store(top, scores[0, r], [r])
+    with T.serial(1, keys) as j, T.vectorized(0, lanes) as r:
+        T.buffer_store(top, tirx.max(top[r], scores[j, r]), [r])
+    with T.vectorized(0, lanes) as r:
+        T.buffer_store(total, tirx.const(0.0, "float32"), [r])
+    with T.serial(0, keys) as j, T.vectorized(0, lanes) as r:
+        x = tirx.Var("x", "float32")
+        e = tirx.Let(x, scores[j, r] - top[r], fast_expr("exp", x))
+        T.buffer_store(scores, e, [j, r])
+        T.buffer_store(total, total[r] + scores[j, r], [r])
+
+
+def _weighted_values(v, out, probs, total, b, h, i0, seq: int, lanes: int) -> None:
+    """``out[b, i0 + r, h, :] = (sum_j probs[j, r] * v[b, j, h, :]) / total[r]`` for the
+    rows ``i0 + r < seq``: groups of rows times column chunks of 4 vectors in registers."""
+    keys, dim_v = int(v.shape[1]), int(v.shape[3])
+    width = min(dim_v, 4 * lanes)
+    group = _row_group(lanes, -(-width // lanes))
+    for c0 in range(0, dim_v, width):
+        w = min(width, dim_v - c0)
+        with T.serial(0, lanes // group) as g:
+            acc = T.alloc_buffer((group, w), "float32", scope="local")
+            with T.unroll(0, group) as rr, T.vectorized(0, w) as e:
+                T.buffer_store(acc, tirx.const(0.0, "float32"), [rr, e])
+            with T.serial(0, keys) as j, T.unroll(0, group) as rr, T.vectorized(0, w) as e:
+                p = probs[j, g * group + rr]
+                T.buffer_store(acc, acc[rr, e] + p * v[b, j, h, c0 + e], [rr, e])
+            with T.unroll(0, group) as rr:
+                r = g * group + rr
+                _store_row(out, acc, total, b, h, i0, r, rr, c0, w, seq, lanes)
+
+
+def _store_row(out, acc, total, b, h, i0, r, rr, c0: int, w: int, seq: int, lanes: int):
+    def store() -> None:
+        with T.vectorized(0, w) as e:
+            T.buffer_store(out, acc[rr, e] / total[r], [b, i0 + r, h, c0 + e])
+
+    if seq % lanes == 0:
+        store()
+        return
+    with T.If(i0 + r < seq), T.Then():
+        store()
+
+
+def _row_group(lanes: int, vectors: int) -> int:
+    """Rows per ``P V`` register block: the most (a divisor of ``lanes``) whose
+    ``rows x vectors`` accumulators fit :data:`ROW_VECTORS`."""
+    best = 1
+    for g in range(1, lanes + 1):
+        if lanes % g == 0 and g * vectors <= ROW_VECTORS:
+            best = g
+    return best
