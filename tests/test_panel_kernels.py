@@ -63,6 +63,9 @@ LINEAR_CASES = [
     (40, 50, 20, 2, True),  # inputs not a multiple of 8
     (64, 520, 128, 4, True),  # inputs in blocks of 8 (520 = 65 * 8)
     (40, 64, 8, 8, True),  # one tile row: no vector
+    (197, 192, 576, 8, True),  # ViT: rows in blocks of 16 (208), 72 tile rows as 80
+    (45, 96, 120, 3, False),  # 40 tile rows as 48, 45 rows as 48
+    (70, 50, 90, 5, True),  # 18 tile rows as 32 from bits that span words
 ]
 
 
@@ -127,11 +130,12 @@ def test_few_rows_do_not_take_the_panel_form():
     assert not _is_panel(schedule_rules.schedule_for(func, HOST))
 
 
-@pytest.mark.parametrize("batch", [1, 3, 4, 33, 64])
+@pytest.mark.parametrize("batch", [1, 3, 4, 33, 64, 197])
 def test_symbolic_linear_batch_runs_table_below_and_panel_from_min_rows(batch):
     """One kernel for every batch: the table form below PANEL_MIN_ROWS rows (32: the
-    branch taken at batch 1, 3, 4), the panel form from there (33, 64), both exact."""
-    k, n, p = 128, 64, 4
+    branch taken at batch 1, 3, 4), the panel form from there (33, 64, 197: rows in
+    whole blocks, past the batch never written), both exact."""
+    k, n, p = 128, 96, 4
     m = tirx.Var("m", "int64")
     func = kernels.tiled_linear_primfunc(m, k, n, p, False, True)
     scheduled = schedule_rules.schedule_for(func, HOST)

@@ -852,23 +852,74 @@ def panel_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     return _conv_panel([batch, *(int(d) for d in x_shape[1:])], spec)
 
 
+PANEL_ROW_BLOCK = 16
+"""A linear's panel form computes its input rows in whole blocks of this many (rows
+past the input repeat its last row, never written out): register blocks of rows and
+input-row tasks then always divide them (ViT's 197 tokens ran one row at a time)."""
+
+PANEL_TILE_ROWS = 16
+"""A linear's panel form with more tile rows than this computes them in whole multiples
+of it (pad rows repeat the last tile row, never written out): whole AVX-512 vectors."""
+
+
+def _round_up(v: Extent, block: int) -> Extent:
+    """``v`` rounded up to a multiple of ``block`` (an expression when symbolic)."""
+    if is_static(v):
+        return -(-int(v) // block) * block
+    return tirx.floordiv(v + block - 1, block) * block
+
+
 def _linear_panel(m: Extent, spec: dict) -> tirx.PrimFunc:
-    """Panel form of ``linear_aligned`` (see :func:`panel_primfunc`)."""
+    """Panel form of ``linear_aligned`` (see :func:`panel_primfunc`): ``small`` is
+    ``(m, rows)`` rounded up to :data:`PANEL_ROW_BLOCK` input rows and (past 16 tile
+    rows) :data:`PANEL_TILE_ROWS` tile rows. With whole-word tile rows the tile words
+    are first copied tile-row innermost (block ``words``), so a vector of tile rows
+    unpacks from one vector of words (a shift and a sign flip per 16 weights)."""
     m = _own_extent(m, "m")
     k, n, p = int(spec["in_features"]), int(spec["out_features"]), int(spec["p"])
     dtype, has_bias = str(spec["dtype"]), bool(spec["has_bias"])
     rows = n // p
     x, tile, alphas, bias = _inputs((m, k), k * rows, p, n, has_bias, dtype)
-    panel = te.compute(
-        _shape((k, rows)), lambda q, r: _sign_value(tile, r * k + q, dtype), name="panel"
-    )
+    m_pad = _round_up(m, PANEL_ROW_BLOCK)
+    rows_pad = _round_up(rows, PANEL_TILE_ROWS) if rows > PANEL_TILE_ROWS else rows
+    panel = _linear_panel_signs(tile, k, rows, rows_pad, dtype)
+    whole = is_static(m) and m == m_pad
+
+    def row(i):  # rows past the input repeat its last one (never written out)
+        return i if whole else tirx.min(i, m - 1)
+
     kk = te.reduce_axis((_i64(0), _i64(k)), name="k")
     small = te.compute(
-        _shape((m, rows)), lambda i, r: te.sum(x[i, kk] * panel[kk, r], axis=kk), name="small"
+        _shape((m_pad, rows_pad)),
+        lambda i, r: te.sum(x[row(i), kk] * panel[kk, r], axis=kk),
+        name="small",
     )
     out = _scaled_copies(small, alphas, bias, m, n, rows)
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
     return _finish(args, "linear_aligned", spec).with_attr(FORM_ATTR, "panel")
+
+
+def _linear_panel_signs(tile: te.Tensor, k: int, rows: int, rows_pad: int, dtype: str):
+    """``panel (k, rows_pad)``: tile row ``r`` (``min(r, rows - 1)`` past the tile) as
+    ``+-1`` numbers, one column per tile row."""
+    last = tirx.const(rows - 1, "int64")
+    if k % WORD_BITS:
+        return te.compute(
+            _shape((k, rows_pad)),
+            lambda q, r: _sign_value(tile, tirx.min(r, last) * k + q, dtype),
+            name="panel",
+        )
+    kw = k // WORD_BITS
+    words = te.compute(
+        _shape((kw, rows_pad)), lambda w, r: tile[tirx.min(r, last) * kw + w], name="words"
+    )
+
+    def sign(q, r):
+        bit = tirx.floormod(q, WORD_BITS).astype("uint32")
+        mask = (((words[tirx.floordiv(q, WORD_BITS), r] >> bit) & _u32(1)) ^ _u32(1)) << _u32(31)
+        return _flip(tirx.const(1.0, dtype), mask, dtype)
+
+    return te.compute(_shape((k, rows_pad)), sign, name="panel")
 
 
 def words_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:

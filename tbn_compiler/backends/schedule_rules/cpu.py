@@ -344,23 +344,11 @@ class _PanelSchedule(_ProductRule):
     def __init__(self, lanes: int) -> None:
         self.lanes = lanes
 
-    def _multiples(self, sch: Schedule, kernel: KernelAnalysis) -> list[int]:
-        """A linear's rows are the batch: cases for multiples of 4 and 2 (register
-        blocks of that many rows); a conv blocks positions within a row of an image."""
-        if kernel_kind(sch.mod["main"]) in CONV_KINDS:
-            return []
-        rows = sch.get_loops(sch.get_sblock("small"))[0]
-        if known_extent(sch, rows) is not None:
-            return []
-        known = static_multiple(sch, rows)
-        return [d for d in ROW_MULTIPLES[::-1] if _row_factor(known * d) > _row_factor(known)]
-
     def schedule_all(self, sch: Schedule, parallel: bool, passes: bool | None = None) -> None:
         if kernel_kind(sch.mod["main"]) not in CONV_KINDS:
             _cpu_panel_linear(sch, sch.get_sblock("small"), parallel, self.lanes)
             out = next(s for s in analyse(sch).stages if s.name == "out")
-            wide = _many(out) if passes is None else passes
-            _cpu_elementwise(sch, out.block, parallel and wide)
+            _cpu_copies(sch, out.block, parallel and (_many(out) if passes is None else passes))
             return
         panel = next(s for s in analyse(sch).stages if s.name == "panel")
         big = math.prod(panel.extents) >= MIN_PARALLEL_PANEL
@@ -717,30 +705,71 @@ def _cpu_panel_conv(sch: Schedule, block, parallel: bool, lanes: int):
 
 
 def _cpu_panel_linear(sch: Schedule, block, parallel: bool, lanes: int) -> None:
-    """``small (m, rows)`` of a linear in panel form: a task is a block of tile rows;
-    per block of ``kb`` inputs it unpacks its panel (``kb x`` its rows, cache-sized)
-    and runs ``mr x nr`` register blocks over it (one broadcast input value per row
-    and input), accumulating in a task-local tile of all rows."""
+    """``small (m, rows)`` of a linear in panel form (``m`` a multiple of
+    :data:`..kernels.PANEL_ROW_BLOCK`): a task is a block of tile rows for a chunk of
+    the input rows (chunks only when the tile rows give too few tasks, e.g. ViT's 72);
+    per block of ``kb`` inputs it unpacks its panel (``kb x`` its rows, cache-sized,
+    a vector of tile rows at a time) and runs ``mr x nr`` register blocks over it (one
+    broadcast input value per row and input), accumulating in a task-local tile."""
     i, r, k = sch.get_loops(block)
     rows, depth = extent(sch, r), extent(sch, k)
-    widths = (1, 2) if lanes >= 16 else (2, 1)  # AVX-512: 8 rows x 16 (4096x4096 p=8: -5%)
-    mr, nr = _register_block(static_multiple(sch, i), rows, lanes, 8, widths)
-    per_task = next((t for t in (64, 32, 16) if rows % t == 0 and rows // t >= 2 * cores()), rows)
-    per_task = max(per_task, nr) if per_task % nr == 0 else nr
+    mr, nr = _panel_linear_block(rows, lanes)
+    per_task = next(
+        (t for t in (64, 32, 16) if rows % t == 0 and t % nr == 0 and rows // t >= 2 * cores()),
+        rows,
+    )
+    chunks = _input_row_chunks(rows // per_task, static_multiple(sch, i), mr)
     kb = factor(depth, (256, 128, 64, 32, 16, 8)) if depth > 256 else depth
     ro, rm, ri = sch.split(r, [None, per_task // nr, nr])
     ko, ki = sch.split(k, [None, kb])
-    io, ii = sch.split(i, [None, mr])
-    sch.reorder(ro, ko, io, rm, ki, ii, ri)
-    _parallel(sch, ro, parallel)
-    sch.compute_at(sch.get_sblock("panel"), ko)
+    it, io, ii = sch.split(i, [chunks, None, mr])
+    sch.reorder(ro, it, ko, io, rm, ki, ii, ri)
+    task = sch.fuse(ro, it)
+    _parallel(sch, task, parallel)
+    for name in ("panel", "words"):  # consumer first: both at the same loop
+        stage = _child(sch, name)
+        if stage is not None:
+            sch.compute_at(stage, ko)
+            _vectorize(sch, sch.get_loops(stage)[-1])
     acc = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(acc, ro)
+    sch.reverse_compute_at(acc, task)
     sch.unroll(ii)
     _vectorize(sch, ri)
     init = sch.decompose_reduction(block, ko)
     _vectorize(sch, sch.get_loops(init)[-1])
     _vectorize(sch, sch.get_loops(acc)[-1])
+
+
+def _cpu_copies(sch: Schedule, out, parallel: bool) -> None:
+    """Block ``out (m, n)`` of a linear (the ``p`` scaled copies of ``small``'s tile rows
+    side by side) as ``(m, p, rows)`` loops: a copy's tile rows are one contiguous vector
+    (no ``j % rows`` per element), parallel over (row, copy)."""
+    func = sch.mod["main"]
+    rows = int(func.params[-1].shape[1]) // int(func.params[2].shape[0])  # n // p
+    sch.transform_block_layout(out, lambda i, j: (i, j // rows, j % rows))
+    i, c, r = sch.get_loops(out)
+    _parallel(sch, sch.fuse(i, c), parallel)
+    _vectorize(sch, r)
+
+
+def _panel_linear_block(rows: int, lanes: int) -> tuple[int, int]:
+    """``(mr, nr)`` register block of a linear's panel product: 8 input rows x one
+    vector of tile rows (two were no faster on Zen 4); fewer tile rows than a vector
+    all at once."""
+    mr = 8
+    if rows % lanes == 0:
+        return mr, lanes
+    return mr, rows if rows <= 2 * lanes else factor(rows, (8, 4, 2))
+
+
+def _input_row_chunks(row_tasks: int, row_multiple: int, mr: int) -> int:
+    """Chunks of the input rows a linear's panel product is split into, so that its
+    tasks keep every core busy: one when its tile-row tasks already do (or the rows do
+    not split into whole register blocks), else one per core."""
+    n = cores()
+    if row_tasks % n == 0 or row_tasks >= 4 * n or row_multiple % (n * mr):
+        return 1
+    return n
 
 
 def _cpu_words_product(sch: Schedule, block, parallel: bool, lanes: int) -> None:
