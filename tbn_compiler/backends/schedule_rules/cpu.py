@@ -7,6 +7,11 @@ predicates, clean vector loops). :data:`CPU_RULES`, first that applies:
 
 * :class:`ChecksStaySerial`: a kernel with asserts (the checked gather) stays serial: an
   assert failing inside a parallel task is not reported and leaves the output unwritten.
+* :class:`.winograd_cpu.WinogradProduct`: an aligned 2-D 3x3 stride-1 conv with at least
+  :data:`.winograd_cpu.WINOGRAD_MIN_ROWS` output positions is rebuilt in Winograd form
+  (:func:`..winograd.winograd_primfunc`: filters and input tiles transformed every
+  call, a register-blocked product per transform position, 2.25x or 4x fewer
+  multiply-adds); a symbolic batch runs the next rules below that many positions.
 * :class:`PanelProduct`: an aligned linear or conv with at least
   :data:`PANEL_MIN_ROWS` rows (input rows, output positions) is rebuilt in its panel
   form (:func:`..kernels.panel_primfunc`: tile rows unpacked once into ``+-1`` numbers,
@@ -86,6 +91,7 @@ from .base import (
     static_multiple,
 )
 from .fast_math import with_fast_math
+from .winograd_cpu import WinogradProduct
 
 __all__ = [
     "CPU_RULES",
@@ -96,6 +102,7 @@ __all__ = [
     "PanelProduct",
     "ParallelOutputs",
     "RowTableProduct",
+    "WinogradProduct",
     "WordsProduct",
     "MIN_PARALLEL_ELEMENTS",
     "MIN_PARALLEL_WORK",
@@ -488,6 +495,7 @@ class ParallelOutputs(_ProductRule):
 
 CPU_RULES: tuple[ScheduleRule, ...] = (
     ChecksStaySerial(),
+    WinogradProduct(),
     PanelProduct(),
     WordsProduct(),
     RowTableProduct(),
