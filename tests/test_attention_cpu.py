@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,3 +166,22 @@ def test_functions_that_do_not_fit_keep_the_generic_schedule() -> None:
     assert schedule_attention(legalized["float32"]) is not None
     assert schedule_attention(legalized["float32"].without_attr(ATTENTION_ATTR)) is None
     assert schedule_attention(legalized["float16"]) is None
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_kernel_at_each_vector_width_equals_float64_math(lanes: int) -> None:
+    """The kernel built alone for AVX2 (8 lanes) and AVX-512 (16): 13 tokens (a row
+    tail at either width), head dim 40 (a column chunk and a tail of ``P V`` at 8)."""
+    mod = _attention_module(2, 13, 3, 40)
+    with host_target():
+        func = relax.transform.LegalizeOps(pipelines.CPU_LEGALIZATIONS)(mod)["attention"]
+    kernel = schedule_attention(func, lanes).with_attr("global_symbol", "attention")
+    built = tvm.compile(tvm.IRModule({"attention": kernel}), host_target())
+    q, k, v = _qkv(2, 3, 13, 40)
+    as_blhd = [t.transpose(1, 2).contiguous() for t in (q, k, v)]  # (batch, seq, heads, dim)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(t.numpy(), dev) for t in as_blhd]
+    out = tvm.runtime.tensor(np.zeros((2, 13, 3, 40), "float32"), dev)
+    built.mod["attention"](*args, out)
+    got = torch.from_numpy(out.numpy()).transpose(1, 2)
+    _close(got, reference(q, k, v))
