@@ -30,6 +30,7 @@ on one Zen 4 core (29 -> 86 GFLOP/s; the scores and ``P V`` loops are FMA-bound)
 from __future__ import annotations
 
 from tvm import tirx
+from tvm.ir.expr import Expr
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
@@ -48,6 +49,11 @@ KEY_BLOCK = 8
 MAX_SCORES_BYTES = 1 << 20
 """Largest per-task scores buffer (a workspace of the task); longer key sequences keep
 the generic schedule."""
+
+Buffer = tirx.Buffer
+Index = Expr
+Scale = tirx.FloatImm | None
+"""An explicit float32 scale, or None for ``1 / sqrt(dim)``."""
 
 MIN_PARALLEL_WORK = 1 << 16
 """Multiply-adds below which the kernel runs serially (a fork costs microseconds)."""
@@ -115,12 +121,13 @@ def _static(dim: object) -> int | None:
     return int(dim) if isinstance(dim, tirx.IntImm | int) else None
 
 
-def _kernel(q, k, v, out, scale, lanes: int) -> tirx.Stmt:
+def _kernel(q: Buffer, k: Buffer, v: Buffer, out: Buffer, scale: Scale, lanes: int) -> tirx.Stmt:
     """The loop nest of the module docstring for buffers ``q`` (B, L, H, D), ``k`` (B, N,
     H, D), ``v`` (B, N, H, Dv) and ``out`` (B, L, H, Dv)."""
     batch = q.shape[0]
     seq, heads, dim = (int(d) for d in q.shape[1:])
     keys, dim_v = int(k.shape[1]), int(v.shape[3])
+    registers = 16 if lanes >= 16 else 8  # P V accumulators: half the vector registers
     lanes = lanes if seq > lanes // 2 else lanes // 2  # short sequences: fewer padded rows
     tiles = -(-seq // lanes)
     tasks = batch * (heads * tiles)
@@ -138,11 +145,13 @@ def _kernel(q, k, v, out, scale, lanes: int) -> tirx.Stmt:
             _load_queries(q, qt, b, h, i0, seq, lanes)
             _scores(k, qt, scores, b, h, keys, dim, lanes, scale)
             _softmax(scores, total, keys, lanes)
-            _weighted_values(v, out, scores, total, b, h, i0, seq, lanes)
+            _weighted_values(v, out, scores, total, b, h, i0, seq, lanes, registers)
     return ib.get()
 
 
-def _load_queries(q, qt, b, h, i0, seq: int, lanes: int) -> None:
+def _load_queries(
+    q: Buffer, qt: Buffer, b: Index, h: Index, i0: Index, seq: int, lanes: int
+) -> None:
     """``qt[d, r] = q[b, min(i0 + r, seq - 1), h, d]``."""
     dim = int(q.shape[3])
     with T.serial(0, lanes) as r:
@@ -151,7 +160,17 @@ def _load_queries(q, qt, b, h, i0, seq: int, lanes: int) -> None:
             T.buffer_store(qt, q[b, row, h, d], [d, r])
 
 
-def _scores(k, qt, scores, b, h, keys: int, dim: int, lanes: int, scale) -> None:
+def _scores(
+    k: Buffer,
+    qt: Buffer,
+    scores: Buffer,
+    b: Index,
+    h: Index,
+    keys: int,
+    dim: int,
+    lanes: int,
+    scale: Scale,
+) -> None:
     """``scores[j, r] = (sum_d k[b, j, h, d] * qt[d, r]) * scale`` (or ``/ sqrt(dim)``),
     :data:`KEY_BLOCK` keys at a time in registers, then the remaining keys."""
     full = keys // KEY_BLOCK
@@ -162,7 +181,19 @@ def _scores(k, qt, scores, b, h, keys: int, dim: int, lanes: int, scale) -> None
         _key_block(k, qt, scores, b, h, full * KEY_BLOCK, keys % KEY_BLOCK, dim, lanes, scale)
 
 
-def _key_block(k, qt, scores, b, h, j0, n: int, dim: int, lanes: int, scale) -> None:
+def _key_block(
+    k: Buffer,
+    qt: Buffer,
+    scores: Buffer,
+    b: Index,
+    h: Index,
+    j0: Index,
+    n: int,
+    dim: int,
+    lanes: int,
+    scale: Scale,
+) -> None:
+    """Scores of keys ``j0 .. j0 + n`` (``n`` accumulator vectors)."""
     acc = T.alloc_buffer((n, lanes), "float32", scope="local")
     zero = tirx.const(0.0, "float32")
     with T.unroll(0, n) as jj, T.vectorized(0, lanes) as r:
@@ -173,14 +204,14 @@ def _key_block(k, qt, scores, b, h, j0, n: int, dim: int, lanes: int, scale) -> 
         T.buffer_store(scores, _scaled(acc[jj, r], scale, dim), [j0 + jj, r])
 
 
-def _scaled(x: tirx.PrimExpr, scale, dim: int) -> tirx.PrimExpr:
+def _scaled(x: Expr, scale: Scale, dim: int) -> Expr:
     """``x * scale``, or ``x / sqrt(dim)`` in float32 as TOPI's legalization has it."""
     if scale is not None:
         return x * scale
     return x / tirx.sqrt(tirx.const(float(dim), "float32"))
 
 
-def _softmax(scores, total, keys: int, lanes: int) -> None:
+def _softmax(scores: Buffer, total: Buffer, keys: int, lanes: int) -> None:
     """Per query row (vector lane): ``scores[j] = fast_exp(scores[j] - max_j scores)``
     and ``total = sum_j scores[j]``."""
     top = T.alloc_buffer((lanes,), "float32", scope="local")
@@ -197,12 +228,23 @@ def _softmax(scores, total, keys: int, lanes: int) -> None:
         T.buffer_store(total, total[r] + scores[j, r], [r])
 
 
-def _weighted_values(v, out, probs, total, b, h, i0, seq: int, lanes: int) -> None:
+def _weighted_values(
+    v: Buffer,
+    out: Buffer,
+    probs: Buffer,
+    total: Buffer,
+    b: Index,
+    h: Index,
+    i0: Index,
+    seq: int,
+    lanes: int,
+    registers: int,
+) -> None:
     """``out[b, i0 + r, h, :] = (sum_j probs[j, r] * v[b, j, h, :]) / total[r]`` for the
     rows ``i0 + r < seq``: groups of rows times column chunks of 4 vectors in registers."""
     keys, dim_v = int(v.shape[1]), int(v.shape[3])
     width = min(dim_v, 4 * lanes)
-    group = _row_group(lanes, -(-width // lanes), 16 if lanes >= 16 else 8)
+    group = _row_group(lanes, -(-width // lanes), registers)
     for c0 in range(0, dim_v, width):
         w = min(width, dim_v - c0)
         with T.serial(0, lanes // group) as g:
@@ -217,7 +259,22 @@ def _weighted_values(v, out, probs, total, b, h, i0, seq: int, lanes: int) -> No
                 _store_row(out, acc, total, b, h, i0, r, rr, c0, w, seq, lanes)
 
 
-def _store_row(out, acc, total, b, h, i0, r, rr, c0: int, w: int, seq: int, lanes: int):
+def _store_row(
+    out: Buffer,
+    acc: Buffer,
+    total: Buffer,
+    b: Index,
+    h: Index,
+    i0: Index,
+    r: Index,
+    rr: Index,
+    c0: int,
+    w: int,
+    seq: int,
+    lanes: int,
+) -> None:
+    """``out[b, i0 + r, h, c0 : c0 + w] = acc[rr] / total[r]`` when row ``i0 + r`` exists."""
+
     def store() -> None:
         with T.vectorized(0, w) as e:
             T.buffer_store(out, acc[rr, e] / total[r], [b, i0 + r, h, c0 + e])
@@ -231,8 +288,7 @@ def _store_row(out, acc, total, b, h, i0, r, rr, c0: int, w: int, seq: int, lane
 
 def _row_group(lanes: int, vectors: int, budget: int) -> int:
     """Rows per ``P V`` register block: the most (a divisor of ``lanes``) whose
-    ``rows x vectors`` accumulators fit ``budget`` (16 of the 32 AVX-512 registers, 8 of
-    the 16 AVX2 ones)."""
+    ``rows x vectors`` accumulators fit ``budget``."""
     best = 1
     for g in range(1, lanes + 1):
         if lanes % g == 0 and g * vectors <= budget:
