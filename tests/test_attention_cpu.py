@@ -169,19 +169,22 @@ def test_functions_that_do_not_fit_keep_the_generic_schedule() -> None:
 
 
 @pytest.mark.parametrize("lanes", [8, 16])
-def test_kernel_at_each_vector_width_equals_float64_math(lanes: int) -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_kernel_at_each_vector_width_equals_float64_math(lanes: int, batch: int) -> None:
     """The kernel built alone for AVX2 (8 lanes) and AVX-512 (16): 13 tokens (a row
-    tail at either width), head dim 40 (a column chunk and a tail of ``P V`` at 8)."""
-    mod = _attention_module(2, 13, 3, 40)
+    tail at either width), head dim 40 (a column chunk and a tail of ``P V`` at 8);
+    serial at batch 1 (less work than a fork is worth), parallel at batch 2."""
+    mod = _attention_module(batch, 13, 3, 40)
     with host_target():
         func = relax.transform.LegalizeOps(pipelines.CPU_LEGALIZATIONS)(mod)["attention"]
     kernel = schedule_attention(func, lanes).with_attr("global_symbol", "attention")
+    assert ("T.parallel" in kernel.script()) == (batch > 1)
     built = tvm.compile(tvm.IRModule({"attention": kernel}), host_target())
-    q, k, v = _qkv(2, 3, 13, 40)
+    q, k, v = _qkv(batch, 3, 13, 40)
     as_blhd = [t.transpose(1, 2).contiguous() for t in (q, k, v)]  # (batch, seq, heads, dim)
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(t.numpy(), dev) for t in as_blhd]
-    out = tvm.runtime.tensor(np.zeros((2, 13, 3, 40), "float32"), dev)
+    out = tvm.runtime.tensor(np.zeros((batch, 13, 3, 40), "float32"), dev)
     built.mod["attention"](*args, out)
     got = torch.from_numpy(out.numpy()).transpose(1, 2)
     _close(got, reference(q, k, v))
