@@ -12,13 +12,14 @@ rounding: ``x (n, cin, h, w)``, ``tile``, ``alphas (p,)``, ``[bias (cout,)]`` ->
 ``xpad (n, th*m + 2, tw*m + 2, cin)``
     the zero-padded input, channels last, over a grid of ``th x tw`` output tiles of
     ``m x m`` (``th = ceil(ho / m)``: outputs past ``ho`` are computed and dropped);
-``dtrans (a, a, n, th * tw, cin)``
-    the input transform ``V = B^T d B`` of each tile and channel;
-``prod (a, a, n, th * tw, F)``
+``dtrans (a, a, n * th, tw, cin)``
+    the input transform ``V = B^T d B`` of each tile (tile row of the batch, tile of the
+    row) and channel;
+``prod (a, a, n * th, tw, F)``
     the batched product over the ``a * a`` transform positions, ``M = sum_c V U``
     (the only reduction; the multiply-adds of the conv, ``(3 * 3 * m * m) / (a * a)``
     times fewer than a direct conv: 2.25 for ``m = 2``, 4 for ``m = 4``);
-``ytrans (n, th, m, tw, m, F)``
+``ytrans (n * th, m, tw, m, F)``
     the inverse transform ``Y = A^T M A`` (channels last);
 ``out (n, cout, ho, wo)``
     ``alphas[co // F] * Y[..., co % F] + bias[co]``, channels first (the ``p`` scaled
@@ -158,41 +159,42 @@ def winograd_tensors(batch: Extent, chw: list[int], spec: dict, m: int) -> dict[
         ),
         name="xpad",
     )
+    rows = n * th  # tile rows of the batch: dcol ... ytrans are per (tile row, tile)
     dcol = te.compute(
-        _shape((n, th * tw, alpha, alpha, cin)),
-        lambda b, t, e1, j, c: _transform(
+        _shape((rows, tw, alpha, alpha, cin)),
+        lambda r, tx, e1, j, c: _transform(
             b_mat,
             e1,
-            lambda i: xpad[b, tirx.floordiv(t, tw) * m + i, tirx.floormod(t, tw) * m + j, c],
+            lambda i: xpad[tirx.floordiv(r, th), tirx.floormod(r, th) * m + i, tx * m + j, c],
         ),
         name="dcol",
     )
     dtrans = te.compute(
-        _shape((alpha, alpha, n, th * tw, cin)),
-        lambda e1, e2, b, t, c: _transform(b_mat, e2, lambda j: dcol[b, t, e1, j, c]),
+        _shape((alpha, alpha, rows, tw, cin)),
+        lambda e1, e2, r, tx, c: _transform(b_mat, e2, lambda j: dcol[r, tx, e1, j, c]),
         name="dtrans",
     )
     rc = te.reduce_axis((_i64(0), _i64(cin)), name="rc")
     prod = te.compute(
-        _shape((alpha, alpha, n, th * tw, filters)),
-        lambda e1, e2, b, t, f: te.sum(dtrans[e1, e2, b, t, rc] * wtrans[e1, e2, rc, f], axis=rc),
+        _shape((alpha, alpha, rows, tw, filters)),
+        lambda e1, e2, r, tx, f: te.sum(dtrans[e1, e2, r, tx, rc] * wtrans[e1, e2, rc, f], axis=rc),
         name="prod",
     )
     ycol = te.compute(
-        _shape((n, th * tw, m, alpha, filters)),
-        lambda b, t, i, e2, f: _transform(a_mat, i, lambda e1: prod[e1, e2, b, t, f]),
+        _shape((rows, tw, m, alpha, filters)),
+        lambda r, tx, i, e2, f: _transform(a_mat, i, lambda e1: prod[e1, e2, r, tx, f]),
         name="ycol",
     )
     ytrans = te.compute(
-        _shape((n, th, m, tw, m, filters)),
-        lambda b, ty, i, tx, j, f: _transform(a_mat, j, lambda e2: ycol[b, ty * tw + tx, i, e2, f]),
+        _shape((rows, m, tw, m, filters)),
+        lambda r, i, tx, j, f: _transform(a_mat, j, lambda e2: ycol[r, tx, i, e2, f]),
         name="ytrans",
     )
 
     def value(b, co, y, xo):
         f = tirx.floormod(co, filters)
-        v = ytrans[b, tirx.floordiv(y, m), tirx.floormod(y, m), tirx.floordiv(xo, m),
-                   tirx.floormod(xo, m), f]  # fmt: skip
+        r = b * th + tirx.floordiv(y, m)
+        v = ytrans[r, tirx.floormod(y, m), tirx.floordiv(xo, m), tirx.floormod(xo, m), f]
         return _add_bias(alphas[tirx.floordiv(co, filters)] * v, bias, co)
 
     out = te.compute(_shape((n, cout, ho, wo)), value, name="out")
