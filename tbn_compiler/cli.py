@@ -332,6 +332,12 @@ def _add_compile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace a C project written before at -o"
     )
+    p.add_argument(
+        "--precision",
+        choices=("float32", "int8"),
+        default="float32",
+        help="int8: tiled linears with int8 activations, approximate (llvm only; default: float32)",
+    )
 
 
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:
@@ -897,7 +903,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     model, inputs = load_model_and_inputs(args.model, args.shape)
     from . import compile as compile_model  # the TVM backend is imported only here
 
-    cm = compile_model(model, inputs, target=spec, config=config)
+    cm = compile_model(model, inputs, target=spec, config=config, precision=args.precision)
     print(cm.report)
     if project:
         cm.export(args.output, overwrite=args.overwrite)

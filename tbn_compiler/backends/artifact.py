@@ -16,7 +16,8 @@ Artifact format (one zip file written by :func:`.archive.write_archive`: every m
   loaded); for host-CPU code (``mcpu`` set) ``cpu_features`` (the compiling CPU's
   feature flags, checked where TVM's compiler cannot name the CPU); ``index_checks``
   (gather ids given as inputs: input name, valid range, the kernel's message; checked
-  before each call on CUDA, whose kernels cannot raise).
+  before each call on CUDA, whose kernels cannot raise); ``precision`` where it is not
+  ``"float32"`` (``"int8"``: see ``compile``).
 * ``library.so``: the TVM library from ``export_library`` (Relax VM bytecode + kernels;
   for CUDA a fatbin, or source when nvcc was missing at compile time).
 * ``kernels.cu`` (CUDA targets only): the generated CUDA source, readable without a GPU.
@@ -169,7 +170,8 @@ class CompiledModule:
     ``"fatbin"`` or ``"source"``, else None), ``cpu_features`` (host-CPU code: the
     compiling CPU's feature flags, else None) and ``index_checks`` (see
     :func:`.specs.check_index_inputs`: on CUDA a bad gather id given as input raises
-    the ``IndexError`` a host kernel raises).
+    the ``IndexError`` a host kernel raises), ``precision`` (``"float32"``, or
+    ``"int8"`` for a module compiled with int8 activations in its tiled linears).
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class CompiledModule:
         cpu_features: Sequence[str] | None = None,
         index_checks: Sequence[dict[str, Any]] = (),
         static_batch: str | None = None,
+        precision: str = "float32",
     ) -> None:
         self._library = library
         self._library_bytes = library_bytes
@@ -199,6 +202,7 @@ class CompiledModule:
         self.cpu_features = None if cpu_features is None else sorted(cpu_features)
         self.index_checks = [dict(c) for c in index_checks]
         self.static_batch = None if self.dynamic_batch else static_batch
+        self.precision = precision
         if output_tree is not None and output_tree.num_leaves != len(self.output_specs):
             raise ValueError(
                 f"output tree has {output_tree.num_leaves} tensors, the library returns "
@@ -357,6 +361,7 @@ class CompiledModule:
             "report": None if self.report is None else str(self.report),
             "index_checks": self.index_checks,
             **({"static_batch": self.static_batch} if self.static_batch else {}),
+            **({"precision": self.precision} if self.precision != "float32" else {}),
             **extra,
         }
 
@@ -603,6 +608,7 @@ def load_tvm_archive(
         cpu_features = None if cpu_features is None else [str(f) for f in cpu_features]
         index_checks = [dict(c) for c in meta.get("index_checks", [])]
         static_batch = meta.get("static_batch")
+        precision = str(meta.get("precision", "float32"))
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: malformed {_META} ({type(exc).__name__}: {exc})") from exc
     if _LIB not in members:
@@ -617,6 +623,7 @@ def load_tvm_archive(
         "cpu_features": cpu_features,
         "index_checks": index_checks,
         "static_batch": None if static_batch is None else str(static_batch),
+        "precision": precision,
     }
     if check_target:
         _check_target(path, spec, cpu_features)

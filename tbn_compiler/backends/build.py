@@ -51,6 +51,7 @@ from ..passes import rewrite
 from ..targets import DEFAULT_CUDA_ARCH, TargetSpec, local_cuda_arch, resolve_target
 from . import cuda_runtime, pipelines
 from .artifact import CompiledModule, host_cpu_features
+from .int8_kernels import check_precision, mark_precision
 from .protocol import Backend, CompiledProgram, backend_for
 from .relax_import import ImportResult, import_graph
 from .schedule_rules import host_target
@@ -193,6 +194,7 @@ def compile_graph(
     report: Any = None,
     validate: bool = True,
     dynamic_batch: bool | None = None,
+    precision: str = "float32",
 ) -> CompiledProgram:
     """Compile an already rewritten graph (tile ops in place) for ``target``: "llvm",
     "cuda[:sm_XX]", a ``tvm.target.Target``, or a Cortex-M board/CPU preset. Dispatches
@@ -201,14 +203,18 @@ def compile_graph(
     ``validate``: check the compiled module against ``gm`` before returning it
     (:func:`.validate.validate_build`; raises :class:`.validate.ValidationError` naming
     the first diverging node); the result is the module's ``validation``.
-    ``dynamic_batch``: see :func:`compile` (None: the target kind's default)."""
+    ``dynamic_batch``, ``precision``: see :func:`compile` (None: the target kind's
+    default)."""
     inputs = example_tensors(example_inputs)
     spec = resolve_target(target)
+    check_precision(precision, spec.kind)
     backend = backend_for(spec.kind)
     tuned = tune is not None and tune.trials > 0
     options = _batch_options(
         backend, spec, False if dynamic_batch is None and tuned else dynamic_batch
     )
+    if precision != "float32":
+        options["precision"] = precision
     program = backend.compile_graph(gm, inputs, spec, tune, report, **options)
     if dynamic_batch is None and tuned and backend.dynamic_batch:
         program.static_batch = _TUNED_STATIC
@@ -263,25 +269,29 @@ def compile_tvm_graph(
     tune: Tuning | None,
     report: Any,
     dynamic_batch: bool = False,
+    precision: str = "float32",
 ) -> CompiledModule:
     """The host (LLVM) and CUDA backends' compile: import to Relax (the batch symbolic
     with ``dynamic_batch`` where the graph allows it), build, wrap. A symbolic batch
     that TVM fails to build is built static, ``static_batch`` saying why (a failure of
-    the static build is raised)."""
+    the static build is raised). ``precision``: see :func:`compile`."""
     spec = native_spec(spec)
+    check_precision(precision, spec.kind)
     tree = output_tree(gm, inputs)
     imported: ImportResult = import_graph(gm, inputs, dynamic_batch)
     tvm_target = make_tvm_target(spec)
     cuda_kernels = prepare_cuda_codegen() if spec.kind == "cuda" else None
     with cuda_runtime.compile_arch(_target_arch(spec, tvm_target)):
         try:
-            executable = build_executable(imported.mod, tvm_target, tune)
+            mod = mark_precision(imported.mod, precision)
+            executable = build_executable(mod, tvm_target, tune)
         except Exception as exc:  # raised again by the static build unless the batch is why
             if imported.static_batch is not None:
                 raise
             imported = import_graph(gm, inputs, dynamic_batch=False)
             imported.static_batch = f"the build of a symbolic batch failed ({_first_line(exc)})"
-            executable = build_executable(imported.mod, tvm_target, tune)
+            mod = mark_precision(imported.mod, precision)
+            executable = build_executable(mod, tvm_target, tune)
     features = host_cpu_features() if spec.tvm_target.get("mcpu") else None
     library, library_bytes = _host_library(executable.mod, spec)
     return CompiledModule(
@@ -296,6 +306,7 @@ def compile_tvm_graph(
         index_checks=imported.index_checks,
         library_bytes=library_bytes,
         static_batch=imported.static_batch,
+        precision=precision,
     )
 
 
@@ -332,6 +343,7 @@ def compile(  # shadows the builtin on purpose: the public name is part of the A
     tune: Tuning | None = None,
     validate: bool = True,
     dynamic_batch: bool | None = None,
+    precision: str = "float32",
 ) -> CompiledProgram:
     """Rewrite ``model`` with ``config`` (default ``TBNConfig()``), then compile it.
 
@@ -347,10 +359,18 @@ def compile(  # shadows the builtin on purpose: the public name is part of the A
     ValueError). A model that fixes its
     batch size compiles static, ``static_batch`` saying why (a RuntimeWarning if True
     was asked for).
+    ``precision``: ``"float32"`` (exact up to float32 rounding), or ``"int8"`` (host
+    CPU targets only; opt-in, approximate): aligned tiled linears quantize each input
+    row to int8 on the fly (symmetric absmax scale, round to nearest) and compute the
+    binary product exactly in integers (AVX-512 VNNI where the CPU has it); everything
+    else stays float32 (see :mod:`.int8_kernels` and docs/performance.md for the
+    measured error). Validation then accepts :data:`.validate.INT8_TOLERANCE`. Any
+    other value, or ``"int8"`` for another target kind, is a ValueError.
     The result runs on inputs of the examples' dtypes and device kind, and shapes (but
     for the batch where it is dynamic).
     """
     inputs = example_tensors(example_inputs)
+    check_precision(precision, resolve_target(target).kind)
     gm = rewrite(model, inputs, config or TBNConfig())
     return compile_graph(
         gm,
@@ -360,4 +380,5 @@ def compile(  # shadows the builtin on purpose: the public name is part of the A
         report=inspect(gm),
         validate=validate,
         dynamic_batch=dynamic_batch,
+        precision=precision,
     )

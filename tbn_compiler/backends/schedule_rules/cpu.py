@@ -91,6 +91,7 @@ from .base import (
     static_multiple,
 )
 from .fast_math import with_fast_math
+from .int8_cpu import Int8Product
 from .winograd_cpu import WinogradProduct
 
 __all__ = [
@@ -494,6 +495,7 @@ class ParallelOutputs(_ProductRule):
 
 
 CPU_RULES: tuple[ScheduleRule, ...] = (
+    Int8Product(),
     ChecksStaySerial(),
     WinogradProduct(),
     PanelProduct(),

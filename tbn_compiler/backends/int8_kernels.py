@@ -1,0 +1,262 @@
+"""Int8 form of ``linear_aligned`` kernels (the opt-in ``precision="int8"`` of CPU builds).
+
+:func:`int8_linear_primfunc` rebuilds a ``linear_aligned`` kernel (see
+:mod:`.kernels`) from its :data:`.kernels.SPEC_ATTR` with the same buffers ``x (m, in)
+float32``, ``tile``, ``alphas (p,)``, ``[bias (out,)]``, ``out (m, out) float32``, but
+approximate activations:
+
+* each input row ``i`` is quantized on its own, symmetric, to int8: ``amax_i =
+  max |x[i, :]|``, ``q[i, k] = rint(x[i, k] * (127 / amax_i))`` in ``[-127, 127]``
+  (round half to even; a row of zeros gives ``q = 0``), stored ``q + 128`` as uint8
+  (block ``xq``; the row scales ``amax_i`` in block ``amax``);
+* the binary product is exact in int32: ``acc[i, r] = sum_k (q[i, k] + 128) s[r, k]``
+  (block ``acc``) over the tile rows unpacked into int8 ``s = +-1`` (block ``panel``,
+  shape ``(in / 4, rows_pad, 4)``: 4 inputs x 16 tile rows form the 64 bytes of one
+  AVX-512 VNNI ``vpdpbusd`` operand), less ``128 sum_k s[r, k]`` (block ``ssum``, from
+  the popcounts of the tile row's bits);
+* ``out[i, c rows + r] = alphas[c] * ((amax_i / 127) * float(acc[i, r] - 128 ssum[r]))
+  + bias[c rows + r]`` (block ``out``).
+
+So the result is exactly ``alphas * (scale_i * (q_i . s_r)) + bias`` up to float32
+rounding of the last two products: the only approximation is the int8 rounding of the
+inputs (an error of at most ``amax_i / 254`` per input).
+
+The rows of ``acc`` are padded to whole blocks of :data:`ROW_BLOCK` input rows (past the
+input they repeat its last row, never written out) and :data:`TILE_ROW_BLOCK` tile rows
+(pad tile rows repeat the last one). Needs ``in % 32 == 0`` (:func:`int8_applies`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm import te, tirx
+
+from ..tiling import WORD_BITS, n_words
+from .kernels import FORM_ATTR, SPEC_ATTR, kernel_kind
+
+__all__ = [
+    "INT8_FORM",
+    "PRECISION_ATTR",
+    "PRECISIONS",
+    "ROW_BLOCK",
+    "TILE_ROW_BLOCK",
+    "check_precision",
+    "int8_applies",
+    "int8_linear_primfunc",
+    "mark_precision",
+]
+
+PRECISION_ATTR = "tbn_precision"
+"""PrimFunc attribute: the precision a tile kernel was asked for (``"int8"``); absent
+means float32. Set at conversion time, read by :class:`.schedule_rules.int8_cpu.Int8Product`."""
+
+PRECISIONS = ("float32", "int8")
+"""The values of ``precision`` that ``compile`` accepts."""
+
+INT8_FORM = "int8"
+""":data:`.kernels.FORM_ATTR` of a kernel built by :func:`int8_linear_primfunc`."""
+
+ROW_BLOCK = 4
+"""``acc`` holds the input rows in whole blocks of this many (a register block)."""
+
+TILE_ROW_BLOCK = 16
+"""``acc`` holds the tile rows in whole blocks of this many (one vector of int32 lanes)."""
+
+LANES = 16
+"""Partial row maxima and popcounts per row (one vector), reduced at the end."""
+
+VNNI_DEPTH = 4
+"""Inputs summed per int32 lane by one ``vpdpbusd``."""
+
+
+def _i64(v: int) -> tirx.IntImm:
+    return tirx.IntImm("int64", int(v))
+
+
+def _round_up(v: int | tirx.Expr, block: int) -> int | tirx.Expr:
+    if isinstance(v, int):
+        return -(-v // block) * block
+    return tirx.floordiv(v + block - 1, block) * block
+
+
+def check_precision(precision: object, target_kind: str) -> str:
+    """``precision`` if ``compile`` can build it for a target of ``target_kind``, else a
+    ValueError naming the option and what is allowed."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(
+            f"precision={precision!r} is not one of {', '.join(map(repr, PRECISIONS))}"
+        )
+    if precision == "int8" and target_kind != "llvm":
+        raise ValueError(
+            f"precision='int8' is available for host CPU ('llvm') targets only, not for "
+            f"{target_kind!r} targets; use precision='float32' there"
+        )
+    return precision
+
+
+def mark_precision(mod: tvm.IRModule, precision: str) -> tvm.IRModule:
+    """``mod`` with every ``linear_aligned`` kernel tagged :data:`PRECISION_ATTR`
+    ``precision`` (``mod`` itself for ``"float32"``, the default of untagged kernels)."""
+    if precision == "float32":
+        return mod
+    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc) and kernel_kind(func) == "linear_aligned":
+            mod[gv] = func.with_attr(PRECISION_ATTR, precision)
+    return mod
+
+
+def int8_applies(func: tirx.PrimFunc) -> bool:
+    """True for a float32 ``linear_aligned`` kernel with a :data:`SPEC_ATTR` and
+    whole-word tile rows (``in % 32 == 0``)."""
+    attrs = func.attrs
+    if kernel_kind(func) != "linear_aligned" or attrs is None or SPEC_ATTR not in attrs:
+        return False
+    spec = json.loads(str(attrs[SPEC_ATTR]))
+    return spec["dtype"] == "float32" and int(spec["in_features"]) % WORD_BITS == 0
+
+
+def int8_linear_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """``func`` (a ``linear_aligned`` kernel of :mod:`.kernels`) in int8 form (see the
+    module docstring), or None where :func:`int8_applies` is False. Same buffers and
+    batch extent (a symbolic batch becomes the new kernel's own var ``m``); attribute
+    :data:`.kernels.FORM_ATTR` :data:`INT8_FORM`."""
+    if not int8_applies(func):
+        return None
+    spec = json.loads(str(func.attrs[SPEC_ATTR]))
+    batch = func.params[0].shape[0]
+    m = int(batch) if isinstance(batch, tirx.IntImm) else tirx.Var("m", "int64")
+    k, n, p = int(spec["in_features"]), int(spec["out_features"]), int(spec["p"])
+    rows = n // p
+    x = te.placeholder((_dim(m), _i64(k)), "float32", name="x")
+    tile = te.placeholder((_i64(n_words(k * rows)),), "uint32", name="tile")
+    alphas = te.placeholder((_i64(p),), "float32", name="alphas")
+    bias = te.placeholder((_i64(n),), "float32", name="bias") if spec["has_bias"] else None
+    amax, xq = _quantized_rows(x, m, k)
+    rows_pad = _round_up(rows, TILE_ROW_BLOCK)
+    panel = _int8_panel(tile, k, rows, rows_pad)
+    ssum = _sign_sums(tile, k, rows, rows_pad)
+    acc = _int_product(xq, panel, k, rows_pad)
+    out = _rescaled(acc, ssum, amax, alphas, bias, m, n, rows)
+    args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
+    new = te.create_prim_func(args).without_attr("global_symbol")
+    for key, value in (func.attrs or {}).items():
+        new = new.with_attr(key, value)
+    return new.with_attr(FORM_ATTR, INT8_FORM)
+
+
+def _dim(v: int | tirx.Expr) -> tirx.Expr:
+    return _i64(v) if isinstance(v, int) else v
+
+
+def _quantized_rows(x: te.Tensor, m, k: int) -> tuple[te.Tensor, te.Tensor]:
+    """``amax (m,)`` (from :data:`LANES` partial maxima per row) and ``xq (m_pad /
+    ``xq (m_pad, k) uint8 = q + 128`` (``m`` rounded up to whole :data:`ROW_BLOCK` rows;
+    rows past ``m`` repeat row ``m - 1``)."""
+    lanes = LANES if k % LANES == 0 else 1
+    ko = te.reduce_axis((_i64(0), _i64(k // lanes)), name="ko")
+    part = te.compute(
+        (_dim(m), _i64(lanes)),
+        lambda i, v: te.max(tirx.abs(x[i, ko * lanes + v]), axis=ko),
+        name="amax_lanes",
+    )
+    lane = te.reduce_axis((_i64(0), _i64(lanes)), name="lane")
+    amax = te.compute((_dim(m),), lambda i: te.max(part[i, lane], axis=lane), name="amax")
+    m_pad = _round_up(m, ROW_BLOCK)
+    whole = isinstance(m, int) and m == m_pad
+
+    def quantize(row, q):
+        i = row if whole else tirx.min(row, _dim(m) - 1)
+        a = amax[i]
+        inv = tirx.Select(a > tirx.const(0, "float32"), tirx.const(127, "float32") / a, 0.0)
+        v = tirx.round(x[i, q] * inv).astype("int32") + 128
+        return v.astype("uint8")
+
+    xq = te.compute((_dim(m_pad), _i64(k)), quantize, name="xq")
+    return amax, xq
+
+
+def _bit(tile: te.Tensor, flat) -> tirx.Expr:
+    """Bit ``flat`` of the packed tile as a uint32 0 or 1."""
+    word = tile[tirx.floordiv(flat, WORD_BITS)]
+    return (word >> tirx.floormod(flat, WORD_BITS).astype("uint32")) & tirx.const(1, "uint32")
+
+
+def _int8_panel(tile: te.Tensor, k: int, rows: int, rows_pad: int) -> te.Tensor:
+    """``panel (k / 4, rows_pad) int32``: the 4 int8 signs ``s[min(r, rows - 1), 4 g + j]``
+    (``j = 0..3``, byte ``j``; ``+1`` is ``0x01``, ``-1`` is ``0xff``) of inputs ``4 g ..
+    4 g + 3`` of tile row ``r``, from the tile words copied tile-row innermost (block
+    ``words``). A nibble ``b`` of bits spreads to one bit per byte as ``(b * 0x204081) &
+    0x01010101`` (the four shifted copies do not overlap, so no carries); ``t * 0xfe ^
+    0xffffffff`` then maps each byte ``1 -> 0x01``, ``0 -> 0xff``."""
+    last = _i64(rows - 1)
+    kw = k // WORD_BITS
+    words = te.compute(
+        (_i64(kw), _i64(rows_pad)), lambda w, r: tile[tirx.min(r, last) * kw + w], name="words"
+    )
+    per_word = WORD_BITS // VNNI_DEPTH
+
+    def signs(g, r):
+        shift = (tirx.floormod(g, per_word) * VNNI_DEPTH).astype("uint32")
+        nibble = (words[tirx.floordiv(g, per_word), r] >> shift) & _u32(15)
+        spread = (nibble * _u32(0x204081)) & _u32(0x01010101)
+        return tirx.reinterpret("int32", (spread * _u32(0xFE)) ^ _u32(0xFFFFFFFF))
+
+    return te.compute((_i64(k // VNNI_DEPTH), _i64(rows_pad)), signs, name="panel")
+
+
+def _u32(v: int) -> tirx.Expr:
+    return tirx.const(v, "uint32")
+
+
+def panel_sign(word: tirx.Expr, j: tirx.Expr) -> tirx.Expr:
+    """Sign ``j`` (int32 ``+-1``) of a :func:`_int8_panel` entry ``word`` (int32): its
+    byte ``j`` as int8. The product's kernel and its tensor intrinsic share this form."""
+    return (word >> (j * 8).astype("int32")).astype("int8").astype("int32")
+
+
+def _sign_sums(tile: te.Tensor, k: int, rows: int, rows_pad: int) -> te.Tensor:
+    """``ssum (rows_pad,) int32 = sum_k s[min(r, rows - 1), k]`` (``2 * ones - k``, the
+    ones counted by word popcounts, :data:`LANES` partial counts per row)."""
+    last = _i64(rows - 1)
+    words = k // WORD_BITS
+    lanes = LANES if words % LANES == 0 else 1
+    wo = te.reduce_axis((_i64(0), _i64(words // lanes)), name="wo")
+
+    def ones(r, v):
+        word = tile[tirx.min(r, last) * words + wo * lanes + v]
+        return te.sum(tirx.popcount(word).astype("int32"), axis=wo)
+
+    part = te.compute((_i64(rows_pad), _i64(lanes)), ones, name="ones_lanes")
+    lane = te.reduce_axis((_i64(0), _i64(lanes)), name="lane")
+    count = te.compute((_i64(rows_pad),), lambda r: te.sum(part[r, lane], axis=lane), name="ones")
+    return te.compute(
+        (_i64(rows_pad),), lambda r: count[r] * 2 - tirx.const(k, "int32"), name="ssum"
+    )
+
+
+def _int_product(xq: te.Tensor, panel: te.Tensor, k: int, rows_pad: int) -> te.Tensor:
+    """``acc (m_pad, rows_pad) int32 = sum_k xq * s``."""
+    g = te.reduce_axis((_i64(0), _i64(k // VNNI_DEPTH)), name="g")
+    j = te.reduce_axis((_i64(0), _i64(VNNI_DEPTH)), name="j")
+
+    def dot(i, r):
+        a = xq[i, g * VNNI_DEPTH + j].astype("int32")
+        return te.sum(a * panel_sign(panel[g, r], j), axis=[g, j])
+
+    return te.compute((xq.shape[0], _i64(rows_pad)), dot, name="acc")
+
+
+def _rescaled(acc, ssum, amax, alphas, bias, m, n: int, rows: int) -> te.Tensor:
+    """``out (m, n) float32``: ``alphas[c] * (amax_i / 127) * (acc - 128 ssum) + bias``."""
+
+    def value(i, col):
+        r = tirx.floormod(col, rows)
+        exact = acc[i, r] - ssum[r] * 128
+        scale = amax[i] / tirx.const(127, "float32")
+        v = alphas[tirx.floordiv(col, rows)] * (scale * exact.astype("float32"))
+        return v if bias is None else v + bias[col]
+
+    return te.compute((_dim(m), _i64(n)), value, name="out")

@@ -1,0 +1,314 @@
+"""CPU rule for the int8 form of aligned linears (the opt-in ``precision="int8"``).
+
+:class:`Int8Product` (first in :data:`.cpu.CPU_RULES`) takes a ``linear_aligned``
+kernel whose :data:`..int8_kernels.PRECISION_ATTR` is ``"int8"``, rebuilds it with
+:func:`..int8_kernels.int8_linear_primfunc` and schedules it with
+:func:`schedule_int8_linear`; it declines every other kernel (and one it cannot rebuild,
+which then runs in float32 as the next rules schedule it).
+
+The schedule: row maxima and the quantized rows (``xq``) once, vectorized; the tile
+rows' sign sums from popcounts; the product in parallel tasks of :data:`TASK_ROWS` tile
+rows, each unpacking its rows' int8 panel a chunk of inputs at a time (cache-sized) and
+running register blocks of :data:`..int8_kernels.ROW_BLOCK` input rows x
+:data:`VECTORS` vectors of 16 tile rows over it, one ``vpdpbusd`` (AVX-512 VNNI: 64
+unsigned x signed byte products summed in fours into 16 int32 lanes) per input row,
+vector and 4 inputs. Without VNNI the same block runs ``vpmaddubsw`` + ``vpmaddwd``
+(AVX-512 BW; exact: a pair of ``+-(q + 128)`` never leaves int16), without AVX-512 as
+plain vector code. Then the rescaling epilogue, vectorized over tile rows.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule, TensorIntrin
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from ..int8_kernels import PRECISION_ATTR, ROW_BLOCK, int8_linear_primfunc
+from ..kernels import kernel_kind
+from .base import ScheduleRule, apply_first, dispatch, extent, factor, known_extent, shape_vars
+
+__all__ = [
+    "INT8_MIN_ROWS",
+    "Int8Product",
+    "TASK_ROWS",
+    "VECTORS",
+    "schedule_int8_linear",
+    "wants_int8",
+]
+
+TASK_ROWS = 64
+"""Tile rows per parallel task of the product (fewer when the tile has fewer)."""
+
+VECTORS = 4
+"""Vectors of 16 tile rows per register block (x 4 input rows: 16 accumulators)."""
+
+CHUNK = 256
+"""Inputs per chunk of a task's panel (64 tile rows x 256 inputs: 16 KiB, in L1)."""
+
+
+# The 16 x 4 u8 x s8 -> s32 dot product of one register block step: ``C[r] += sum_j
+# A[j] B[r, j]``. TVM's own x86 intrinsics pass the operands of vpdpbusd as 16 x i32,
+# which LLVM 22 rejects (it takes 64 x i8 now).
+
+
+@T.prim_func(s_tir=True)
+def _dot_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16,), "int32", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16])
+        T.writes(C[0:16])
+        for i, k in T.grid(T.int64(16), T.int64(4)):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast(
+                    "int32", T.Cast("int8", B[vi] >> T.Cast("int32", vk * T.int64(8)))
+                )
+
+
+@T.prim_func(s_tir=True)
+def _dot_vnni(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16,), "int32", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16])
+        T.writes(C[0:16])
+        a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
+            T.reinterpret(B.vload([0], dtype="int32x16"), dtype="int8x64"),
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _dot_avx512(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16,), "int32", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16])
+        T.writes(C[0:16])
+        a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        pairs = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
+            T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
+            T.reinterpret(B.vload([0], dtype="int32x16"), dtype="int8x64"),
+            dtype="int16x32",
+        )
+        C[T.ramp(T.int32(0), 1, 16)] = C.vload([0], dtype="int32x16") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
+            pairs,
+            T.int16x32(1),
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _dot_desc_local(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16,), "int32", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16])
+        T.writes(C[0:16])
+        for i, k in T.grid(T.int64(16), T.int64(4)):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast(
+                    "int32", T.Cast("int8", B[vi] >> T.Cast("int32", vk * T.int64(8)))
+                )
+
+
+@T.prim_func(s_tir=True)
+def _dot_vnni_local(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16,), "int32", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16])
+        T.writes(C[0:16])
+        a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
+            T.reinterpret(B.vload([0], dtype="int32x16"), dtype="int8x64"),
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _dot_avx512_local(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16,), "int32", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16])
+        T.writes(C[0:16])
+        a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        pairs = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
+            T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
+            T.reinterpret(B.vload([0], dtype="int32x16"), dtype="int8x64"),
+            dtype="int16x32",
+        )
+        C[T.ramp(T.int32(0), 1, 16)] = C.vload([0], dtype="int32x16") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
+            pairs,
+            T.int16x32(1),
+            dtype="int32x16",
+        )
+
+
+VNNI_DOT = "tbn_dot_16x4_u8s8_vnni"
+AVX512_DOT = "tbn_dot_16x4_u8s8_avx512bw"
+TensorIntrin.register(VNNI_DOT, _dot_desc_local, _dot_vnni_local, override=True)
+TensorIntrin.register(AVX512_DOT, _dot_desc_local, _dot_avx512_local, override=True)
+
+
+def wants_int8(func: tirx.PrimFunc) -> bool:
+    """True when ``func`` is a ``linear_aligned`` kernel asked for int8 precision."""
+    attrs = func.attrs
+    return (
+        kernel_kind(func) == "linear_aligned"
+        and attrs is not None
+        and str(attrs.get(PRECISION_ATTR, "")) == "int8"
+    )
+
+
+INT8_MIN_ROWS = 16
+"""Input rows from which an int8 linear runs in int8 form: below, unpacking the tile
+costs more than the float32 kernels (words form) take, and those run exact."""
+
+
+class Int8Product(ScheduleRule):
+    """``linear_aligned`` kernels marked int8 with at least :data:`INT8_MIN_ROWS` input
+    rows: the int8 form, scheduled by :func:`schedule_int8_linear` (see the module
+    docstring). With a symbolic batch, batches below it run the float32 kernel as the
+    next rules schedule it, in the same function."""
+
+    name = "int8-product"
+
+    def apply(self, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+        if not wants_int8(func):
+            return None
+        form = int8_linear_primfunc(func)
+        if form is None:
+            return None
+        from .cpu import _rules_after, _with_attrs_of
+
+        batch = shape_vars(form)
+        if not batch and int(form.params[0].shape[0]) < INT8_MIN_ROWS:
+            return None
+        sch = Schedule(form)
+        schedule_int8_linear(sch, _dot_intrinsic(target))
+        scheduled = sch.mod["main"]
+        if batch:
+            small = apply_first(func, target, _rules_after(self))
+            scheduled = dispatch(form, [(batch[0] < INT8_MIN_ROWS, small)], scheduled)
+        return _with_attrs_of(scheduled, func)
+
+
+def _dot_intrinsic(target: Target | None) -> str | None:
+    """The 16x4 u8 x s8 dot-product intrinsic the target has (None: plain vectors)."""
+    if target is None or target.kind.name != "llvm":
+        return None
+    has = tvm.target.codegen.target_has_features
+    if has("avx512vnni", target):
+        return VNNI_DOT
+    if has("avx512bw", target):
+        return AVX512_DOT
+    return None
+
+
+def schedule_int8_linear(sch: Schedule, intrinsic: str | None) -> None:
+    """Schedule every block of an :func:`..int8_kernels.int8_linear_primfunc` kernel
+    (``intrinsic``: a registered 16x4 dot-product tensor intrinsic, or None)."""
+    _lane_reduction(sch, sch.get_sblock("amax_lanes"), sch.get_sblock("amax"))
+    _quantize(sch, sch.get_sblock("xq"))
+    _lane_reduction(sch, sch.get_sblock("ones_lanes"), sch.get_sblock("ones"))
+    _product(sch, sch.get_sblock("acc"), intrinsic)
+    _rescale(sch, sch.get_sblock("out"))
+
+
+def _parallel(sch: Schedule, loop) -> None:
+    n = known_extent(sch, loop)
+    if n is None or n > 1:
+        sch.parallel(loop)
+
+
+def _lane_reduction(sch: Schedule, lanes_block, block) -> None:
+    """``lanes_block (rows, lanes)``: a vector of partial results per row, reduced
+    serially (parallel over rows); ``block (rows,)`` (their sum or maximum per row) stays
+    as built: a few operations per row."""
+    r, v, ko = sch.get_loops(lanes_block)
+    sch.reorder(ko, v)
+    _parallel(sch, r)
+    sch.vectorize(v)
+    sch.decompose_reduction(lanes_block, ko)
+
+
+def _quantize(sch: Schedule, block) -> None:
+    """``xq (blocks, ROW_BLOCK, k)``: parallel over blocks of rows, 16 inputs a vector."""
+    i, k = sch.get_loops(block)
+    b, _ = sch.split(i, [None, ROW_BLOCK])
+    _parallel(sch, b)
+    ko, ki = sch.split(k, [None, factor(extent(sch, k), (16, 8, 4))])
+    sch.vectorize(ki)
+
+
+def _product(sch: Schedule, block, intrinsic: str | None) -> None:
+    """``acc (blocks, ROW_BLOCK, rows_pad) += xq . panel``: see the module docstring."""
+    i, r, g, j = sch.get_loops(block)
+    b, i = sch.split(i, [None, ROW_BLOCK])
+    rows, groups = extent(sch, r), extent(sch, g)
+    per_task = factor(rows, (TASK_ROWS, 32, 16))
+    vectors = factor(per_task // 16, (VECTORS, 2, 1))
+    chunk = factor(groups, (CHUNK // 4, 32, 16, 8))
+    ro, rv, rw, rl = sch.split(r, [None, per_task // (16 * vectors), vectors, 16])
+    go, gi = sch.split(g, [None, chunk])
+    sch.reorder(ro, go, b, rv, gi, i, rw, rl, j)
+    _parallel(sch, ro)
+    panel, words = sch.get_sblock("panel"), sch.get_sblock("words")
+    sch.compute_at(panel, go)
+    sch.compute_at(words, go)
+    pr = sch.get_loops(panel)[-1]
+    _, pv = sch.split(pr, [None, 16])
+    sch.vectorize(pv)
+    sch.unroll(i)
+    sch.unroll(rw)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, ro)
+    sch.vectorize(sch.split(sch.get_loops(acc)[-1], [None, 16])[1])
+    if intrinsic is not None:
+        sch.decompose_reduction(block, go)
+        sch.tensorize(rl, intrinsic)
+    else:
+        sch.reorder(j, rl)
+        sch.vectorize(rl)
+        sch.decompose_reduction(block, go)
+
+
+def _rescale(sch: Schedule, block) -> None:
+    """``out (m, n)`` as ``(m, p, rows)`` loops (a copy's tile rows contiguous, no
+    ``col % rows`` per element), parallel over rows, 16 tile rows a vector."""
+    func = sch.mod["main"]
+    rows = int(func.params[-1].shape[1]) // int(func.params[2].shape[0])
+    sch.transform_block_layout(block, lambda i, col: (i, col // rows, col % rows))
+    i, c, r = sch.get_loops(block)
+    _parallel(sch, i)
+    _, ri = sch.split(r, [None, factor(rows, (16, 8, 4, 2))])
+    sch.vectorize(ri)
