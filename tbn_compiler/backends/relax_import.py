@@ -10,7 +10,9 @@ Contract of :func:`import_graph`:
   structure is the :class:`~tbn_compiler.capture.OutputTree`'s), decomposed to core ATen,
   and handed to TVM's ``from_exported_program``. Before that, operands that add nothing
   to a ``cat`` (an empty key/value cache) are dropped (:func:`drop_empty_cat_operands`),
-  a slice's negative dim is counted from the start (:func:`positive_slice_dims`), boolean
+  a slice's negative dim is counted from the start (:func:`positive_slice_dims`), an
+  attention mask that hides nothing whatever the input values is dropped
+  (:func:`drop_attend_all_masks`: Hugging Face ViT's), boolean
   attention masks become additive float masks (:func:`float_attention_masks`), the
   boolean operands of ops TVM mishandles become integers (:func:`integer_bool_operands`),
   and scans sum in the dtype torch does (:func:`scan_operand_dtypes`: int32 -> int64).
@@ -1109,6 +1111,108 @@ def _sdpa_mask(node: fx.Node) -> Any:
     return node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
 
 
+def drop_attend_all_masks(ep: torch.export.ExportedProgram, inputs: Sequence[torch.Tensor]) -> None:
+    """Drop the mask of every ``scaled_dot_product_attention`` whose mask lets every query
+    attend to every key (boolean all True, float all zero) whatever the input values, in
+    place: Hugging Face models (ViT, ...) build such a mask from ``arange`` and the
+    shapes. Without it the attention runs as a plain one (a faster kernel, and no
+    hidden-row handling). A mask counts as constant when it depends on the inputs only
+    through their sizes; it is evaluated at ``inputs`` (the example inputs). Any other
+    mask is kept."""
+    graph = ep.graph_module.graph
+    sources = _placeholder_values(ep, inputs)
+    changed = False
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten.scaled_dot_product_attention.default:
+            continue
+        mask = _sdpa_mask(node)
+        if not isinstance(mask, fx.Node):
+            continue
+        # at the example's sizes and one more batch: the batch must not change it
+        values = [_value_from_sizes(mask, sources, more) for more in (0, 1)]
+        if not all(v is not None and _attends_everywhere(v) for v in values):
+            continue
+        if len(node.args) > 3:
+            node.args = (*node.args[:3], None, *node.args[4:])
+        else:
+            node.kwargs = {**node.kwargs, "attn_mask": None}
+        changed = True
+    if changed:
+        graph.eliminate_dead_code()
+        ep.graph_module.recompile()
+
+
+def _placeholder_values(
+    ep: torch.export.ExportedProgram, inputs: Sequence[torch.Tensor]
+) -> dict[str, tuple[bool, Any]]:
+    """Per placeholder name: (is a user input, its value): the example input, or the
+    parameter, buffer or constant tensor it stands for."""
+    sig = ep.graph_signature
+    lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    lifted.update(sig.inputs_to_lifted_tensor_constants)
+    values: dict[str, tuple[bool, Any]] = {}
+    for name, target in lifted.items():
+        value = ep.state_dict.get(target, ep.constants.get(target))
+        if value is not None:
+            values[name] = (False, value)
+    for name, value in zip(sig.user_inputs, inputs, strict=False):
+        values[str(name)] = (True, value)
+    return values
+
+
+_SIZE_READS = (torch.ops.aten.sym_size.int,)
+
+
+def _value_from_sizes(
+    node: fx.Node, sources: dict[str, tuple[bool, Any]], more_batch: int = 0
+) -> Any:
+    """The value of ``node`` computed with real tensors, the batch (size 0 of a user
+    input) read as ``more_batch`` more than the example's; None when it reads a user
+    input other than through its sizes, draws random numbers, or fails to evaluate."""
+    env: dict[fx.Node, Any] = {}
+
+    def value(n: fx.Node) -> Any:
+        if n in env:
+            return env[n]
+        if n.op == "placeholder":
+            user, v = sources.get(n.name, (True, None))
+            if user or v is None:
+                raise LookupError(n.name)
+            env[n] = v
+            return v
+        if n.op != "call_function" or _draws_random(n.target):
+            raise LookupError(n.name)
+        if n.target in _SIZE_READS:
+            tensor, dim = n.args[0], n.args[1]
+            user, v = sources.get(getattr(tensor, "name", ""), (False, None))
+            if v is None:
+                v = value(tensor)
+            env[n] = v.shape[dim] + (more_batch if user and dim == 0 else 0)
+            return env[n]
+        args = fx.node.map_arg(n.args, value)
+        kwargs = fx.node.map_arg(n.kwargs, value)
+        env[n] = n.target(*args, **kwargs)
+        return env[n]
+
+    try:
+        with torch.no_grad():
+            return value(node)
+    except Exception:  # noqa: BLE001 (any failure: the mask is kept as it is)
+        return None
+
+
+def _draws_random(target: Any) -> bool:
+    return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
+
+
+def _attends_everywhere(mask: Any) -> bool:
+    if not isinstance(mask, torch.Tensor):
+        return False
+    if mask.dtype == torch.bool:
+        return bool(mask.all())
+    return bool(mask.is_floating_point() and (mask == 0).all())
+
+
 def zero_fully_masked_rows(ep: torch.export.ExportedProgram) -> None:
     """Make every ``scaled_dot_product_attention`` with a mask return zeros for the query
     rows the mask hides entirely, as torch does, in place: TVM softmaxes the masked scores
@@ -1354,6 +1458,7 @@ def _import(gm: torch.nn.Module, inputs: list[torch.Tensor], dynamic_batch: bool
     ep, static_batch = _export_graph(gm, inputs, dynamic_batch)
     drop_empty_cat_operands(ep)
     positive_slice_dims(ep)
+    drop_attend_all_masks(ep, inputs)
     zero_fully_masked_rows(ep)
     float_attention_masks(ep)
     integer_bool_operands(ep)
