@@ -79,6 +79,20 @@ def test_sdpa_equals_float64_math_at_batch_1_and_3(heads, seq, dim, scale) -> No
         _close(cm(q, k, v), reference(q, k, v, scale))
 
 
+def test_small_attention_is_serial_below_the_batch_worth_a_fork_parallel_above() -> None:
+    """7 tokens x 2 heads x 32: under 11 the symbolic batch runs the serial loop nest,
+    from 11 the parallel one; both are exact."""
+    mod = _attention_module(tirx.Var("batch", "int64"), 7, 2, 32)
+    with host_target():
+        func = relax.transform.LegalizeOps(pipelines.CPU_LEGALIZATIONS)(mod)["attention"]
+    script = schedule_attention(func).script()
+    assert script.count("T.parallel") == 1 and "if batch < T.int64(11)" in script
+    cm = tbn.compile(Attend(), _qkv(3, 2, 7, 32), target="llvm", config=DENSE)
+    for batch in (1, 16):
+        q, k, v = _qkv(batch, 2, 7, 32, seed=batch)
+        _close(cm(q, k, v), reference(q, k, v))
+
+
 def test_cross_attention_with_more_keys_than_queries() -> None:
     q, k, v = _qkv(2, 3, 7, 32, keys=197)
     cm = tbn.compile(Attend(), (q, k, v), target="llvm", config=DENSE)

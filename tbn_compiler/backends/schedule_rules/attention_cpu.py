@@ -125,30 +125,47 @@ def _static(dim: object) -> int | None:
 
 def _kernel(q: Buffer, k: Buffer, v: Buffer, out: Buffer, scale: Scale, lanes: int) -> tirx.Stmt:
     """The loop nest of the module docstring for buffers ``q`` (B, L, H, D), ``k`` (B, N,
-    H, D), ``v`` (B, N, H, Dv) and ``out`` (B, L, H, Dv)."""
+    H, D), ``v`` (B, N, H, Dv) and ``out`` (B, L, H, Dv): parallel from the batch at which
+    it does :data:`MIN_PARALLEL_WORK` multiply-adds (a symbolic batch branches once)."""
     batch = q.shape[0]
     seq, heads, dim = (int(d) for d in q.shape[1:])
     keys, dim_v = int(k.shape[1]), int(v.shape[3])
+    small = -(-MIN_PARALLEL_WORK // (heads * seq * keys * (dim + dim_v)))
+    static = _static(batch)
+    with IRBuilder() as ib:
+        if static is not None or small <= 1:
+            _tasks(q, k, v, out, scale, lanes, parallel=static is None or static >= small)
+        else:
+            with T.If(batch < small):
+                with T.Then():
+                    _tasks(q, k, v, out, scale, lanes, parallel=False)
+                with T.Else():
+                    _tasks(q, k, v, out, scale, lanes, parallel=True)
+    return ib.get()
+
+
+def _tasks(
+    q: Buffer, k: Buffer, v: Buffer, out: Buffer, scale: Scale, lanes: int, parallel: bool
+) -> None:
+    """One loop over the tasks (batch x head x block of query rows)."""
+    batch = q.shape[0]
+    seq, heads, dim = (int(d) for d in q.shape[1:])
+    keys = int(k.shape[1])
     registers = 16 if lanes >= 16 else 8  # P V accumulators: half the vector registers
     lanes = lanes if seq > lanes // 2 else lanes // 2  # short sequences: fewer padded rows
     tiles = -(-seq // lanes)
-    tasks = batch * (heads * tiles)
-    work = heads * seq * keys * (dim + dim_v)
-    serial = isinstance(batch, tirx.IntImm | int) and int(batch) * work < MIN_PARALLEL_WORK
-    with IRBuilder() as ib:
-        loop = T.serial if serial else T.parallel
-        with loop(0, tasks) as task:
-            b = task // (heads * tiles)
-            h = task // tiles % heads
-            i0 = task % tiles * lanes
-            qt = T.alloc_buffer((dim, lanes), "float32", scope="local")
-            scores = T.alloc_buffer((keys, lanes), "float32", scope="local")
-            total = T.alloc_buffer((lanes,), "float32", scope="local")
-            _load_queries(q, qt, b, h, i0, seq, lanes)
-            _scores(k, qt, scores, b, h, dim, lanes, scale, registers)
-            _softmax(scores, total, keys, lanes)
-            _weighted_values(v, out, scores, total, b, h, i0, seq, lanes, registers)
-    return ib.get()
+    loop = T.parallel if parallel else T.serial
+    with loop(0, batch * (heads * tiles)) as task:
+        b = task // (heads * tiles)
+        h = task // tiles % heads
+        i0 = task % tiles * lanes
+        qt = T.alloc_buffer((dim, lanes), "float32", scope="local")
+        scores = T.alloc_buffer((keys, lanes), "float32", scope="local")
+        total = T.alloc_buffer((lanes,), "float32", scope="local")
+        _load_queries(q, qt, b, h, i0, seq, lanes)
+        _scores(k, qt, scores, b, h, dim, lanes, scale, registers)
+        _softmax(scores, total, keys, lanes)
+        _weighted_values(v, out, scores, total, b, h, i0, seq, lanes, registers)
 
 
 def _load_queries(
