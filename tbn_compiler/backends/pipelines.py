@@ -486,7 +486,9 @@ def cpu_softmax(x: te.Tensor, axis: int = -1) -> te.Tensor:
 
 def _attention_te(q: te.Tensor, k: te.Tensor, v: te.Tensor, scale: object) -> te.Tensor:
     """TVM's legalization of ``R.nn.attention`` (no mask, no bias) with :func:`cpu_softmax`:
-    ``(batch, seq, heads, dim)`` in and out."""
+    ``(batch, seq, heads, dim)`` in and out. It states the math; the CPU build runs the
+    kernel of :mod:`.schedule_rules.attention_cpu` in its place (same arithmetic, sums
+    in another order), which :func:`_legalize_attention` marks it for."""
     batch, seq, heads, dim = q.shape
     seq_kv, dim_v = v.shape[1], v.shape[3]
     rows = batch * heads
@@ -512,6 +514,10 @@ def _legalize_softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 def _legalize_attention(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """Attention without mask as :func:`_attention_te`, marked for the CPU kernel
+    (:func:`.schedule_rules.attention_cpu.attention_attrs`) and opaque to fusion, so that
+    the function the generic schedule meets is the attention itself; masked attention
+    as TVM legalizes it."""
     attrs = call.attrs
     if attrs.causal_mask is not None or attrs.window_size is not None:
         return _TVM_LEGALIZE_ATTENTION(bb, call)  # masks: TVM's own legalization
