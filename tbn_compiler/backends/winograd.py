@@ -9,9 +9,10 @@ rounding: ``x (n, cin, h, w)``, ``tile``, ``alphas (p,)``, ``[bias (cout,)]`` ->
     the ``F = cout / p`` binary filters of the tile unpacked into ``+-1`` numbers;
 ``wtrans (a, a, cin, F)``
     the filter transform ``U = G g G^T`` of each (input channel, filter), ``a = m + 2``;
-``xpad (n, th*m + 2, tw*m + 2, cin)``
-    the zero-padded input, channels last, over a grid of ``th x tw`` output tiles of
-    ``m x m`` (``th = ceil(ho / m)``: outputs past ``ho`` are computed and dropped);
+``xcl (n, h, w, cin)``
+    the input, channels last; the tiles of a grid of ``th x tw`` output tiles of
+    ``m x m`` (``th = ceil(ho / m)``: outputs past ``ho`` are computed and dropped)
+    read it with zeros for the padding and past the edge;
 ``dtrans (a, a, n * th, tw, cin)``
     the input transform ``V = B^T d B`` of each tile (tile row of the batch, tile of the
     row) and channel;
@@ -150,23 +151,20 @@ def winograd_tensors(batch: Extent, chw: list[int], spec: dict, m: int) -> dict[
         lambda e1, e2, c, f: _transform(g_t, e2, lambda kw: wcol[c, e1, kw, f]),
         name="wtrans",
     )
-    xpad = te.compute(
-        _shape((n, th * m + 2, tw * m + 2, cin)),
-        lambda b, yp, xp, c: tirx.if_then_else(
-            tirx.all(yp >= pad_h, yp < h + pad_h, xp >= pad_w, xp < w + pad_w),
-            x[b, c, yp - pad_h, xp - pad_w],
-            tirx.const(0.0, dtype),
-        ),
-        name="xpad",
-    )
+    xcl = te.compute(_shape((n, h, w, cin)), lambda b, y, xo, c: x[b, c, y, xo], name="xcl")
+
+    def padded(r, tx, i, j, c) -> tirx.Expr:
+        """Input ``(i, j)`` of tile ``tx`` of tile row ``r`` (zero in the padding)."""
+        y = tirx.floormod(r, th) * m + i - pad_h
+        xo = tx * m + j - pad_w
+        inside = tirx.all(y >= 0, y < h, xo >= 0, xo < w)
+        value = xcl[tirx.floordiv(r, th), y, xo, c]
+        return tirx.if_then_else(inside, value, tirx.const(0.0, dtype))
+
     rows = n * th  # tile rows of the batch: dcol ... ytrans are per (tile row, tile)
     dcol = te.compute(
         _shape((rows, tw, alpha, alpha, cin)),
-        lambda r, tx, e1, j, c: _transform(
-            b_mat,
-            e1,
-            lambda i: xpad[tirx.floordiv(r, th), tirx.floormod(r, th) * m + i, tx * m + j, c],
-        ),
+        lambda r, tx, e1, j, c: _transform(b_mat, e1, lambda i: padded(r, tx, i, j, c)),
         name="dcol",
     )
     dtrans = te.compute(
@@ -206,7 +204,7 @@ def winograd_tensors(batch: Extent, chw: list[int], spec: dict, m: int) -> dict[
         panel,
         wcol,
         wtrans,
-        xpad,
+        xcl,
         dcol,
         dtrans,
         prod,
