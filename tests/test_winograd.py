@@ -135,11 +135,18 @@ def _chosen(func: tirx.PrimFunc) -> str:
         ((1, 64, 32, 32), (64, 64, 1, 1), 1, 1, "panel"),  # 1x1
         ((1, 8, 32, 32), (64, 8, 3, 3), 1, 1, "panel"),  # 8 input channels
         ((1, 64, 32, 32), (64, 64, 3, 3), 1, 8, "panel"),  # 8 filters
+        ((64, 16, 2, 2), (16, 16, 3, 3), 1, 1, "panel"),  # one tile a row
     ],
 )
 def test_rule_applies_where_it_pays(xs, ws, stride, p, form):
     func = kernels.tiled_conv_primfunc(xs, ws, stride, 1, 1, 1, p, True)
     assert _chosen(func) == form
+
+
+def test_schedule_refuses_rows_of_one_tile():
+    func = kernels.tiled_conv_primfunc((4, 16, 2, 2), (16, 16, 3, 3), 1, 1, 1, 1, 1, True)
+    with pytest.raises(ValueError, match="two tiles a row"):
+        winograd_cpu.schedule_winograd(winograd.winograd_primfunc(func, 2), LANES)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

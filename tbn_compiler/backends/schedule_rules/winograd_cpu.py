@@ -98,7 +98,8 @@ class WinogradProduct(ScheduleRule):
 
 def _eligible_positions(func: tirx.PrimFunc) -> int | None:
     """Output positions per image of a ``conv_aligned`` kernel with a spec that
-    :func:`..winograd.winograd_applies` to and enough channels; None for any other."""
+    :func:`..winograd.winograd_applies` to, enough channels and at least two tiles a
+    row (:func:`schedule_winograd`); None for any other."""
     attrs = func.attrs
     if kernel_kind(func) != "conv_aligned" or attrs is None or SPEC_ATTR not in attrs:
         return None
@@ -109,7 +110,8 @@ def _eligible_positions(func: tirx.PrimFunc) -> int | None:
     if min(cin, cout // int(spec["p"])) < WINOGRAD_MIN_CHANNELS:
         return None
     out = func.params[-1].shape
-    return int(out[2]) * int(out[3])
+    ho, wo = int(out[2]), int(out[3])
+    return ho * wo if wo > winograd_tile(ho, wo) else None
 
 
 def schedule_winograd(func: tirx.PrimFunc, lanes: int, parallel: bool = True) -> tirx.PrimFunc:
@@ -121,8 +123,13 @@ def schedule_winograd(func: tirx.PrimFunc, lanes: int, parallel: bool = True) ->
     loop can wait a time slice for a descheduled thread (64-channel binary conv at
     32x32, batch 16, load 4: 8.0 ms with five, 6.6 with three; batch 1: 0.37 and 0.39
     ms). Computing the channels-last rows in each task as well (two loops) was slower:
-    a task transposes the 2 rows it shares with the next again."""
+    a task transposes the 2 rows it shares with the next again.
+
+    Tile rows of one tile are refused (ValueError): the stages computed in a task would
+    lose their loop over tiles."""
     sch = Schedule(func)
+    if int(sch.get(sch.get_sblock("ytrans")).iter_vars[2].dom.extent) < 2:
+        raise ValueError("the Winograd schedule needs at least two tiles a row")
     _filter_transform(sch, lanes)
     _channels_last(sch, lanes, parallel)
     task = _output_side(sch, lanes, parallel)
