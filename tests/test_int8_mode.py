@@ -3,8 +3,9 @@ schedule_rules.int8_cpu, compile(..., precision="int8")).
 
 The int8 kernel is checked against a numpy reference of the same quantization (per-row
 symmetric absmax scale, round half to even, exact integer sums: compared tightly), and
-against plain float math within the bound of its input rounding; the CPU rule runs the
-float32 kernel (exact) below INT8_MIN_ROWS rows; compile records the precision, saves
+against plain float math within the bound of its input rounding, in both forms (panel;
+bits, for few rows with VNNI); the CPU rule picks them by batch (without VNNI the exact
+float32 kernel below INT8_MIN_ROWS rows); compile records the precision, saves
 it, validates against the rewritten graph within INT8_TOLERANCE and refuses bad values."""
 
 from __future__ import annotations
@@ -163,22 +164,62 @@ def test_int8_error_bound_against_float_math():
     assert 1e-4 < relative < 3e-2
 
 
-def test_rule_runs_float32_below_min_rows():
-    """The CPU rule: int8 form from INT8_MIN_ROWS rows; fewer run the exact float32 kernel
-    (static and symbolic batch)."""
+def _bits_form(m, k: int, n: int, p: int, bias: bool) -> tirx.PrimFunc:
+    func = kernels.tiled_linear_primfunc(m, k, n, p, False, bias)
+    sch = tvm.s_tir.Schedule(int8_kernels.int8_linear_primfunc(func, bits=True))
+    int8_cpu.schedule_int8_bits(sch)
+    return sch.mod["main"]
+
+
+VNNI = int8_cpu._dot_intrinsic(HOST) == int8_cpu.VNNI_DOT
+needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI")
+
+
+@needs_vnni
+@pytest.mark.parametrize("m,k,n,p,bias", KERNEL_CASES)
+def test_int8_bits_form_matches_quantized_reference(m, k, n, p, bias):
+    words, signs, alphas, b = _layer(k, n, p, bias, seed=6)
+    x = torch.randn(m, k) * 3
+    got = _call(_build(_bits_form(m, k, n, p, bias)), x, words, alphas, b, n)
+    _tight(got, _int8_reference(x.numpy(), signs, alphas, b, p))
+
+
+def _marked(m, k: int, n: int, p: int) -> tirx.PrimFunc:
+    func = kernels.tiled_linear_primfunc(m, k, n, p, False, True)
+    return func.with_attr(int8_kernels.PRECISION_ATTR, "int8")
+
+
+@needs_vnni
+def test_rule_runs_int8_at_every_batch_with_vnni():
+    """With VNNI: the bits form below BITS_MAX_ROWS rows, the panel form from there on
+    (static and symbolic batch), both the same int8 computation."""
     k, n, p = 256, 128, 4
     words, signs, alphas, b = _layer(k, n, p, True, seed=5)
-    few, many = int8_cpu.INT8_MIN_ROWS - 1, int8_cpu.INT8_MIN_ROWS
-
-    def marked(m):
-        func = kernels.tiled_linear_primfunc(m, k, n, p, False, True)
-        return func.with_attr(int8_kernels.PRECISION_ATTR, "int8")
-
-    dynamic = _build(schedule_rules.schedule_for(marked(tirx.Var("batch", "int64")), HOST))
-    for m in (few, many):
+    dynamic = _build(
+        schedule_rules.schedule_for(_marked(tirx.Var("batch", "int64"), k, n, p), HOST)
+    )
+    for m in (1, int8_cpu.BITS_MAX_ROWS - 1, int8_cpu.BITS_MAX_ROWS, 64):
         x = torch.randn(m, k)
-        static = _build(schedule_rules.schedule_for(marked(m), HOST))
+        static = _build(schedule_rules.schedule_for(_marked(m, k, n, p), HOST))
         for lib in (static, dynamic):
+            got = _call(lib, x, words, alphas, b, n)
+            _tight(got, _int8_reference(x.numpy(), signs, alphas, b, p))
+
+
+def test_rule_without_vnni_runs_float32_below_min_rows():
+    """Without VNNI (AVX-512 BW only): the int8 panel form from INT8_MIN_ROWS rows; fewer
+    run the exact float32 kernel (static and symbolic batch)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    k, n, p = 256, 128, 4
+    words, signs, alphas, b = _layer(k, n, p, True, seed=5)
+
+    def build(m):
+        return _build(schedule_rules.schedule_for(_marked(m, k, n, p), target), target)
+
+    dynamic = build(tirx.Var("batch", "int64"))
+    for m in (int8_cpu.INT8_MIN_ROWS - 1, int8_cpu.INT8_MIN_ROWS):
+        x = torch.randn(m, k)
+        for lib in (build(m), dynamic):
             got = _call(lib, x, words, alphas, b, n)
             if m < int8_cpu.INT8_MIN_ROWS:
                 ref = _float_reference(x, signs, alphas, b)
@@ -216,7 +257,7 @@ def test_compile_int8_mlp(tmp_path):
         xb = torch.randn(batch, 128)
         with torch.no_grad():
             err = scaled_error(gm(xb), cm(xb))
-        if batch < int8_cpu.INT8_MIN_ROWS:
+        if batch < int8_cpu.INT8_MIN_ROWS and not VNNI:
             assert err < 1e-5  # float32 kernels
         else:
             assert 1e-5 < err < INT8_TOLERANCE  # int8 activations, not float32

@@ -10,10 +10,13 @@ approximate activations:
   (round half to even; a row of zeros gives ``q = 0``), stored ``q + 128`` as uint8
   (block ``xq``; the row scales ``amax_i`` in block ``amax``);
 * the binary product is exact in int32: ``acc[i, r] = sum_k (q[i, k] + 128) s[r, k]``
-  (block ``acc``) over the tile rows unpacked into int8 ``s = +-1`` (block ``panel``,
-  shape ``(in / 4, rows_pad, 4)``: 4 inputs x 16 tile rows form the 64 bytes of one
-  AVX-512 VNNI ``vpdpbusd`` operand), less ``128 sum_k s[r, k]`` (block ``ssum``, from
-  the popcounts of the tile row's bits);
+  (block ``acc``), less ``128 sum_k s[r, k]`` (block ``ssum``, from the popcounts of
+  the tile row's bits). Panel form: over the tile rows unpacked into int8 ``s = +-1``,
+  four inputs of a tile row per int32 (block ``panel``, shape ``(in / 4, rows_pad)``: 16
+  tile rows x 4 inputs are the 64 bytes of one AVX-512 VNNI ``vpdpbusd`` operand). Bits
+  form (``bits=True``, for few rows): the signs come from the tile words themselves, 8
+  int32 lanes of partial sums per (row, tile row) over the 32 inputs of a word (block
+  ``acc_lanes``, summed into ``acc``);
 * ``out[i, c rows + r] = alphas[c] * ((amax_i / 127) * float(acc[i, r] - 128 ssum[r]))
   + bias[c rows + r]`` (block ``out``).
 
@@ -21,9 +24,9 @@ So the result is exactly ``alphas * (scale_i * (q_i . s_r)) + bias`` up to float
 rounding of the last two products: the only approximation is the int8 rounding of the
 inputs (an error of at most ``amax_i / 254`` per input).
 
-The rows of ``acc`` are padded to whole blocks of :data:`ROW_BLOCK` input rows (past the
-input they repeat its last row, never written out) and :data:`TILE_ROW_BLOCK` tile rows
-(pad tile rows repeat the last one). Needs ``in % 32 == 0`` (:func:`int8_applies`).
+The rows of ``acc`` are padded to whole blocks of :data:`ROW_BLOCK` input rows in panel
+form (past the input they repeat its last row, never written out) and
+:data:`TILE_ROW_BLOCK` tile rows (pad tile rows repeat the last one). Needs ``in % 32 == 0`` (:func:`int8_applies`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from ..tiling import WORD_BITS, n_words
 from .kernels import FORM_ATTR, SPEC_ATTR, kernel_kind
 
 __all__ = [
+    "BITS_LANES",
+    "INT8_BITS_FORM",
     "INT8_FORM",
     "PRECISION_ATTR",
     "PRECISIONS",
@@ -57,6 +62,12 @@ PRECISIONS = ("float32", "int8")
 
 INT8_FORM = "int8"
 """:data:`.kernels.FORM_ATTR` of a kernel built by :func:`int8_linear_primfunc`."""
+
+INT8_BITS_FORM = "int8-bits"
+""":data:`.kernels.FORM_ATTR` of the form without a panel (``bits=True``)."""
+
+BITS_LANES = WORD_BITS // 4
+"""int32 lanes of the bits form's partial sums: 4 inputs each, one tile word in all."""
 
 ROW_BLOCK = 4
 """``acc`` holds the input rows in whole blocks of this many (a register block)."""
@@ -118,11 +129,13 @@ def int8_applies(func: tirx.PrimFunc) -> bool:
     return spec["dtype"] == "float32" and int(spec["in_features"]) % WORD_BITS == 0
 
 
-def int8_linear_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+def int8_linear_primfunc(func: tirx.PrimFunc, bits: bool = False) -> tirx.PrimFunc | None:
     """``func`` (a ``linear_aligned`` kernel of :mod:`.kernels`) in int8 form (see the
     module docstring), or None where :func:`int8_applies` is False. Same buffers and
     batch extent (a symbolic batch becomes the new kernel's own var ``m``); attribute
-    :data:`.kernels.FORM_ATTR` :data:`INT8_FORM`."""
+    :data:`.kernels.FORM_ATTR` :data:`INT8_FORM`, or :data:`INT8_BITS_FORM` with
+    ``bits``: the product reads the signs from the tile words directly (no panel), 32
+    inputs of a tile row at a time (:func:`_bits_product`)."""
     if not int8_applies(func):
         return None
     spec = json.loads(str(func.attrs[SPEC_ATTR]))
@@ -134,26 +147,28 @@ def int8_linear_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     tile = te.placeholder((_i64(n_words(k * rows)),), "uint32", name="tile")
     alphas = te.placeholder((_i64(p),), "float32", name="alphas")
     bias = te.placeholder((_i64(n),), "float32", name="bias") if spec["has_bias"] else None
-    amax, xq = _quantized_rows(x, m, k)
+    amax, xq = _quantized_rows(x, m, k, 1 if bits else ROW_BLOCK)
     rows_pad = _round_up(rows, TILE_ROW_BLOCK)
-    panel = _int8_panel(tile, k, rows, rows_pad)
     ssum = _sign_sums(tile, k, rows, rows_pad)
-    acc = _int_product(xq, panel, k, rows_pad)
+    if bits:
+        acc = _bits_product(xq, tile, k, rows, rows_pad)
+    else:
+        acc = _int_product(xq, _int8_panel(tile, k, rows, rows_pad), k, rows_pad)
     out = _rescaled(acc, ssum, amax, alphas, bias, m, n, rows)
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
     new = te.create_prim_func(args).without_attr("global_symbol")
     for key, value in (func.attrs or {}).items():
         new = new.with_attr(key, value)
-    return new.with_attr(FORM_ATTR, INT8_FORM)
+    return new.with_attr(FORM_ATTR, INT8_BITS_FORM if bits else INT8_FORM)
 
 
 def _dim(v: int | tirx.Expr) -> tirx.Expr:
     return _i64(v) if isinstance(v, int) else v
 
 
-def _quantized_rows(x: te.Tensor, m, k: int) -> tuple[te.Tensor, te.Tensor]:
+def _quantized_rows(x: te.Tensor, m, k: int, row_block: int) -> tuple[te.Tensor, te.Tensor]:
     """``amax (m,)`` (from :data:`LANES` partial maxima per row) and ``xq (m_pad /
-    ``xq (m_pad, k) uint8 = q + 128`` (``m`` rounded up to whole :data:`ROW_BLOCK` rows;
+    ``xq (m_pad, k) uint8 = q + 128`` (``m`` rounded up to whole ``row_block`` rows;
     rows past ``m`` repeat row ``m - 1``)."""
     lanes = LANES if k % LANES == 0 else 1
     ko = te.reduce_axis((_i64(0), _i64(k // lanes)), name="ko")
@@ -164,7 +179,7 @@ def _quantized_rows(x: te.Tensor, m, k: int) -> tuple[te.Tensor, te.Tensor]:
     )
     lane = te.reduce_axis((_i64(0), _i64(lanes)), name="lane")
     amax = te.compute((_dim(m),), lambda i: te.max(part[i, lane], axis=lane), name="amax")
-    m_pad = _round_up(m, ROW_BLOCK)
+    m_pad = _round_up(m, row_block)
     whole = isinstance(m, int) and m == m_pad
 
     def quantize(row, q):
@@ -247,6 +262,34 @@ def _int_product(xq: te.Tensor, panel: te.Tensor, k: int, rows_pad: int) -> te.T
         return te.sum(a * panel_sign(panel[g, r], j), axis=[g, j])
 
     return te.compute((xq.shape[0], _i64(rows_pad)), dot, name="acc")
+
+
+def word_sign(word: tirx.Expr, bit: tirx.Expr) -> tirx.Expr:
+    """int32 ``+1`` where bit ``bit`` (int64) of the uint32 ``word`` is set, else ``-1``.
+    The bits form's kernel and its tensor intrinsic share this form."""
+    set_ = ((word >> bit.astype("uint32")) & _u32(1)) == _u32(1)
+    return tirx.Select(set_, tirx.const(1, "int32"), tirx.const(-1, "int32"))
+
+
+def _bits_product(xq: te.Tensor, tile: te.Tensor, k: int, rows: int, rows_pad: int):
+    """``acc (m_pad, rows_pad) int32 = sum_k xq * s`` with the signs read from the tile
+    words: :data:`BITS_LANES` partial sums per (row, tile row), each over inputs ``32 w
+    + 4 l + j`` (``l`` the lane), block ``acc_lanes``; ``acc`` sums the lanes."""
+    words, last = k // WORD_BITS, _i64(rows - 1)
+    w = te.reduce_axis((_i64(0), _i64(words)), name="w")
+    j = te.reduce_axis((_i64(0), _i64(VNNI_DEPTH)), name="j")
+
+    def dot(i, r, lane):
+        a = xq[i, w * WORD_BITS + lane * VNNI_DEPTH + j].astype("int32")
+        word = tile[tirx.min(r, last) * words + w]
+        return te.sum(a * word_sign(word, lane * VNNI_DEPTH + j), axis=[w, j])
+
+    shape = (xq.shape[0], _i64(rows_pad), _i64(BITS_LANES))
+    lanes = te.compute(shape, dot, name="acc_lanes")
+    lane = te.reduce_axis((_i64(0), _i64(BITS_LANES)), name="lane")
+    return te.compute(
+        (xq.shape[0], _i64(rows_pad)), lambda i, r: te.sum(lanes[i, r, lane], axis=lane), name="acc"
+    )
 
 
 def _rescaled(acc, ssum, amax, alphas, bias, m, n: int, rows: int) -> te.Tensor:
