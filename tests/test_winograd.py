@@ -130,6 +130,7 @@ def _chosen(func: tirx.PrimFunc) -> str:
         ((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, "winograd"),  # ResNet-18-CIFAR's 64-ch convs
         ((1, 16, 12, 12), (16, 16, 3, 3), 1, 1, "winograd"),  # 144 positions
         ((1, 16, 8, 8), (16, 16, 3, 3), 1, 1, "panel"),  # 64 positions: too few
+        ((2, 16, 8, 8), (16, 16, 3, 3), 1, 1, "winograd"),  # 128 positions over the batch
         ((16, 16, 4, 4), (16, 16, 3, 3), 1, 1, "winograd"),  # 256 positions over the batch
         ((1, 64, 32, 32), (64, 64, 3, 3), 2, 1, "panel"),  # stride 2
         ((1, 64, 32, 32), (64, 64, 1, 1), 1, 1, "panel"),  # 1x1
@@ -150,17 +151,19 @@ def test_schedule_refuses_rows_of_one_tile():
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("size", [8, 16])
-def test_symbolic_batch(batch, size):
-    """One kernel for every batch. 16x16 (256 positions an image): Winograd at every
-    batch; 8x8 (64): the panel form for one image, Winograd from two on."""
+@pytest.mark.parametrize("size,kernels_in", [(8, 1), (12, 2), (16, 1)])
+def test_symbolic_batch(batch, size, kernels_in):
+    """One kernel for every batch. 8x8 (64 positions an image): the panel form for one
+    image, Winograd F(4x4) from two on; 12x12: F(2x2) for one image, F(4x4) from two
+    on; 16x16: F(4x4) at every batch."""
     xs, ws, p = (4, 32, size, size), (32, 32, 3, 3), 2
     n = tirx.Var("n", "int64")
     func = kernels.tiled_conv_primfunc((n, *xs[1:]), ws, 1, 1, 1, 1, p, True)
     scheduled = schedule_rules.schedule_for(func, HOST)
     assert _form(scheduled) == "winograd"
     script = scheduled.script()
-    assert "dtrans" in script and ("small" in script) == (size == 8)
+    assert script.count('T.sblock("prod_update")') == kernels_in
+    assert ("small" in script) == (size == 8)
     words, alphas, signs = _tile(int(np.prod(ws)), p, seed=size)
     x, b = torch.randn(batch, *xs[1:]), torch.randn(ws[0])
     ref = _reference(x, signs, alphas, b, ws, 1)
@@ -204,7 +207,9 @@ def test_residual_block_compiles_to_winograd_and_matches_rewrite(size, monkeypat
         winograd_cpu, "schedule_winograd", lambda *a, **k: built.append(1) or schedule(*a, **k)
     )
     cm = tbn_compile(model, (x,), target="llvm", config=cfg)
-    assert len(built) == 2  # both convs (p=2: 16 filters; p=1: 32)
+    # both convs (p=2: 16 filters; p=1: 32); 12x12: F(2x2) for one image and F(4x4)
+    # from two on; 11x11 (121 positions): the panel form for one image, F(4x4) from two on
+    assert len(built) == (4 if size == 12 else 2)
     gm = rewrite(model, (x,), cfg)
     for batch in (1, 3):
         xb = torch.randn(batch, 32, size, size)

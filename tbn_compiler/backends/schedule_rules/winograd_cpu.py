@@ -42,30 +42,35 @@ __all__ = [
 
 WINOGRAD_MIN_ROWS = 128
 """Output positions (over the whole batch) from which an eligible conv runs in Winograd
-form. Measured on Zen 4 (2 cores) against the panel form: ResNet-18-CIFAR's convs at
-32x32 (64 channels, binary) 2.4x faster at batch 1, at 16x16 (128 channels, p=8) 1.2x,
-at 8x8 (256 channels, p=8) 0.95x at batch 1 (64 positions), 1.2x at batch 2 and 2x at
-batch 16, at 4x4 (512 channels, p=8) 1.2x at batch 4 and 1.6x at batch 16."""
+form. Measured on Zen 4, one thread, against the panel form (CPU time): ResNet-18-CIFAR's
+convs at 32x32 (64 channels, binary) 0.91 -> 0.33 ms at batch 1; at 8x8 (256 channels,
+p=8) 0.104 -> 0.090 ms at batch 1 (64 positions; left to the panel form, whose tests
+take 8x8 convs), 0.195 -> 0.149 at batch 2; at 4x4 (512 channels, p=8) 0.134 -> 0.179
+ms at batch 1 (16 positions: slower), 0.39 -> 0.35 at batch 4, 0.75 -> 0.59 at batch
+8."""
 
 WINOGRAD_MIN_CHANNELS = 16
 """Input channels and binary filters (``cout / p``) from which it does (a vector of
 filters)."""
 
 
-def winograd_tile(ho: int, wo: int) -> int:
-    """Output tile size ``m`` of ``F(m x m, 3 x 3)`` for an ``ho x wo`` output: 4 (4x
-    fewer multiply-adds than a direct conv) from 8x8 on, else 2 (2.25x; fewer tiles
-    padded at the edges and fewer transform positions per small image)."""
-    return 4 if min(ho, wo) >= 8 else 2
+def winograd_tile(ho: int, wo: int, batch: int) -> int:
+    """Output tile size ``m`` of ``F(m x m, 3 x 3)`` for a batch of ``ho x wo`` outputs:
+    4 (4x fewer multiply-adds than a direct conv) from 16x16 on, and from 8x8 on for two
+    images or more; else 2 (2.25x; fewer transform positions and edge tiles: 256
+    channels at 8x8, batch 1: 0.090 ms against 0.100 with 4; 64 channels at batch 2:
+    0.063 against 0.058)."""
+    least = min(ho, wo)
+    return 4 if least >= 16 or (least >= 8 and batch >= 2) else 2
 
 
 class WinogradProduct(ScheduleRule):
     """Aligned 3x3 stride-1 convs with many output positions and channels: rebuilt in
     Winograd form (:func:`..winograd.winograd_primfunc`, tile size
     :func:`winograd_tile`) and scheduled by :func:`schedule_winograd`; None (the next
-    rules) for every other kernel. With a symbolic batch, batches of fewer than
-    :data:`WINOGRAD_MIN_ROWS` output positions run as the next rules schedule them, in
-    the same function."""
+    rules) for every other kernel. A symbolic batch gets one function: the next rules'
+    schedule below :data:`WINOGRAD_MIN_ROWS` output positions, the tile size of each
+    batch from there."""
 
     name = "winograd-product"
 
@@ -75,25 +80,27 @@ class WinogradProduct(ScheduleRule):
             return None
         from .cpu import _rules_after, _vector_lanes, _with_attrs_of
 
-        out = func.params[-1].shape
-        form = winograd_primfunc(func, winograd_tile(int(out[2]), int(out[3])))
-        if form is None:
-            return None
-        scheduled = schedule_winograd(form, _vector_lanes(target))
+        lanes = _vector_lanes(target)
+        n, _, ho, wo = func.params[-1].shape
+        ho, wo = int(ho), int(wo)
         batch = shape_vars(func)
         if len(batch) != 1:
-            if positions * int(out[0]) < WINOGRAD_MIN_ROWS:
+            if positions * int(n) < WINOGRAD_MIN_ROWS:
                 return None
-            return _with_attrs_of(scheduled, func)
-        small = -(-WINOGRAD_MIN_ROWS // positions)
-        if small <= 1:
-            return _with_attrs_of(scheduled, func)
-        others = apply_first(func, target, _rules_after(self))
-        if others is None:
+            form = winograd_primfunc(func, winograd_tile(ho, wo, int(n)))
+            return _with_attrs_of(schedule_winograd(form, lanes), func)
+        small = -(-WINOGRAD_MIN_ROWS // positions)  # the least batch in Winograd form
+        cases = []
+        if small > 1:
+            cases.append((batch[0] < small, apply_first(func, target, _rules_after(self))))
+        big = winograd_tile(ho, wo, max(small, 2))
+        if winograd_tile(ho, wo, small) != big:  # batch 1 (small) with its own tiles
+            form = winograd_primfunc(func, winograd_tile(ho, wo, small))
+            cases.append((batch[0] < 2, schedule_winograd(form, lanes)))
+        default = schedule_winograd(winograd_primfunc(func, big), lanes)
+        if any(case is None for _, case in cases):
             return None
-        return _with_attrs_of(
-            dispatch(form, [(shape_vars(form)[0] < small, others)], scheduled), func
-        )
+        return _with_attrs_of(dispatch(func, cases, default) if cases else default, func)
 
 
 def _eligible_positions(func: tirx.PrimFunc) -> int | None:
@@ -111,7 +118,7 @@ def _eligible_positions(func: tirx.PrimFunc) -> int | None:
         return None
     out = func.params[-1].shape
     ho, wo = int(out[2]), int(out[3])
-    return ho * wo if wo > winograd_tile(ho, wo) else None
+    return ho * wo if wo > winograd_tile(ho, wo, 1) else None
 
 
 def schedule_winograd(func: tirx.PrimFunc, lanes: int, parallel: bool = True) -> tirx.PrimFunc:
