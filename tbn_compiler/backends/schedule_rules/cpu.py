@@ -402,7 +402,7 @@ class _WordsSchedule(_ProductRule):
     def schedule_all(self, sch: Schedule, parallel: bool, passes: bool | None = None) -> None:
         _cpu_words_product(sch, sch.get_sblock("small"), parallel, self.lanes)
         out = next(s for s in analyse(sch).stages if s.name == "out")
-        _cpu_elementwise(sch, out.block, parallel and (_many(out) if passes is None else passes))
+        _cpu_copies(sch, out.block, parallel and (_many(out) if passes is None else passes))
 
 
 MIN_PARALLEL_PANEL = 1 << 16
@@ -815,6 +815,9 @@ def _cpu_words_product(sch: Schedule, block, parallel: bool, lanes: int) -> None
     _vectorize(sch, sch.get_loops(init)[-1])
     _vectorize(sch, sch.get_loops(acc)[-1])
     sch.reverse_compute_at(block, ro)  # the sum of the lanes
+    lane, *rest = sch.get_loops(block)[1:]  # one row's lanes at a time: LLVM had
+    sch.reorder(*rest, lane)  # gathered and scattered across rows
+    sch.unroll(lane)
 
 
 def _vectorize(sch: Schedule, loop) -> None:
