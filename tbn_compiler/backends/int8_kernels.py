@@ -147,14 +147,17 @@ def int8_linear_primfunc(func: tirx.PrimFunc, bits: bool = False) -> tirx.PrimFu
     tile = te.placeholder((_i64(n_words(k * rows)),), "uint32", name="tile")
     alphas = te.placeholder((_i64(p),), "float32", name="alphas")
     bias = te.placeholder((_i64(n),), "float32", name="bias") if spec["has_bias"] else None
-    amax, xq = _quantized_rows(x, m, k, 1 if bits else ROW_BLOCK)
+    amax, xq = _quantized_rows(x, m, k, 1 if bits else ROW_BLOCK, signed=bits)
     rows_pad = _round_up(rows, TILE_ROW_BLOCK)
-    ssum = _sign_sums(tile, k, rows, rows_pad)
-    if bits:
+    if bits:  # sum_k q s = 2 sum_{k: bit set} q - sum_k q
         acc = _bits_product(xq, tile, k, rows, rows_pad)
-    else:
+        qsum = _lane_sums(xq, k, "qsum")
+        exact = lambda i, r: acc[i, r] * 2 - qsum[i]  # noqa: E731
+    else:  # sum_k (q + 128) s - 128 sum_k s
         acc = _int_product(xq, _int8_panel(tile, k, rows, rows_pad), k, rows_pad)
-    out = _rescaled(acc, ssum, amax, alphas, bias, m, n, rows)
+        ssum = _sign_sums(tile, k, rows, rows_pad)
+        exact = lambda i, r: acc[i, r] - ssum[r] * 128  # noqa: E731
+    out = _rescaled(exact, amax, alphas, bias, m, n, rows)
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
     new = te.create_prim_func(args).without_attr("global_symbol")
     for key, value in (func.attrs or {}).items():
@@ -166,10 +169,12 @@ def _dim(v: int | tirx.Expr) -> tirx.Expr:
     return _i64(v) if isinstance(v, int) else v
 
 
-def _quantized_rows(x: te.Tensor, m, k: int, row_block: int) -> tuple[te.Tensor, te.Tensor]:
-    """``amax (m,)`` (from :data:`LANES` partial maxima per row) and ``xq (m_pad /
-    ``xq (m_pad, k) uint8 = q + 128`` (``m`` rounded up to whole ``row_block`` rows;
-    rows past ``m`` repeat row ``m - 1``)."""
+def _quantized_rows(
+    x: te.Tensor, m, k: int, row_block: int, signed: bool
+) -> tuple[te.Tensor, te.Tensor]:
+    """``amax (m,)`` (from :data:`LANES` partial maxima per row) and ``xq (m_pad, k)``:
+    ``q`` as int8 where ``signed``, else ``q + 128`` as uint8 (``m`` rounded up to whole
+    ``row_block`` rows; rows past ``m`` repeat row ``m - 1``)."""
     lanes = LANES if k % LANES == 0 else 1
     ko = te.reduce_axis((_i64(0), _i64(k // lanes)), name="ko")
     part = te.compute(
@@ -186,11 +191,25 @@ def _quantized_rows(x: te.Tensor, m, k: int, row_block: int) -> tuple[te.Tensor,
         i = row if whole else tirx.min(row, _dim(m) - 1)
         a = amax[i]
         inv = tirx.Select(a > tirx.const(0, "float32"), tirx.const(127, "float32") / a, 0.0)
-        v = tirx.round(x[i, q] * inv).astype("int32") + 128
-        return v.astype("uint8")
+        v = tirx.round(x[i, q] * inv).astype("int32")
+        return v.astype("int8") if signed else (v + 128).astype("uint8")
 
     xq = te.compute((_dim(m_pad), _i64(k)), quantize, name="xq")
     return amax, xq
+
+
+def _lane_sums(xq: te.Tensor, k: int, name: str) -> te.Tensor:
+    """``name (m_pad,) int32``: the row sums of ``xq``, from :data:`LANES` partial sums
+    per row (block ``name_lanes``)."""
+    lanes = LANES if k % LANES == 0 else 1
+    ko = te.reduce_axis((_i64(0), _i64(k // lanes)), name="ko")
+    part = te.compute(
+        (xq.shape[0], _i64(lanes)),
+        lambda i, v: te.sum(xq[i, ko * lanes + v].astype("int32"), axis=ko),
+        name=f"{name}_lanes",
+    )
+    lane = te.reduce_axis((_i64(0), _i64(lanes)), name="lane")
+    return te.compute((xq.shape[0],), lambda i: te.sum(part[i, lane], axis=lane), name=name)
 
 
 def _bit(tile: te.Tensor, flat) -> tirx.Expr:
@@ -264,25 +283,25 @@ def _int_product(xq: te.Tensor, panel: te.Tensor, k: int, rows_pad: int) -> te.T
     return te.compute((xq.shape[0], _i64(rows_pad)), dot, name="acc")
 
 
-def word_sign(word: tirx.Expr, bit: tirx.Expr) -> tirx.Expr:
-    """int32 ``+1`` where bit ``bit`` (int64) of the uint32 ``word`` is set, else ``-1``.
-    The bits form's kernel and its tensor intrinsic share this form."""
-    set_ = ((word >> bit.astype("uint32")) & _u32(1)) == _u32(1)
-    return tirx.Select(set_, tirx.const(1, "int32"), tirx.const(-1, "int32"))
+def word_bit(word: tirx.Expr, bit: tirx.Expr) -> tirx.Expr:
+    """Bit ``bit`` (int64) of the uint32 ``word`` as an int32 0 or 1. The bits form's
+    kernel and its tensor intrinsic share this form."""
+    return ((word >> bit.astype("uint32")) & _u32(1)).astype("int32")
 
 
 def _bits_product(xq: te.Tensor, tile: te.Tensor, k: int, rows: int, rows_pad: int):
-    """``acc (m_pad, rows_pad) int32 = sum_k xq * s`` with the signs read from the tile
-    words: :data:`BITS_LANES` partial sums per (row, tile row), each over inputs ``32 w
-    + 4 l + j`` (``l`` the lane), block ``acc_lanes``; ``acc`` sums the lanes."""
+    """``acc (m_pad, rows_pad) int32 = sum over set bits of q`` (``xq`` signed), the
+    bits read from the tile words: :data:`BITS_LANES` partial sums per (row, tile row),
+    each over inputs ``32 w + 4 l + j`` (``l`` the lane), block ``acc_lanes``; ``acc``
+    sums the lanes."""
     words, last = k // WORD_BITS, _i64(rows - 1)
     w = te.reduce_axis((_i64(0), _i64(words)), name="w")
     j = te.reduce_axis((_i64(0), _i64(VNNI_DEPTH)), name="j")
 
     def dot(i, r, lane):
-        a = xq[i, w * WORD_BITS + lane * VNNI_DEPTH + j].astype("int32")
         word = tile[tirx.min(r, last) * words + w]
-        return te.sum(a * word_sign(word, lane * VNNI_DEPTH + j), axis=[w, j])
+        q = xq[i, w * WORD_BITS + lane * VNNI_DEPTH + j].astype("int32")
+        return te.sum(word_bit(word, lane * VNNI_DEPTH + j) * q, axis=[w, j])
 
     shape = (xq.shape[0], _i64(rows_pad), _i64(BITS_LANES))
     lanes = te.compute(shape, dot, name="acc_lanes")
@@ -292,14 +311,14 @@ def _bits_product(xq: te.Tensor, tile: te.Tensor, k: int, rows: int, rows_pad: i
     )
 
 
-def _rescaled(acc, ssum, amax, alphas, bias, m, n: int, rows: int) -> te.Tensor:
-    """``out (m, n) float32``: ``alphas[c] * (amax_i / 127) * (acc - 128 ssum) + bias``."""
+def _rescaled(exact, amax, alphas, bias, m, n: int, rows: int) -> te.Tensor:
+    """``out (m, n) float32``: ``alphas[c] * (amax_i / 127) * exact(i, r) + bias``, with
+    ``exact(i, r)`` the int32 product ``q_i . s_r``."""
 
     def value(i, col):
-        r = tirx.floormod(col, rows)
-        exact = acc[i, r] - ssum[r] * 128
         scale = amax[i] / tirx.const(127, "float32")
-        v = alphas[tirx.floordiv(col, rows)] * (scale * exact.astype("float32"))
+        product = exact(i, tirx.floormod(col, rows)).astype("float32")
+        v = alphas[tirx.floordiv(col, rows)] * (scale * product)
         return v if bias is None else v + bias[col]
 
     return te.compute((_dim(m), _i64(n)), value, name="out")

@@ -193,46 +193,43 @@ def _dot_avx512_local(
 
 @T.prim_func(s_tir=True)
 def _bits_desc(
-    A: T.Buffer((32,), "uint8", offset_factor=1),
+    A: T.Buffer((32,), "int8", offset_factor=1),
     W: T.Buffer((1,), "uint32", offset_factor=1),
     C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
 ) -> None:
     with T.sblock("root"):
-        T.reads(C[0:8], A[0:32], W[0:1])
+        T.reads(C[0:8], W[0:1], A[0:32])
         T.writes(C[0:8])
         for lane, j in T.grid(T.int64(8), T.int64(4)):
             with T.sblock("update"):
                 vl, vj = T.axis.remap("SR", [lane, j])
-                C[vl] = C[vl] + T.Cast("int32", A[vl * T.int64(4) + vj]) * T.Select(
-                    W[T.int64(0)] >> T.Cast("uint32", vl * T.int64(4) + vj) & T.uint32(1)
-                    == T.uint32(1),
-                    1,
-                    -1,
-                )
+                C[vl] = C[vl] + T.Cast(
+                    "int32", W[T.int64(0)] >> T.Cast("uint32", vl * T.int64(4) + vj) & T.uint32(1)
+                ) * T.Cast("int32", A[vl * T.int64(4) + vj])
 
 
 @T.prim_func(s_tir=True)
 def _bits_vnni(
-    A: T.Buffer((32,), "uint8", offset_factor=1),
+    A: T.Buffer((32,), "int8", offset_factor=1),
     W: T.Buffer((1,), "uint32", offset_factor=1),
     C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
 ) -> None:
     with T.sblock("root"):
-        T.reads(C[0:8], A[0:32], W[0:1])
+        T.reads(C[0:8], W[0:1], A[0:32])
         T.writes(C[0:8])
-        # vpmovswb with the tile word as its mask: 32 bytes, 1 where a bit is set, else -1
-        signs = T.call_llvm_pure_intrin(
+        # vpmovswb with the tile word as its mask: 32 bytes, 1 where a bit is set, else 0
+        ones = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.mask.pmovs.wb.512"),
             T.broadcast(T.int16(1), 32),
-            T.broadcast(T.int8(-1), 32),
+            T.broadcast(T.int8(0), 32),
             T.reinterpret(W[0], dtype="int32"),
             dtype="int8x32",
         )
         C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
             C.vload([0], dtype="int32x8"),
-            T.reinterpret(A.vload([0], dtype="uint8x32"), dtype="int8x32"),
-            signs,
+            ones,
+            A.vload([0], dtype="int8x32"),
             dtype="int32x8",
         )
 
@@ -328,7 +325,7 @@ def schedule_int8_bits(sch: Schedule) -> None:
     tile rows, :data:`BITS_TILE_ROWS` tile rows a register block, one ``vpmovswb`` (a
     tile word as the mask: 32 signs) and one 256-bit ``vpdpbusd`` per input row, tile
     row and word."""
-    for name in ("amax_lanes", "ones_lanes"):
+    for name in ("amax_lanes", "qsum_lanes"):
         _lanes(sch, sch.get_sblock(name))
     _, k = sch.get_loops(sch.get_sblock("xq"))
     sch.vectorize(sch.split(k, [None, factor(extent(sch, k), (16, 8, 4))])[1])
