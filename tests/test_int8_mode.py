@@ -164,10 +164,11 @@ def test_int8_error_bound_against_float_math():
     assert 1e-4 < relative < 3e-2
 
 
-def _bits_form(m, k: int, n: int, p: int, bias: bool) -> tirx.PrimFunc:
+def _bits_form(m, k: int, n: int, p: int, bias: bool, rows: int) -> tirx.PrimFunc:
     func = kernels.tiled_linear_primfunc(m, k, n, p, False, bias)
-    sch = tvm.s_tir.Schedule(int8_kernels.int8_linear_primfunc(func, bits=True))
-    int8_cpu.schedule_int8_bits(sch)
+    form = int8_kernels.int8_linear_primfunc(func, bits=True, row_block=rows)
+    sch = tvm.s_tir.Schedule(form)
+    int8_cpu.schedule_int8_bits(sch, rows)
     return sch.mod["main"]
 
 
@@ -176,11 +177,13 @@ needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI")
 
 
 @needs_vnni
+@pytest.mark.parametrize("rows", [1, 4])
 @pytest.mark.parametrize("m,k,n,p,bias", KERNEL_CASES)
-def test_int8_bits_form_matches_quantized_reference(m, k, n, p, bias):
+def test_int8_bits_form_matches_quantized_reference(m, k, n, p, bias, rows):
+    """Bits form, input rows one at a time or in blocks of 4 (7 rows: padded to 8)."""
     words, signs, alphas, b = _layer(k, n, p, bias, seed=6)
     x = torch.randn(m, k) * 3
-    got = _call(_build(_bits_form(m, k, n, p, bias)), x, words, alphas, b, n)
+    got = _call(_build(_bits_form(m, k, n, p, bias, rows)), x, words, alphas, b, n)
     _tight(got, _int8_reference(x.numpy(), signs, alphas, b, p))
 
 
@@ -191,14 +194,16 @@ def _marked(m, k: int, n: int, p: int) -> tirx.PrimFunc:
 
 @needs_vnni
 def test_rule_runs_int8_at_every_batch_with_vnni():
-    """With VNNI: the bits form below BITS_MAX_ROWS rows, the panel form from there on
-    (static and symbolic batch), both the same int8 computation."""
+    """With VNNI: the bits form below BITS_MAX_ROWS rows (one row at a time below
+    BITS_BLOCK_ROWS), the panel form from there on (static and symbolic batch), all the
+    same int8 computation."""
     k, n, p = 256, 128, 4
     words, signs, alphas, b = _layer(k, n, p, True, seed=5)
     dynamic = _build(
         schedule_rules.schedule_for(_marked(tirx.Var("batch", "int64"), k, n, p), HOST)
     )
-    for m in (1, int8_cpu.BITS_MAX_ROWS - 1, int8_cpu.BITS_MAX_ROWS, 64):
+    block, most = int8_cpu.BITS_BLOCK_ROWS, int8_cpu.BITS_MAX_ROWS
+    for m in (1, block - 1, block, most - 1, most, 64):
         x = torch.randn(m, k)
         static = _build(schedule_rules.schedule_for(_marked(m, k, n, p), HOST))
         for lib in (static, dynamic):

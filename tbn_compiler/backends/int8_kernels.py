@@ -129,13 +129,17 @@ def int8_applies(func: tirx.PrimFunc) -> bool:
     return spec["dtype"] == "float32" and int(spec["in_features"]) % WORD_BITS == 0
 
 
-def int8_linear_primfunc(func: tirx.PrimFunc, bits: bool = False) -> tirx.PrimFunc | None:
+def int8_linear_primfunc(
+    func: tirx.PrimFunc, bits: bool = False, row_block: int | None = None
+) -> tirx.PrimFunc | None:
     """``func`` (a ``linear_aligned`` kernel of :mod:`.kernels`) in int8 form (see the
     module docstring), or None where :func:`int8_applies` is False. Same buffers and
     batch extent (a symbolic batch becomes the new kernel's own var ``m``); attribute
     :data:`.kernels.FORM_ATTR` :data:`INT8_FORM`, or :data:`INT8_BITS_FORM` with
     ``bits``: the product reads the signs from the tile words directly (no panel), 32
-    inputs of a tile row at a time (:func:`_bits_product`)."""
+    inputs of a tile row at a time (:func:`_bits_product`). ``row_block``: the input
+    rows are computed in whole blocks of that many (default: 1 in bits form, else
+    :data:`ROW_BLOCK`)."""
     if not int8_applies(func):
         return None
     spec = json.loads(str(func.attrs[SPEC_ATTR]))
@@ -147,7 +151,9 @@ def int8_linear_primfunc(func: tirx.PrimFunc, bits: bool = False) -> tirx.PrimFu
     tile = te.placeholder((_i64(n_words(k * rows)),), "uint32", name="tile")
     alphas = te.placeholder((_i64(p),), "float32", name="alphas")
     bias = te.placeholder((_i64(n),), "float32", name="bias") if spec["has_bias"] else None
-    amax, xq = _quantized_rows(x, m, k, 1 if bits else ROW_BLOCK, signed=bits)
+    if row_block is None:
+        row_block = 1 if bits else ROW_BLOCK
+    amax, xq = _quantized_rows(x, m, k, row_block, signed=bits)
     rows_pad = _round_up(rows, TILE_ROW_BLOCK)
     if bits:  # sum_k q s = 2 sum_{k: bit set} q - sum_k q
         acc = _bits_product(xq, tile, k, rows, rows_pad)
