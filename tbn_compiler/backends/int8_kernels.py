@@ -7,17 +7,18 @@ approximate activations:
 
 * each input row ``i`` is quantized on its own, symmetric, to int8: ``amax_i =
   max |x[i, :]|``, ``q[i, k] = rint(x[i, k] * (127 / amax_i))`` in ``[-127, 127]``
-  (round half to even; a row of zeros gives ``q = 0``), stored ``q + 128`` as uint8
-  (block ``xq``; the row scales ``amax_i`` in block ``amax``);
-* the binary product is exact in int32: ``acc[i, r] = sum_k (q[i, k] + 128) s[r, k]``
-  (block ``acc``), less ``128 sum_k s[r, k]`` (block ``ssum``, from the popcounts of
-  the tile row's bits). Panel form: over the tile rows unpacked into int8 ``s = +-1``,
-  four inputs of a tile row per int32 (block ``panel``, shape ``(in / 4, rows_pad)``: 16
-  tile rows x 4 inputs are the 64 bytes of one AVX-512 VNNI ``vpdpbusd`` operand). Bits
-  form (``bits=True``, for few rows): the signs come from the tile words themselves, 8
-  int32 lanes of partial sums per (row, tile row) over the 32 inputs of a word (block
-  ``acc_lanes``, summed into ``acc``);
-* ``out[i, c rows + r] = alphas[c] * ((amax_i / 127) * float(acc[i, r] - 128 ssum[r]))
+  (round half to even; a row of zeros gives ``q = 0``), stored as int8 (block ``xq``;
+  the row scales ``amax_i`` in block ``amax``, the row sums ``sum_k q`` in ``qsum``);
+* the binary product is exact in int32: with bits ``b = (s + 1) / 2`` of the tile,
+  ``q_i . s_r = 2 acc[i, r] - qsum[i]`` where ``acc[i, r] = sum_k b[r, k] q[i, k]``
+  (block ``acc``), a sum of products of an unsigned byte (the bit) and a signed one (the
+  input): AVX-512 VNNI ``vpdpbusd``. Panel form: the tile rows unpacked into bytes 0 or
+  1, four inputs of a tile row per int32 (block ``panel``, shape ``(in / 4,
+  rows_pad)``: 16 tile rows x 4 inputs are the 64 bytes of one ``vpdpbusd`` operand,
+  one broadcast int32 of inputs the other). Bits form (``bits=True``, for few rows): the
+  bits come from the tile words themselves, 8 int32 lanes of partial sums per (row,
+  tile row) over the 32 inputs of a word (block ``acc_lanes``, summed into ``acc``);
+* ``out[i, c rows + r] = alphas[c] * ((amax_i / 127) * float(2 acc[i, r] - qsum[i]))
   + bias[c rows + r]`` (block ``out``).
 
 So the result is exactly ``alphas * (scale_i * (q_i . s_r)) + bias`` up to float32
@@ -26,7 +27,8 @@ inputs (an error of at most ``amax_i / 254`` per input).
 
 The rows of ``acc`` are padded to whole blocks of :data:`ROW_BLOCK` input rows in panel
 form (past the input they repeat its last row, never written out) and
-:data:`TILE_ROW_BLOCK` tile rows (pad tile rows repeat the last one). Needs ``in % 32 == 0`` (:func:`int8_applies`).
+:data:`TILE_ROW_BLOCK` tile rows (pad tile rows repeat the last one). Needs ``in % 32 ==
+0`` (:func:`int8_applies`).
 """
 
 from __future__ import annotations
@@ -153,17 +155,14 @@ def int8_linear_primfunc(
     bias = te.placeholder((_i64(n),), "float32", name="bias") if spec["has_bias"] else None
     if row_block is None:
         row_block = 1 if bits else ROW_BLOCK
-    amax, xq = _quantized_rows(x, m, k, row_block, signed=bits)
+    amax, xq = _quantized_rows(x, m, k, row_block)
     rows_pad = _round_up(rows, TILE_ROW_BLOCK)
-    if bits:  # sum_k q s = 2 sum_{k: bit set} q - sum_k q
+    if bits:
         acc = _bits_product(xq, tile, k, rows, rows_pad)
-        qsum = _lane_sums(xq, k, "qsum")
-        exact = lambda i, r: acc[i, r] * 2 - qsum[i]  # noqa: E731
-    else:  # sum_k (q + 128) s - 128 sum_k s
+    else:
         acc = _int_product(xq, _int8_panel(tile, k, rows, rows_pad), k, rows_pad)
-        ssum = _sign_sums(tile, k, rows, rows_pad)
-        exact = lambda i, r: acc[i, r] - ssum[r] * 128  # noqa: E731
-    out = _rescaled(exact, amax, alphas, bias, m, n, rows)
+    qsum = _lane_sums(xq, k, "qsum")
+    out = _rescaled(acc, qsum, amax, alphas, bias, m, n, rows)
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
     new = te.create_prim_func(args).without_attr("global_symbol")
     for key, value in (func.attrs or {}).items():
@@ -175,12 +174,10 @@ def _dim(v: int | tirx.Expr) -> tirx.Expr:
     return _i64(v) if isinstance(v, int) else v
 
 
-def _quantized_rows(
-    x: te.Tensor, m, k: int, row_block: int, signed: bool
-) -> tuple[te.Tensor, te.Tensor]:
-    """``amax (m,)`` (from :data:`LANES` partial maxima per row) and ``xq (m_pad, k)``:
-    ``q`` as int8 where ``signed``, else ``q + 128`` as uint8 (``m`` rounded up to whole
-    ``row_block`` rows; rows past ``m`` repeat row ``m - 1``)."""
+def _quantized_rows(x: te.Tensor, m, k: int, row_block: int) -> tuple[te.Tensor, te.Tensor]:
+    """``amax (m,)`` (from :data:`LANES` partial maxima per row) and ``xq (m_pad, k)
+    int8 = q`` (``m`` rounded up to whole ``row_block`` rows; rows past ``m`` repeat row
+    ``m - 1``)."""
     lanes = LANES if k % LANES == 0 else 1
     ko = te.reduce_axis((_i64(0), _i64(k // lanes)), name="ko")
     part = te.compute(
@@ -198,7 +195,7 @@ def _quantized_rows(
         a = amax[i]
         inv = tirx.Select(a > tirx.const(0, "float32"), tirx.const(127, "float32") / a, 0.0)
         v = tirx.round(x[i, q] * inv).astype("int32")
-        return v.astype("int8") if signed else (v + 128).astype("uint8")
+        return v.astype("int8")
 
     xq = te.compute((_dim(m_pad), _i64(k)), quantize, name="xq")
     return amax, xq
@@ -225,12 +222,11 @@ def _bit(tile: te.Tensor, flat) -> tirx.Expr:
 
 
 def _int8_panel(tile: te.Tensor, k: int, rows: int, rows_pad: int) -> te.Tensor:
-    """``panel (k / 4, rows_pad) int32``: the 4 int8 signs ``s[min(r, rows - 1), 4 g + j]``
-    (``j = 0..3``, byte ``j``; ``+1`` is ``0x01``, ``-1`` is ``0xff``) of inputs ``4 g ..
-    4 g + 3`` of tile row ``r``, from the tile words copied tile-row innermost (block
-    ``words``). A nibble ``b`` of bits spreads to one bit per byte as ``(b * 0x204081) &
-    0x01010101`` (the four shifted copies do not overlap, so no carries); ``t * 0xfe ^
-    0xffffffff`` then maps each byte ``1 -> 0x01``, ``0 -> 0xff``."""
+    """``panel (k / 4, rows_pad) int32``: the 4 bits of tile row ``min(r, rows - 1)`` at
+    inputs ``4 g .. 4 g + 3`` as bytes 0 or 1 (byte ``j`` for input ``4 g + j``), from
+    the tile words copied tile-row innermost (block ``words``). A nibble ``b`` spreads to
+    one bit per byte as ``(b * 0x204081) & 0x01010101`` (the four shifted copies of
+    ``b`` do not overlap, so nothing carries)."""
     last = _i64(rows - 1)
     kw = k // WORD_BITS
     words = te.compute(
@@ -238,53 +234,32 @@ def _int8_panel(tile: te.Tensor, k: int, rows: int, rows_pad: int) -> te.Tensor:
     )
     per_word = WORD_BITS // VNNI_DEPTH
 
-    def signs(g, r):
+    def bits(g, r):
         shift = (tirx.floormod(g, per_word) * VNNI_DEPTH).astype("uint32")
         nibble = (words[tirx.floordiv(g, per_word), r] >> shift) & _u32(15)
-        spread = (nibble * _u32(0x204081)) & _u32(0x01010101)
-        return tirx.reinterpret("int32", (spread * _u32(0xFE)) ^ _u32(0xFFFFFFFF))
+        return tirx.reinterpret("int32", (nibble * _u32(0x204081)) & _u32(0x01010101))
 
-    return te.compute((_i64(k // VNNI_DEPTH), _i64(rows_pad)), signs, name="panel")
+    return te.compute((_i64(k // VNNI_DEPTH), _i64(rows_pad)), bits, name="panel")
 
 
 def _u32(v: int) -> tirx.Expr:
     return tirx.const(v, "uint32")
 
 
-def panel_sign(word: tirx.Expr, j: tirx.Expr) -> tirx.Expr:
-    """Sign ``j`` (int32 ``+-1``) of a :func:`_int8_panel` entry ``word`` (int32): its
-    byte ``j`` as int8. The product's kernel and its tensor intrinsic share this form."""
+def panel_bit(word: tirx.Expr, j: tirx.Expr) -> tirx.Expr:
+    """Bit ``j`` (int32 0 or 1) of a :func:`_int8_panel` entry ``word`` (int32): its
+    byte ``j``. The panel product's kernel and its tensor intrinsic share this form."""
     return (word >> (j * 8).astype("int32")).astype("int8").astype("int32")
 
 
-def _sign_sums(tile: te.Tensor, k: int, rows: int, rows_pad: int) -> te.Tensor:
-    """``ssum (rows_pad,) int32 = sum_k s[min(r, rows - 1), k]`` (``2 * ones - k``, the
-    ones counted by word popcounts, :data:`LANES` partial counts per row)."""
-    last = _i64(rows - 1)
-    words = k // WORD_BITS
-    lanes = LANES if words % LANES == 0 else 1
-    wo = te.reduce_axis((_i64(0), _i64(words // lanes)), name="wo")
-
-    def ones(r, v):
-        word = tile[tirx.min(r, last) * words + wo * lanes + v]
-        return te.sum(tirx.popcount(word).astype("int32"), axis=wo)
-
-    part = te.compute((_i64(rows_pad), _i64(lanes)), ones, name="ones_lanes")
-    lane = te.reduce_axis((_i64(0), _i64(lanes)), name="lane")
-    count = te.compute((_i64(rows_pad),), lambda r: te.sum(part[r, lane], axis=lane), name="ones")
-    return te.compute(
-        (_i64(rows_pad),), lambda r: count[r] * 2 - tirx.const(k, "int32"), name="ssum"
-    )
-
-
 def _int_product(xq: te.Tensor, panel: te.Tensor, k: int, rows_pad: int) -> te.Tensor:
-    """``acc (m_pad, rows_pad) int32 = sum_k xq * s``."""
+    """``acc (m_pad, rows_pad) int32 = sum over set bits of q``, from the panel."""
     g = te.reduce_axis((_i64(0), _i64(k // VNNI_DEPTH)), name="g")
     j = te.reduce_axis((_i64(0), _i64(VNNI_DEPTH)), name="j")
 
     def dot(i, r):
-        a = xq[i, g * VNNI_DEPTH + j].astype("int32")
-        return te.sum(a * panel_sign(panel[g, r], j), axis=[g, j])
+        q = xq[i, g * VNNI_DEPTH + j].astype("int32")
+        return te.sum(panel_bit(panel[g, r], j) * q, axis=[g, j])
 
     return te.compute((xq.shape[0], _i64(rows_pad)), dot, name="acc")
 
@@ -317,13 +292,14 @@ def _bits_product(xq: te.Tensor, tile: te.Tensor, k: int, rows: int, rows_pad: i
     )
 
 
-def _rescaled(exact, amax, alphas, bias, m, n: int, rows: int) -> te.Tensor:
-    """``out (m, n) float32``: ``alphas[c] * (amax_i / 127) * exact(i, r) + bias``, with
-    ``exact(i, r)`` the int32 product ``q_i . s_r``."""
+def _rescaled(acc, qsum, amax, alphas, bias, m, n: int, rows: int) -> te.Tensor:
+    """``out (m, n) float32``: ``alphas[c] * (amax_i / 127) * (2 acc - qsum) + bias``
+    (``2 acc[i, r] - qsum[i]`` is the int32 product ``q_i . s_r``)."""
 
     def value(i, col):
+        r = tirx.floormod(col, rows)
         scale = amax[i] / tirx.const(127, "float32")
-        product = exact(i, tirx.floormod(col, rows)).astype("float32")
+        product = (acc[i, r] * 2 - qsum[i]).astype("float32")
         v = alphas[tirx.floordiv(col, rows)] * (scale * product)
         return v if bias is None else v + bias[col]
 

@@ -9,18 +9,19 @@ in bits form (:func:`schedule_int8_bits`) where the CPU has AVX-512 VNNI, else (
 gets both, in one function. It declines every other kernel (and one it cannot rebuild,
 which then runs in float32 as the next rules schedule it).
 
-The panel form's schedule: row maxima and the quantized rows (``xq``) once, vectorized; the tile
-rows' sign sums from popcounts; the product in parallel tasks of :data:`TASK_ROWS` tile
-rows, each unpacking its rows' int8 panel a chunk of inputs at a time (cache-sized) and
+The panel form's schedule: row maxima, the quantized rows (``xq``) and their sums once,
+vectorized; the product in parallel tasks of :data:`TASK_ROWS` tile rows, each
+unpacking its rows' panel of bit bytes a chunk of inputs at a time (cache-sized) and
 running register blocks of :data:`..int8_kernels.ROW_BLOCK` input rows x
 :data:`VECTORS` vectors of 16 tile rows over it, one ``vpdpbusd`` (AVX-512 VNNI: 64
-unsigned x signed byte products summed in fours into 16 int32 lanes) per input row,
-vector and 4 inputs. Without VNNI the same block runs ``vpmaddubsw`` + ``vpmaddwd``
-(AVX-512 BW; exact: a pair of ``+-(q + 128)`` never leaves int16), without AVX-512 as
-plain vector code. Then the rescaling epilogue, vectorized over tile rows.
+unsigned x signed byte products summed in fours into 16 int32 lanes; the bits are the
+unsigned bytes) per input row, vector and 4 inputs. Without VNNI the same block runs
+``vpmaddubsw`` + ``vpmaddwd`` (AVX-512 BW; exact: a pair of products ``b q`` never
+leaves int16), without AVX-512 as plain vector code. Then the rescaling epilogue,
+vectorized over tile rows.
 
 The bits form's schedule: no panel; per input row, tile row and tile word one
-``vpmovswb`` with the word as its mask (32 bytes: 1 where a bit is set, else -1) and one
+``vpmovswb`` with the word as its mask (32 bytes: 1 where a bit is set, else 0) and one
 256-bit ``vpdpbusd`` with 32 quantized inputs (Linear 4096x4096 p=8 at batch 1: 0.034
 ms against 0.05 for the float32 words form).
 """
@@ -71,121 +72,61 @@ CHUNK = 256
 """Inputs per chunk of a task's panel (64 tile rows x 256 inputs: 16 KiB, in L1)."""
 
 
-# The 16 x 4 u8 x s8 -> s32 dot product of one register block step: ``C[r] += sum_j
-# A[j] B[r, j]``. TVM's own x86 intrinsics pass the operands of vpdpbusd as 16 x i32,
-# which LLVM 22 rejects (it takes 64 x i8 now).
-
-
-@T.prim_func(s_tir=True)
-def _dot_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16,), "int32", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16])
-        T.writes(C[0:16])
-        for i, k in T.grid(T.int64(16), T.int64(4)):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast(
-                    "int32", T.Cast("int8", B[vi] >> T.Cast("int32", vk * T.int64(8)))
-                )
-
-
-@T.prim_func(s_tir=True)
-def _dot_vnni(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16,), "int32", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16])
-        T.writes(C[0:16])
-        a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C.vload([0], dtype="int32x16"),
-            T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
-            T.reinterpret(B.vload([0], dtype="int32x16"), dtype="int8x64"),
-            dtype="int32x16",
-        )
-
-
-@T.prim_func(s_tir=True)
-def _dot_avx512(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16,), "int32", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16])
-        T.writes(C[0:16])
-        a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        pairs = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
-            T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
-            T.reinterpret(B.vload([0], dtype="int32x16"), dtype="int8x64"),
-            dtype="int16x32",
-        )
-        C[T.ramp(T.int32(0), 1, 16)] = C.vload([0], dtype="int32x16") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
-            pairs,
-            T.int16x32(1),
-            dtype="int32x16",
-        )
+# The 16 x 4 u8 x s8 -> s32 dot product of one register block step of the panel form:
+# ``C[r] += sum_j byte_j(B[r]) A[j]``. TVM's own x86 intrinsics pass the operands of
+# vpdpbusd as 16 x i32, which LLVM 22 rejects (it takes 64 x i8 now).
 
 
 @T.prim_func(s_tir=True)
 def _dot_desc_local(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
+    A: T.Buffer((4,), "int8", offset_factor=1),
     B: T.Buffer((16,), "int32", offset_factor=1),
     C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
 ) -> None:
     with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16])
+        T.reads(C[0:16], B[0:16], A[0:4])
         T.writes(C[0:16])
         for i, k in T.grid(T.int64(16), T.int64(4)):
             with T.sblock("update"):
                 vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast(
+                C[vi] = C[vi] + T.Cast(
                     "int32", T.Cast("int8", B[vi] >> T.Cast("int32", vk * T.int64(8)))
-                )
+                ) * T.Cast("int32", A[vk])
 
 
 @T.prim_func(s_tir=True)
 def _dot_vnni_local(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
+    A: T.Buffer((4,), "int8", offset_factor=1),
     B: T.Buffer((16,), "int32", offset_factor=1),
     C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
 ) -> None:
     with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16])
+        T.reads(C[0:16], B[0:16], A[0:4])
         T.writes(C[0:16])
-        a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
         C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
             C.vload([0], dtype="int32x16"),
-            T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
             T.reinterpret(B.vload([0], dtype="int32x16"), dtype="int8x64"),
+            T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
             dtype="int32x16",
         )
 
 
 @T.prim_func(s_tir=True)
 def _dot_avx512_local(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
+    A: T.Buffer((4,), "int8", offset_factor=1),
     B: T.Buffer((16,), "int32", offset_factor=1),
     C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
 ) -> None:
     with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16])
+        T.reads(C[0:16], B[0:16], A[0:4])
         T.writes(C[0:16])
-        a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
         pairs = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"),
-            T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
             T.reinterpret(B.vload([0], dtype="int32x16"), dtype="int8x64"),
+            T.reinterpret(T.broadcast(a, 16), dtype="int8x64"),
             dtype="int16x32",
         )
         C[T.ramp(T.int32(0), 1, 16)] = C.vload([0], dtype="int32x16") + T.call_llvm_pure_intrin(
@@ -223,7 +164,7 @@ def _bits_vnni(
         T.reads(C[0:8], W[0:1], A[0:32])
         T.writes(C[0:8])
         # vpmovswb with the tile word as its mask: 32 bytes, 1 where a bit is set, else 0
-        ones = T.call_llvm_pure_intrin(
+        bits = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.mask.pmovs.wb.512"),
             T.broadcast(T.int16(1), 32),
             T.broadcast(T.int8(0), 32),
@@ -233,7 +174,7 @@ def _bits_vnni(
         C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
             C.vload([0], dtype="int32x8"),
-            ones,
+            bits,
             A.vload([0], dtype="int8x32"),
             dtype="int32x8",
         )
@@ -320,12 +261,12 @@ def _dot_intrinsic(target: Target | None) -> str | None:
 def schedule_int8_linear(sch: Schedule, intrinsic: str | None) -> None:
     """Schedule every block of an :func:`..int8_kernels.int8_linear_primfunc` kernel
     (``intrinsic``: a registered 16x4 dot-product tensor intrinsic, or None): parallel
-    loops over input rows (row maxima), blocks of them (quantized rows), tile rows (sign
-    sums), tasks of tile rows (panel and product) and rows of outputs."""
+    loops over input rows (row maxima, row sums), blocks of them (quantized rows), tasks
+    of tile rows (panel and product) and rows of outputs."""
     _quantize(sch, sch.get_sblock("xq"), sch.get_sblock("amax_lanes"))
-    ones = sch.get_sblock("ones_lanes")
-    _parallel(sch, sch.get_loops(ones)[0])
-    _lanes(sch, ones)
+    sums = sch.get_sblock("qsum_lanes")
+    _parallel(sch, sch.get_loops(sums)[0])
+    _lanes(sch, sums)
     _product(sch, sch.get_sblock("acc"), intrinsic)
     _rescale(sch, sch.get_sblock("out"))
 
