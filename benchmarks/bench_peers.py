@@ -9,7 +9,8 @@ Contenders, all with the same number of threads (``--threads``, default 2):
 * ``ort-int8``: ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights);
 * ``ort-4bit``: ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric,
   ``accuracy_level=4``), Linear cases only;
-* ``ours``: ``tbn.compile(model, target="llvm", config=TBNConfig(p))`` (default p=8).
+* ``ours``: ``tbn.compile(model, target="llvm", config=TBNConfig(p))`` (default p=8);
+* ``ours-int8``: the same with ``precision="int8"`` (int8 activations), Linear cases only.
 
 Cases (:data:`CASES`): Linear 4096x4096 at batch 1 and 64, ResNet-18-CIFAR and the
 transformer encoder of ``bench_models.py`` at batch 1 and 16, and the call overhead of
@@ -58,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 ORT_CONTENDERS = ("ort-fp32", "ort-int8", "ort-4bit")
-CONTENDERS = ("torch", *ORT_CONTENDERS, "ours")
+CONTENDERS = ("torch", *ORT_CONTENDERS, "ours", "ours-int8")
 
 
 # --------------------------------------------------------------------------- cases
@@ -135,19 +136,29 @@ def torch_contender(model: nn.Module, x: torch.Tensor) -> Contender:
 
 
 def ours_contender(
-    case: Case, model: nn.Module, x: torch.Tensor, p: int, cache: Path | None
+    case: Case,
+    model: nn.Module,
+    x: torch.Tensor,
+    p: int,
+    cache: Path | None,
+    precision: str = "float32",
 ) -> Contender:
     """``tbn.compile`` (or the cached module); error measured against ``tbn.rewrite``
-    (the numerical contract) and against the float model."""
+    (the numerical contract) and against the float model. Named ``ours``, or
+    ``ours-PRECISION`` for another ``precision`` than float32."""
     import tbn_compiler as tbn
 
     cfg = tbn.TBNConfig(p=p)
-    path = None if cache is None else cache / f"{case.name}-p{p}-{_source_hash()}.tbn"
+    suffix = "" if precision == "float32" else f"-{precision}"
+    name = f"{case.name}-p{p}{suffix}-{_source_hash()}.tbn"
+    path = None if cache is None else cache / name
     start = time.perf_counter()
     if path is not None and path.exists():
         cm = tbn.load(path)
     else:
-        cm = quietly(lambda: tbn.compile(model, (x,), target="llvm", config=cfg))
+        cm = quietly(
+            lambda: tbn.compile(model, (x,), target="llvm", config=cfg, precision=precision)
+        )
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             cm.save(path)
@@ -160,7 +171,7 @@ def ours_contender(
         "rel_err_vs_rewrite": rel_err(cm(x), first_tensor(graph_out).float()),
         "weight_bytes_tiled": totals.get("tbn_bytes"),
     }
-    return Contender("ours", lambda: cm(x), {**info, "module": cm})
+    return Contender(f"ours{suffix}", lambda: cm(x), {**info, "module": cm})
 
 
 def saved_contenders(case: Case, x: torch.Tensor, compare: list[str]) -> list[Contender]:
@@ -327,6 +338,8 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path) -> dict[str, A
     contenders = [torch_contender(model, x)]
     if args.ort:
         contenders += ort_contenders(case, model, x, args.threads, workdir)
+    if case.linear_only:
+        contenders.append(ours_contender(case, model, x, args.p, args.cache, "int8"))
     ours = ours_contender(case, model, x, args.p, args.cache)
     return timed_row(case, x, reference, contenders, ours, args)
 
