@@ -282,3 +282,22 @@ def test_compile_int8_mlp(tmp_path):
 def test_bad_precision_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tbn.compile(_MLP().eval(), (torch.randn(2, 128),), **kwargs)
+
+
+def cli_mlp() -> nn.Module:
+    """The model ``tbnc compile`` loads below (``test_int8_mode:cli_mlp``)."""
+    torch.manual_seed(0)
+    return _MLP().eval()
+
+
+def test_tbnc_compile_precision(tmp_path, capsys):
+    from tbn_compiler import cli
+
+    out = tmp_path / "m.tbn"
+    argv = ["compile", "test_int8_mode:cli_mlp", "--shape", "2,128", "-o", str(out)]
+    assert cli.main([*argv, "--p", "4", "--precision", "int8"]) == 0
+    assert tbn.load(out).precision == "int8"
+    capsys.readouterr()
+    code = cli.main([*argv, "--precision", "int8", "--target", "mps2-an386"])
+    err = capsys.readouterr().err
+    assert code != 0 and "precision='int8' is available for host CPU" in err
