@@ -301,3 +301,39 @@ def test_tbnc_compile_precision(tmp_path, capsys):
     code = cli.main([*argv, "--precision", "int8", "--target", "mps2-an386"])
     err = capsys.readouterr().err
     assert code != 0 and "precision='int8' is available for host CPU" in err
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return torch.relu(self.b(torch.relu(self.a(x))))
+
+
+def test_int8_divergence_is_located_at_int8_tolerance(monkeypatch):
+    """A wrong op after int8 linears is still the node named: the bisection's probes use
+    INT8_TOLERANCE too (at 1e-3 the first int8 linear would be blamed)."""
+    from tbn_compiler.backends.relax_import import SEMANTIC_CONVERTERS, relax
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    gm = tbn.rewrite(_TwoLayers().eval(), x, tbn.TBNConfig(p=4, min_numel=0))
+    relus = [n for n in gm.graph.nodes if n.op == "call_function" and "relu" in str(n.target)]
+    convert = SEMANTIC_CONVERTERS["relu.default"]
+
+    def wrong(node, importer):
+        out = convert(node, importer)
+        if node.name != relus[1].name:
+            return out
+        scaled = relax.op.multiply(out, relax.const(1.5, "float32"))
+        return importer.block_builder.emit(scaled)
+
+    monkeypatch.setitem(SEMANTIC_CONVERTERS, "relu.default", wrong)
+    with pytest.raises(tbn.ValidationError) as info:
+        tbn.compile_graph(gm, x, precision="int8")
+    assert info.value.divergence is not None
+    assert info.value.divergence.node == relus[1].name
+    assert "tolerance 0.05" in str(info.value)

@@ -330,7 +330,7 @@ def _mismatch(
         )
     divergence = None
     if build is not None and isinstance(gm, fx.GraphModule):
-        divergence = locate_divergence(gm, inputs, build, output)
+        divergence = locate_divergence(gm, inputs, build, output, tolerance)
     if divergence is not None:
         where = f" The first diverging node is {divergence.describe()}; its inputs match."
     elif build is None:
@@ -390,12 +390,17 @@ def _ancestors(node: fx.Node, candidates: Sequence[fx.Node]) -> list[fx.Node]:
 
 
 def locate_divergence(
-    gm: fx.GraphModule, inputs: Sequence[torch.Tensor], build: Build, output: int
+    gm: fx.GraphModule,
+    inputs: Sequence[torch.Tensor],
+    build: Build,
+    output: int,
+    tolerance: float = TOLERANCE,
 ) -> Divergence | None:
-    """The first node of ``gm`` whose compiled value diverges from torch's while its
-    tensor inputs match (see the module docstring), searched among the nodes that output
-    tensor ``output`` depends on; None when that output is not computed by the graph (an
-    input or a constant) or does not diverge in a build of its own."""
+    """The first node of ``gm`` whose compiled value diverges from torch's (an error
+    over ``tolerance``) while its tensor inputs match (see the module docstring),
+    searched among the nodes that output tensor ``output`` depends on; None when that
+    output is not computed by the graph (an input or a constant) or does not diverge in
+    a build of its own."""
     values = _node_values(gm, inputs)
     computed = [
         n
@@ -407,9 +412,9 @@ def locate_divergence(
     last = leaves[output] if output < len(leaves) else None
     if last not in computed:
         return None
-    if _probe_error(gm, [last], values, inputs, build)[0] <= TOLERANCE:
+    if _probe_error(gm, [last], values, inputs, build)[0] <= tolerance:
         return None
-    return _bisect(gm, _ancestors(last, computed), values, inputs, build)
+    return _bisect(gm, _ancestors(last, computed), values, inputs, build, tolerance)
 
 
 def _output_nodes(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> list[Any]:
@@ -425,6 +430,7 @@ def _bisect(
     values: dict[fx.Node, Any],
     inputs: Sequence[torch.Tensor],
     build: Build,
+    tolerance: float,
 ) -> Divergence:
     """Bisect ``candidates`` (graph order, the last one diverging) down to a node whose
     tensor inputs match; the search moves to an input's ancestors when one diverges."""
@@ -432,14 +438,14 @@ def _bisect(
     while True:
         while high - low > 1:
             mid = (low + high) // 2
-            if _probe_error(gm, [candidates[mid]], values, inputs, build)[0] > TOLERANCE:
+            if _probe_error(gm, [candidates[mid]], values, inputs, build)[0] > tolerance:
                 high = mid
             else:
                 low = mid
         node = candidates[high]
         parents = [p for p in node.all_input_nodes if p in set(candidates[:high])]
         errors = _probe_error(gm, [node, *parents], values, inputs, build) if parents else []
-        bad = next((p for p, e in zip(parents, errors[1:], strict=True) if e > TOLERANCE), None)
+        bad = next((p for p, e in zip(parents, errors[1:], strict=True) if e > tolerance), None)
         if bad is None:
             error = errors[0] if errors else _probe_error(gm, [node], values, inputs, build)[0]
             return _divergence(node, error)
