@@ -284,6 +284,12 @@ def test_bad_precision_raises(kwargs, match):
         tbn.compile(_MLP().eval(), (torch.randn(2, 128),), **kwargs)
 
 
+def test_int8_with_tuning_raises(tmp_path):
+    tune = tbn.Tuning(trials=0, database=tmp_path / "db")
+    with pytest.raises(ValueError, match="precision='int8' cannot be combined with tune"):
+        tbn.compile(_MLP().eval(), (torch.randn(2, 128),), tune=tune, precision="int8")
+
+
 def cli_mlp() -> nn.Module:
     """The model ``tbnc compile`` loads below (``test_int8_mode:cli_mlp``)."""
     torch.manual_seed(0)

@@ -210,6 +210,11 @@ def compile_graph(
     check_precision(precision, spec.kind)
     backend = backend_for(spec.kind)
     tuned = tune is not None and tune.trials > 0
+    if tune is not None and precision != "float32":
+        raise ValueError(
+            f"precision={precision!r} cannot be combined with tune (MetaSchedule schedules "
+            "the float32 kernels); compile with precision='float32' to tune"
+        )
     options = _batch_options(
         backend, spec, False if dynamic_batch is None and tuned else dynamic_batch
     )
