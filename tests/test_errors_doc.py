@@ -267,6 +267,13 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "tune-cortex-m": lambda tmp: tbn.compile(
         _linear(), X, target="mps2-an386", tune=tbn.Tuning(trials=1)
     ),
+    "precision-unknown": lambda tmp: tbn.compile(_linear(), X, precision="fp16"),
+    "precision-target": lambda tmp: tbn.compile(
+        _linear(), X, target="mps2-an386", precision="int8"
+    ),
+    "precision-tune": lambda tmp: tbn.compile(
+        _linear(), X, precision="int8", tune=tbn.Tuning(trials=1)
+    ),
     "call-count": lambda tmp: _compiled()(X, X),
     "call-shape": lambda tmp: _compiled()(torch.randn(2, 17)),
     "call-dtype": lambda tmp: _compiled()(X.double()),
