@@ -10,14 +10,15 @@ batch takes the Winograd form from the batch that has that many positions on (ev
 batch for images of 128 positions or more) and the next rules' schedule below it, in
 one function.
 
-The schedule (:func:`schedule_winograd`): the input is transposed to channels
-last in blocks of ``lanes x lanes`` (scalar moves, unrolled); the filter, input and
-inverse transforms run one tile at a time with the transform positions unrolled (their
-choice of terms folds to the adds of each position) and channels (filters) as the
-vector; the product is register-blocked like the panel conv's, ``mr`` tiles of an image
-x ``nr`` filters (the vector) accumulated over every input channel, one broadcast input
-value per tile and channel, parallel over (position, image, ``mr`` tiles); the output
-goes back to channels first in blocks of ``lanes x lanes``.
+The schedule (:func:`schedule_winograd`): the filters transformed per input channel
+(in parallel for large layers); the input transposed to channels last in blocks of
+``lanes x lanes`` (scalar moves, unrolled); then one parallel task per tile row of the
+batch: the input transform of its tiles, the product for every transform position,
+register-blocked like the panel conv's (``mr`` tiles x ``nr`` filters, the vector,
+accumulated over every input channel, one broadcast input value per tile and channel),
+and the inverse transform, transforms one tile at a time with the positions unrolled
+(their choice of terms folds to the adds of each position) and channels or filters as
+the vector; last, the output back to channels first in ``lanes x lanes`` blocks.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ ms at batch 1 (16 positions: slower), 0.39 -> 0.35 at batch 4, 0.75 -> 0.59 at b
 WINOGRAD_MIN_CHANNELS = 16
 """Input channels and binary filters (``cout / p``) from which it does (a vector of
 filters)."""
-
 
 WINOGRAD_PARALLEL_FILTERS = 1 << 18
 """Tile weights (input channels x 9 x binary filters) from which the filters transform
