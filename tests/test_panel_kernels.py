@@ -66,7 +66,18 @@ LINEAR_CASES = [
     (197, 192, 576, 8, True),  # ViT: rows in blocks of 16 (208), 72 tile rows as 80
     (45, 96, 120, 3, False),  # 40 tile rows as 48, 45 rows as 48
     (70, 50, 90, 5, True),  # 18 tile rows as 32 from bits that span words
+    (50, 256, 768, 8, True),  # CLIP's 50 tokens: 56 rows (96 tile rows give the tasks)
 ]
+
+
+@pytest.mark.parametrize("m,n,rows", [(50, 768, 56), (197, 576, 208), (197, 768, 200)])
+def test_linear_panel_pads_input_rows_to_blocks_the_tasks_need(m, n, rows, monkeypatch):
+    """Input rows are padded to one register block (8) unless the product splits them
+    over the (2) cores (tile rows giving too few tasks: 576 / 8 = 72 tile rows, 5 tasks)."""
+    monkeypatch.setattr(cpu, "cores", lambda: 2)
+    func = kernels.tiled_linear_primfunc(m, 192, n, 8, False, True)
+    scheduled = schedule_rules.schedule_for(func, HOST)
+    assert f"small = T.sblock_alloc_buffer((T.int64({rows})," in scheduled.script()
 
 
 @pytest.mark.parametrize("m,k,n,p,bias", LINEAR_CASES)

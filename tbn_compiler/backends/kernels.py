@@ -99,7 +99,10 @@ __all__ = [
     "KERNEL_ATTR",
     "FORM_ATTR",
     "PANEL_KINDS",
+    "PANEL_ROW_BLOCK",
+    "PANEL_TILE_ROWS",
     "SPEC_ATTR",
+    "padded_tile_rows",
     "panel_primfunc",
     "words_primfunc",
 ]
@@ -824,7 +827,7 @@ def _sign_value(tile: te.Tensor, flat, dtype: str) -> tirx.Expr:
     return _flip(tirx.const(1.0, dtype), _bit_mask(tile, flat), dtype)
 
 
-def panel_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+def panel_primfunc(func: tirx.PrimFunc, row_block: int = 0) -> tirx.PrimFunc | None:
     """``func`` (a kernel built here) in *panel* form, or None when its kind has none
     (:data:`PANEL_KINDS`) or it carries no :data:`SPEC_ATTR`.
 
@@ -839,7 +842,9 @@ def panel_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     ``small`` is ``(m, rows)`` for a linear, ``(n, *out_spatial, filters)`` (channels
     last) for a conv; block ``out`` scales, adds the bias and, for a conv, goes back to
     channels first. Unpacking costs one step per tile weight: the form pays for itself
-    when many rows (input rows, output positions) share the panel."""
+    when many rows (input rows, output positions) share the panel. ``row_block``: a
+    linear's input rows are computed in whole blocks of that many (default
+    :data:`PANEL_ROW_BLOCK`)."""
     kind = kernel_kind(func)
     attrs = func.attrs
     if kind not in PANEL_KINDS or attrs is None or SPEC_ATTR not in attrs:
@@ -848,18 +853,24 @@ def panel_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     x_shape = list(func.params[0].shape)
     batch = x_shape[0] if not isinstance(x_shape[0], tirx.IntImm) else int(x_shape[0])
     if kind == "linear_aligned":
-        return _linear_panel(batch, spec)
+        return _linear_panel(batch, spec, row_block or PANEL_ROW_BLOCK)
     return _conv_panel([batch, *(int(d) for d in x_shape[1:])], spec)
 
 
 PANEL_ROW_BLOCK = 16
-"""A linear's panel form computes its input rows in whole blocks of this many (rows
-past the input repeat its last row, never written out): register blocks of rows and
-input-row tasks then always divide them (ViT's 197 tokens ran one row at a time)."""
+"""A linear's panel form computes its input rows in whole blocks of this many by default
+(``row_block`` of :func:`panel_primfunc`; rows past the input repeat its last row, never
+written out): register blocks of rows and input-row tasks then always divide them
+(ViT's 197 tokens ran one row at a time)."""
 
 PANEL_TILE_ROWS = 16
 """A linear's panel form with more tile rows than this computes them in whole multiples
 of it (pad rows repeat the last tile row, never written out): whole AVX-512 vectors."""
+
+
+def padded_tile_rows(rows: int) -> int:
+    """Tile rows a linear's panel form computes for ``rows`` (:data:`PANEL_TILE_ROWS`)."""
+    return _round_up(rows, PANEL_TILE_ROWS) if rows > PANEL_TILE_ROWS else rows
 
 
 def _round_up(v: Extent, block: int) -> Extent:
@@ -869,9 +880,9 @@ def _round_up(v: Extent, block: int) -> Extent:
     return tirx.floordiv(v + block - 1, block) * block
 
 
-def _linear_panel(m: Extent, spec: dict) -> tirx.PrimFunc:
+def _linear_panel(m: Extent, spec: dict, row_block: int) -> tirx.PrimFunc:
     """Panel form of ``linear_aligned`` (see :func:`panel_primfunc`): ``small`` is
-    ``(m, rows)`` rounded up to :data:`PANEL_ROW_BLOCK` input rows and (past 16 tile
+    ``(m, rows)`` rounded up to ``row_block`` input rows and (past 16 tile
     rows) :data:`PANEL_TILE_ROWS` tile rows. With whole-word tile rows the tile words
     are first copied tile-row innermost (block ``words``), so a vector of tile rows
     unpacks from one vector of words (a shift and a sign flip per 16 weights)."""
@@ -880,8 +891,8 @@ def _linear_panel(m: Extent, spec: dict) -> tirx.PrimFunc:
     dtype, has_bias = str(spec["dtype"]), bool(spec["has_bias"])
     rows = n // p
     x, tile, alphas, bias = _inputs((m, k), k * rows, p, n, has_bias, dtype)
-    m_pad = _round_up(m, PANEL_ROW_BLOCK)
-    rows_pad = _round_up(rows, PANEL_TILE_ROWS) if rows > PANEL_TILE_ROWS else rows
+    m_pad = _round_up(m, row_block)
+    rows_pad = padded_tile_rows(rows)
     panel = _linear_panel_signs(tile, k, rows, rows_pad, dtype)
     whole = is_static(m) and m == m_pad
 

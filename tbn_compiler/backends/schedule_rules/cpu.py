@@ -5,6 +5,8 @@ generic x86-64 (SSE2) and runs these kernels about 2x slower. Every schedule is 
 for every shape: loop splits only use factors that divide the extent (no bound
 predicates, clean vector loops). :data:`CPU_RULES`, first that applies:
 
+* :class:`.int8_cpu.Int8Product`: an aligned linear compiled with ``precision="int8"``
+  (opt-in) runs its int8 forms (:mod:`..int8_kernels`); nothing else.
 * :class:`ChecksStaySerial`: a kernel with asserts (the checked gather) stays serial: an
   assert failing inside a parallel task is not reported and leaves the output unwritten.
 * :class:`.winograd_cpu.WinogradProduct`: an aligned 2-D 3x3 stride-1 conv with at least
@@ -59,6 +61,7 @@ optional steps of :func:`parallelize_generic` catch exactly that.
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable
 
@@ -68,7 +71,14 @@ from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
-from ..kernels import PANEL_KINDS, kernel_kind, panel_primfunc, words_primfunc
+from ..kernels import (
+    PANEL_KINDS,
+    SPEC_ATTR,
+    kernel_kind,
+    padded_tile_rows,
+    panel_primfunc,
+    words_primfunc,
+)
 from .attention_cpu import schedule_attention
 from .base import (
     CONV_KINDS,
@@ -103,6 +113,7 @@ __all__ = [
     "PanelProduct",
     "ParallelOutputs",
     "RowTableProduct",
+    "Int8Product",
     "WinogradProduct",
     "WordsProduct",
     "MIN_PARALLEL_ELEMENTS",
@@ -322,7 +333,7 @@ class PanelProduct(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
         if kernel_kind(func) not in PANEL_KINDS:
             return None
-        panel = panel_primfunc(func)
+        panel = panel_primfunc(func, _panel_row_block(func, _vector_lanes(target)))
         if panel is None:
             return None
         rule = _PanelSchedule(_vector_lanes(target))
@@ -727,11 +738,7 @@ def _cpu_panel_linear(sch: Schedule, block, parallel: bool, lanes: int) -> None:
     broadcast input value per row and input), accumulating in a task-local tile."""
     i, r, k = sch.get_loops(block)
     rows, depth = extent(sch, r), extent(sch, k)
-    mr, nr = _panel_linear_block(rows, lanes)
-    per_task = next(
-        (t for t in (64, 32, 16) if rows % t == 0 and t % nr == 0 and rows // t >= 2 * cores()),
-        rows,
-    )
+    mr, nr, per_task = _panel_linear_tasks(rows, lanes)
     chunks = _input_row_chunks(rows // per_task, static_multiple(sch, i), mr)
     kb = factor(depth, (256, 128, 64, 32, 16, 8)) if depth > 256 else depth
     ro, rm, ri = sch.split(r, [None, per_task // nr, nr])
@@ -776,14 +783,45 @@ def _panel_linear_block(rows: int, lanes: int) -> tuple[int, int]:
     return mr, rows if rows <= 2 * lanes else factor(rows, (8, 4, 2))
 
 
+def _panel_linear_tasks(rows: int, lanes: int) -> tuple[int, int, int]:
+    """``(mr, nr, per_task)`` of a linear's panel product over ``rows`` (padded) tile
+    rows: its register block and the tile rows of a task (enough tasks for the cores
+    where the tile rows allow)."""
+    mr, nr = _panel_linear_block(rows, lanes)
+    per_task = next(
+        (t for t in (64, 32, 16) if rows % t == 0 and t % nr == 0 and rows // t >= 2 * cores()),
+        rows,
+    )
+    return mr, nr, per_task
+
+
+def _wants_row_chunks(row_tasks: int) -> bool:
+    """True when a linear's tile-row tasks leave cores idle (too few, or uneven)."""
+    n = cores()
+    return row_tasks % n != 0 and row_tasks < 4 * n
+
+
 def _input_row_chunks(row_tasks: int, row_multiple: int, mr: int) -> int:
     """Chunks of the input rows a linear's panel product is split into, so that its
     tasks keep every core busy: one when its tile-row tasks already do (or the rows do
     not split into whole register blocks), else one per core."""
     n = cores()
-    if row_tasks % n == 0 or row_tasks >= 4 * n or row_multiple % (n * mr):
+    if not _wants_row_chunks(row_tasks) or row_multiple % (n * mr):
         return 1
     return n
+
+
+def _panel_row_block(func: tirx.PrimFunc, lanes: int) -> int:
+    """Input rows per block of a linear's panel form: one register block (8), or one per
+    core when its product splits the input rows over the cores (:func:`_input_row_chunks`);
+    rows are padded to it, so no more (CLIP's 50 tokens: 56 rows, not 64). 0 (the
+    default) for other kernels."""
+    if kernel_kind(func) != "linear_aligned" or SPEC_ATTR not in (func.attrs or {}):
+        return 0
+    spec = json.loads(str(func.attrs[SPEC_ATTR]))
+    rows = padded_tile_rows(int(spec["out_features"]) // int(spec["p"]))
+    mr, _, per_task = _panel_linear_tasks(rows, lanes)
+    return mr * (cores() if _wants_row_chunks(rows // per_task) else 1)
 
 
 def _cpu_words_product(sch: Schedule, block, parallel: bool, lanes: int) -> None:
