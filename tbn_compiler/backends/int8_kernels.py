@@ -33,13 +33,11 @@ form (past the input they repeat its last row, never written out) and
 
 from __future__ import annotations
 
-import json
-
 import tvm
 from tvm import te, tirx
 
 from ..tiling import WORD_BITS, n_words
-from .kernels import FORM_ATTR, SPEC_ATTR, kernel_kind
+from .kernels import FORM_ATTR, kernel_kind, kernel_spec
 
 __all__ = [
     "BITS_LANES",
@@ -124,10 +122,9 @@ def mark_precision(mod: tvm.IRModule, precision: str) -> tvm.IRModule:
 def int8_applies(func: tirx.PrimFunc) -> bool:
     """True for a float32 ``linear_aligned`` kernel with a :data:`SPEC_ATTR` and
     whole-word tile rows (``in % 32 == 0``)."""
-    attrs = func.attrs
-    if kernel_kind(func) != "linear_aligned" or attrs is None or SPEC_ATTR not in attrs:
+    spec = kernel_spec(func, "linear_aligned")
+    if spec is None:
         return False
-    spec = json.loads(str(attrs[SPEC_ATTR]))
     return spec["dtype"] == "float32" and int(spec["in_features"]) % WORD_BITS == 0
 
 
@@ -144,7 +141,7 @@ def int8_linear_primfunc(
     :data:`ROW_BLOCK`)."""
     if not int8_applies(func):
         return None
-    spec = json.loads(str(func.attrs[SPEC_ATTR]))
+    spec = kernel_spec(func)
     batch = func.params[0].shape[0]
     m = int(batch) if isinstance(batch, tirx.IntImm) else tirx.Var("m", "int64")
     k, n, p = int(spec["in_features"]), int(spec["out_features"]), int(spec["p"])

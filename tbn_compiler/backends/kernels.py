@@ -95,6 +95,7 @@ __all__ = [
     "max_pool_te",
     "pool_output_size",
     "kernel_kind",
+    "kernel_spec",
     "is_static",
     "KERNEL_ATTR",
     "FORM_ATTR",
@@ -239,6 +240,16 @@ def kernel_kind(func: tirx.PrimFunc) -> str:
     if attrs is None or KERNEL_ATTR not in attrs:
         return ""
     return str(attrs[KERNEL_ATTR])
+
+
+def kernel_spec(func: tirx.PrimFunc, *kinds: str) -> dict | None:
+    """The builder arguments (:data:`SPEC_ATTR`) of a kernel built here whose kind is one
+    of ``kinds`` (any kind when none is given); None for any other PrimFunc, or one that
+    carries no spec."""
+    attrs = func.attrs
+    if attrs is None or SPEC_ATTR not in attrs or (kinds and kernel_kind(func) not in kinds):
+        return None
+    return json.loads(str(attrs[SPEC_ATTR]))
 
 
 # --------------------------------------------------------------------------- linear
@@ -846,10 +857,9 @@ def panel_primfunc(func: tirx.PrimFunc, row_block: int = 0) -> tirx.PrimFunc | N
     linear's input rows are computed in whole blocks of that many (default
     :data:`PANEL_ROW_BLOCK`)."""
     kind = kernel_kind(func)
-    attrs = func.attrs
-    if kind not in PANEL_KINDS or attrs is None or SPEC_ATTR not in attrs:
+    spec = kernel_spec(func, *PANEL_KINDS)
+    if spec is None:
         return None
-    spec = json.loads(str(attrs[SPEC_ATTR]))
     x_shape = list(func.params[0].shape)
     batch = x_shape[0] if not isinstance(x_shape[0], tirx.IntImm) else int(x_shape[0])
     if kind == "linear_aligned":
@@ -943,10 +953,9 @@ def words_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     per-lane bit masks, and ``-x`` is shared by every tile row (a blend per weight, no
     table). Meant for few rows (batch 1 matrix-vector products). Attribute
     :data:`FORM_ATTR` ``"words"``."""
-    attrs = func.attrs
-    if kernel_kind(func) != "linear_aligned" or attrs is None or SPEC_ATTR not in attrs:
+    spec = kernel_spec(func, "linear_aligned")
+    if spec is None:
         return None
-    spec = json.loads(str(attrs[SPEC_ATTR]))
     k, n, p = int(spec["in_features"]), int(spec["out_features"]), int(spec["p"])
     if k % WORD_BITS:
         return None

@@ -36,7 +36,6 @@ output (float64 reference; a direct float32 conv about 1e-6).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import numpy as np
@@ -44,7 +43,6 @@ from tvm import te, tirx
 
 from .kernels import (
     FORM_ATTR,
-    SPEC_ATTR,
     Extent,
     _add_bias,
     _finish,
@@ -53,7 +51,7 @@ from .kernels import (
     _own_extent,
     _shape,
     _sign_value,
-    kernel_kind,
+    kernel_spec,
 )
 
 __all__ = [
@@ -101,11 +99,8 @@ def winograd_primfunc(func: tirx.PrimFunc, m: int = 2) -> tirx.PrimFunc | None:
     Attribute :data:`~.kernels.FORM_ATTR` ``"winograd"``, kind and spec of ``func``."""
     if m not in WINOGRAD_TILES:
         raise ValueError(f"Winograd output tiles are {WINOGRAD_TILES}, not {m}")
-    attrs = func.attrs
-    if kernel_kind(func) != "conv_aligned" or attrs is None or SPEC_ATTR not in attrs:
-        return None
-    spec = json.loads(str(attrs[SPEC_ATTR]))
-    if not winograd_applies(spec):
+    spec = kernel_spec(func, "conv_aligned")
+    if spec is None or not winograd_applies(spec):
         return None
     x_shape = list(func.params[0].shape)
     batch = x_shape[0] if not isinstance(x_shape[0], tirx.IntImm) else int(x_shape[0])

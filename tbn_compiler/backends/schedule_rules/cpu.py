@@ -61,7 +61,6 @@ optional steps of :func:`parallelize_generic` catch exactly that.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Callable
 
@@ -73,8 +72,8 @@ from tvm.target import Target
 
 from ..kernels import (
     PANEL_KINDS,
-    SPEC_ATTR,
     kernel_kind,
+    kernel_spec,
     padded_tile_rows,
     panel_primfunc,
     words_primfunc,
@@ -816,9 +815,9 @@ def _panel_row_block(func: tirx.PrimFunc, lanes: int) -> int:
     core when its product splits the input rows over the cores (:func:`_input_row_chunks`);
     rows are padded to it, so no more (CLIP's 50 tokens: 56 rows, not 64). 0 (the
     default) for other kernels."""
-    if kernel_kind(func) != "linear_aligned" or SPEC_ATTR not in (func.attrs or {}):
+    spec = kernel_spec(func, "linear_aligned")
+    if spec is None:
         return 0
-    spec = json.loads(str(func.attrs[SPEC_ATTR]))
     rows = padded_tile_rows(int(spec["out_features"]) // int(spec["p"]))
     mr, _, per_task = _panel_linear_tasks(rows, lanes)
     return mr * (cores() if _wants_row_chunks(rows // per_task) else 1)

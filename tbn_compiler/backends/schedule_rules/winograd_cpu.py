@@ -23,14 +23,13 @@ the vector; last, the output back to channels first in ``lanes x lanes`` blocks.
 
 from __future__ import annotations
 
-import json
 import math
 
 from tvm import tirx
 from tvm.s_tir import Schedule
 from tvm.target import Target
 
-from ..kernels import SPEC_ATTR, kernel_kind
+from ..kernels import kernel_spec
 from ..winograd import winograd_applies, winograd_primfunc
 from .base import ScheduleRule, apply_first, dispatch, factor, known_extent, shape_vars
 
@@ -115,11 +114,8 @@ def _eligible_positions(func: tirx.PrimFunc) -> int | None:
     """Output positions per image of a ``conv_aligned`` kernel with a spec that
     :func:`..winograd.winograd_applies` to, enough channels and at least two tiles a
     row (:func:`schedule_winograd`); None for any other."""
-    attrs = func.attrs
-    if kernel_kind(func) != "conv_aligned" or attrs is None or SPEC_ATTR not in attrs:
-        return None
-    spec = json.loads(str(attrs[SPEC_ATTR]))
-    if not winograd_applies(spec):
+    spec = kernel_spec(func, "conv_aligned")
+    if spec is None or not winograd_applies(spec):
         return None
     cout, cin = (int(d) for d in spec["weight_shape"][:2])
     if min(cin, cout // int(spec["p"])) < WINOGRAD_MIN_CHANNELS:
