@@ -379,7 +379,10 @@ class _PanelSchedule(_ProductRule):
         # a vector of the task's positions per filter: contiguous stores (LLVM vectorized
         # over filters, storing channels first with scatters: the 3-channel stem conv of
         # ResNet-18-CIFAR 0.45 -> 0.06 ms at batch 1, 8.2 -> 1.9 ms at batch 16)
-        _vectorize(sch, sch.get_loops(sch.get_sblock("out"))[-1])
+        # (at most 16 lanes: a longer last loop, e.g. a whole row of positions, made
+        # LLVM take minutes to compile ConvNeXt)
+        last = sch.get_loops(sch.get_sblock("out"))[-1]
+        _vectorize(sch, sch.split(last, [None, factor(extent(sch, last), (16, 8, 4, 2))])[1])
 
 
 class WordsProduct(ScheduleRule):
@@ -762,14 +765,16 @@ def _cpu_panel_linear(sch: Schedule, block, parallel: bool, lanes: int) -> None:
 
 def _cpu_copies(sch: Schedule, out, parallel: bool) -> None:
     """Block ``out (m, n)`` of a linear (the ``p`` scaled copies of ``small``'s tile rows
-    side by side) as ``(m, p, rows)`` loops: a copy's tile rows are one contiguous vector
-    (no ``j % rows`` per element), parallel over (row, copy)."""
+    side by side) as ``(m, p, rows)`` loops: a copy's tile rows are contiguous vectors
+    of up to 32 lanes (no ``j % rows`` per element), parallel over (row, copy)."""
     func = sch.mod["main"]
     rows = int(func.params[-1].shape[1]) // int(func.params[2].shape[0])  # n // p
     sch.transform_block_layout(out, lambda i, j: (i, j // rows, j % rows))
     i, c, r = sch.get_loops(out)
     _parallel(sch, sch.fuse(i, c), parallel)
-    _vectorize(sch, r)
+    # one vector of all the tile rows would be thousands of lanes for a binary layer
+    # (p=1): LLVM then took minutes to compile the kernel
+    _vectorize(sch, sch.split(r, [None, factor(rows, (32, 16, 8, 4, 2))])[1])
 
 
 def _panel_linear_block(rows: int, lanes: int) -> tuple[int, int]:
