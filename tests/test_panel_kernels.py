@@ -12,6 +12,7 @@ import torch
 
 tvm = pytest.importorskip("tvm")
 
+from kernel_run import as_numpy, run_kernel  # noqa: E402
 from tvm import tirx  # noqa: E402
 
 from tbn_compiler import ops, tiling  # noqa: E402
@@ -28,18 +29,6 @@ def _tile(numel: int, p: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     signs = torch.where(torch.rand(numel // p, generator=g) > 0.5, 1.0, -1.0)
     return tiling.pack_bits(signs), torch.rand(p, generator=g) + 0.5
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.int32).numpy().view(np.uint32) if t.dtype == torch.uint32 else t.numpy()
-
-
-def _run(func: tirx.PrimFunc, inputs: list[torch.Tensor], out_shape) -> np.ndarray:
-    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    lib = tvm.compile(mod, target=HOST)
-    out = tvm.runtime.tensor(np.zeros(tuple(out_shape), np.float32))
-    lib["main"](*[tvm.runtime.tensor(_np(t)) for t in inputs], out)
-    return out.numpy()
 
 
 def _close(got: np.ndarray, ref: torch.Tensor) -> None:
@@ -90,9 +79,9 @@ def test_linear_panel_form_matches_reference(m, k, n, p, bias):
     assert [buf.shape for buf in panel.params] == [buf.shape for buf in func.params]
     scheduled = schedule_rules.schedule_for(func, HOST)
     assert _is_panel(scheduled)
-    got = _run(scheduled, [x, words, alphas] + ([b] if bias else []), (m, n))
+    got = run_kernel(scheduled, [x, words, alphas] + ([b] if bias else []), (m, n))
     _close(got, ops.tiled_linear(x, words, alphas, b, n, k, False))
-    unscheduled = _run(panel, [x, words, alphas] + ([b] if bias else []), (m, n))
+    unscheduled = run_kernel(panel, [x, words, alphas] + ([b] if bias else []), (m, n))
     _close(unscheduled, ops.tiled_linear(x, words, alphas, b, n, k, False))
 
 
@@ -121,7 +110,7 @@ def test_conv_panel_form_matches_reference(xs, ws, stride, pad, dil, p, bias):
     scheduled = schedule_rules.schedule_for(func, HOST)
     rows = xs[0] * int(np.prod(ref.shape[2:]))
     assert _is_panel(scheduled) == (rows >= cpu.PANEL_MIN_ROWS["conv_aligned"])
-    _close(_run(scheduled, [x, words, alphas] + ([b] if bias else []), ref.shape), ref)
+    _close(run_kernel(scheduled, [x, words, alphas] + ([b] if bias else []), ref.shape), ref)
 
 
 def test_only_aligned_kernels_with_a_spec_have_a_panel_form():
@@ -154,7 +143,7 @@ def test_symbolic_linear_batch_runs_table_below_and_panel_from_min_rows(batch):
     assert "panel" in script and "sign_lut" not in script  # panel and words forms inside
     words, alphas = _tile(k * n, p, seed=1)
     x, b = torch.randn(batch, k), torch.randn(n)
-    got = _run(scheduled, [x, words, alphas, b], (batch, n))
+    got = run_kernel(scheduled, [x, words, alphas, b], (batch, n))
     _close(got, ops.tiled_linear(x, words, alphas, b, n, k, False))
 
 
@@ -171,7 +160,7 @@ def test_symbolic_conv_batch(batch):
     words, alphas = _tile(int(np.prod(ws)), 2, seed=2)
     x, b = torch.randn(batch, *xs[1:]), torch.randn(ws[0])
     ref = _conv_ref(x, words, alphas, b, ws, 1, 1, 1)
-    _close(_run(scheduled, [x, words, alphas, b], ref.shape), ref)
+    _close(run_kernel(scheduled, [x, words, alphas, b], ref.shape), ref)
 
 
 def test_vector_lanes_follow_the_target():
@@ -189,7 +178,7 @@ def test_vector_lanes_follow_the_target():
         tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=target
     )
     out = tvm.runtime.tensor(np.zeros((40, 64), np.float32))
-    lib["main"](*[tvm.runtime.tensor(_np(t)) for t in (x, words, alphas, b)], out)
+    lib["main"](*[tvm.runtime.tensor(as_numpy(t)) for t in (x, words, alphas, b)], out)
     _close(out.numpy(), ops.tiled_linear(x, words, alphas, b, 64, 64, False))
 
 
@@ -220,7 +209,7 @@ def test_small_elementwise_passes_of_a_parallel_kernel_stay_serial():
     func = kernels.tiled_linear_primfunc(1, 2048, 1024, 2, False, True)
     scheduled = schedule_rules.schedule_for(func, HOST)
     assert _parallel_loops(scheduled.body) == 1
-    got = _run(scheduled, [x, words, alphas, b], (1, 1024))
+    got = run_kernel(scheduled, [x, words, alphas, b], (1, 1024))
     _close(got, ops.tiled_linear(x, words, alphas, b, 1024, 2048, False))
 
 
@@ -245,9 +234,9 @@ def test_words_form_for_few_rows_matches_reference(m, k, n, p, bias, form):
     func = kernels.tiled_linear_primfunc(m, k, n, p, io, bias)
     scheduled = schedule_rules.schedule_for(func, HOST)
     assert _form(scheduled) == form
-    got = _run(scheduled, [x, words, alphas] + ([b] if bias else []), (m, n))
+    got = run_kernel(scheduled, [x, words, alphas] + ([b] if bias else []), (m, n))
     _close(got, ops.tiled_linear(x, words, alphas, b, n, k, io))
     if form:
         raw = kernels.words_primfunc(func)
-        unscheduled = _run(raw, [x, words, alphas] + ([b] if bias else []), (m, n))
+        unscheduled = run_kernel(raw, [x, words, alphas] + ([b] if bias else []), (m, n))
         _close(unscheduled, ops.tiled_linear(x, words, alphas, b, n, k, io))

@@ -14,6 +14,7 @@ from torch import nn
 
 tvm = pytest.importorskip("tvm")
 
+from kernel_run import run_kernel  # noqa: E402
 from tvm import tirx  # noqa: E402
 
 from tbn_compiler import tiling  # noqa: E402
@@ -42,18 +43,6 @@ def _reference(x, signs, alphas, bias, ws, padding) -> torch.Tensor:
     weight = (alphas.double().repeat_interleave(signs.numel()) * signs.double().repeat(p)).view(ws)
     b = None if bias is None else bias.double()
     return F.conv2d(x.double(), weight, b, padding=padding).float()
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.int32).numpy().view(np.uint32) if t.dtype == torch.uint32 else t.numpy()
-
-
-def _run(func: tirx.PrimFunc, inputs: list[torch.Tensor], out_shape) -> np.ndarray:
-    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    lib = tvm.compile(mod, target=HOST)
-    out = tvm.runtime.tensor(np.zeros(tuple(out_shape), np.float32))
-    lib["main"](*[tvm.runtime.tensor(_np(t)) for t in inputs], out)
-    return out.numpy()
 
 
 def _close(got: np.ndarray, ref: torch.Tensor) -> None:
@@ -97,8 +86,8 @@ def test_winograd_form_matches_torch(m, xs, cout, pad, p, bias):
     assert kernels.kernel_kind(form) == "conv_aligned"
     assert [buf.shape for buf in form.params] == [buf.shape for buf in func.params]
     inputs = [x, words, alphas] + ([b] if bias else [])
-    _close(_run(winograd_cpu.schedule_winograd(form, LANES), inputs, ref.shape), ref)
-    _close(_run(form, inputs, ref.shape), ref)  # unscheduled: the same numbers
+    _close(run_kernel(winograd_cpu.schedule_winograd(form, LANES), inputs, ref.shape), ref)
+    _close(run_kernel(form, inputs, ref.shape), ref)  # unscheduled: the same numbers
 
 
 def test_only_eligible_convs_have_a_winograd_form():
@@ -167,7 +156,7 @@ def test_symbolic_batch(batch, size, kernels_in):
     words, alphas, signs = _tile(int(np.prod(ws)), p, seed=size)
     x, b = torch.randn(batch, *xs[1:]), torch.randn(ws[0])
     ref = _reference(x, signs, alphas, b, ws, 1)
-    _close(_run(scheduled, [x, words, alphas, b], ref.shape), ref)
+    _close(run_kernel(scheduled, [x, words, alphas, b], ref.shape), ref)
 
 
 def test_rebuilt_kernel_keeps_the_attributes_of_the_kernel():
