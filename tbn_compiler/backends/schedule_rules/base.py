@@ -62,6 +62,7 @@ __all__ = [
     "dispatch_on_multiples",
     "extent",
     "factor",
+    "vectorize_inner",
     "is_kernel",
     "is_scheduled",
     "is_symbolic_move",
@@ -416,6 +417,15 @@ def _renew_defs(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """``func`` with every definition (buffers, loops, blocks) fresh: cases of one
     dispatch share no buffer, which TVM requires of one function."""
     return tvm_ffi.get_global_func("s_tir.RenewDefs")(func)
+
+
+def vectorize_inner(sch: Schedule, loop: object, widths: Sequence[int]) -> None:
+    """Split the static ``loop`` by the largest of ``widths`` dividing its extent and
+    vectorize the inner part (a loop of one iteration stays scalar): bounded vectors,
+    where a whole loop of hundreds of lanes makes LLVM compile for minutes."""
+    inner = sch.split(loop, [None, factor(extent(sch, loop), widths)])[1]
+    if extent(sch, inner) > 1:
+        sch.vectorize(inner)
 
 
 def factor(n: int, candidates: Sequence[int]) -> int:

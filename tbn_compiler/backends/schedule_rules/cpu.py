@@ -98,6 +98,7 @@ from .base import (
     shape_vars,
     split_loops,
     static_multiple,
+    vectorize_inner,
 )
 from .fast_math import with_fast_math
 from .int8_cpu import Int8Product
@@ -381,8 +382,7 @@ class _PanelSchedule(_ProductRule):
         # ResNet-18-CIFAR 0.45 -> 0.06 ms at batch 1, 8.2 -> 1.9 ms at batch 16)
         # (at most 16 lanes: a longer last loop, e.g. a whole row of positions, made
         # LLVM take minutes to compile ConvNeXt)
-        last = sch.get_loops(sch.get_sblock("out"))[-1]
-        _vectorize(sch, sch.split(last, [None, factor(extent(sch, last), (16, 8, 4, 2))])[1])
+        vectorize_inner(sch, sch.get_loops(sch.get_sblock("out"))[-1], (16, 8, 4, 2))
 
 
 class WordsProduct(ScheduleRule):
@@ -774,7 +774,7 @@ def _cpu_copies(sch: Schedule, out, parallel: bool) -> None:
     _parallel(sch, sch.fuse(i, c), parallel)
     # one vector of all the tile rows would be thousands of lanes for a binary layer
     # (p=1): LLVM then took minutes to compile the kernel
-    _vectorize(sch, sch.split(r, [None, factor(rows, (32, 16, 8, 4, 2))])[1])
+    vectorize_inner(sch, r, (32, 16, 8, 4, 2))
 
 
 def _panel_linear_block(rows: int, lanes: int) -> tuple[int, int]:

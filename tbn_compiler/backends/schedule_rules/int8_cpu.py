@@ -36,7 +36,16 @@ from tvm.target import Target
 
 from ..int8_kernels import PRECISION_ATTR, ROW_BLOCK, int8_linear_primfunc
 from ..kernels import kernel_kind
-from .base import ScheduleRule, apply_first, dispatch, extent, factor, known_extent, shape_vars
+from .base import (
+    ScheduleRule,
+    apply_first,
+    dispatch,
+    extent,
+    factor,
+    known_extent,
+    shape_vars,
+    vectorize_inner,
+)
 
 __all__ = [
     "BITS_BLOCK_ROWS",
@@ -281,7 +290,7 @@ def schedule_int8_bits(sch: Schedule, mr: int = 1) -> None:
     for name in ("amax_lanes", "qsum_lanes"):
         _lanes(sch, sch.get_sblock(name))
     _, k = sch.get_loops(sch.get_sblock("xq"))
-    sch.vectorize(sch.split(k, [None, factor(extent(sch, k), (16, 8, 4))])[1])
+    vectorize_inner(sch, k, (16, 8, 4))
     block = sch.get_sblock("acc_lanes")
     i, r, lane, w, j = sch.get_loops(block)
     rows = extent(sch, r)
@@ -303,7 +312,7 @@ def schedule_int8_bits(sch: Schedule, mr: int = 1) -> None:
     n_rows = int(func.params[-1].shape[1]) // int(func.params[2].shape[0])
     sch.transform_block_layout(out, lambda i, col: (i, col // n_rows, col % n_rows))
     r = sch.get_loops(out)[-1]
-    sch.vectorize(sch.split(r, [None, factor(n_rows, (16, 8, 4, 2))])[1])
+    vectorize_inner(sch, r, (16, 8, 4, 2))
 
 
 def _parallel(sch: Schedule, loop) -> None:
