@@ -8,8 +8,9 @@ stages in order inside the target's scope. Our tile kernels are marked opaque fi
 =========================  ==================================================================
 pipeline                   stages
 =========================  ==================================================================
-:func:`cpu`                mark_kernels, schedule_kernels, dispatch_libraries,
-                           legalize_and_fuse, parallelize_unscheduled, lower_and_finalize
+:func:`cpu`                lut_int8_tiles, mark_kernels, schedule_kernels,
+                           dispatch_libraries, legalize_and_fuse, parallelize_unscheduled,
+                           lower_and_finalize
 :func:`gpu`                mark_kernels, schedule_kernels, TVM's default pipeline for the
                            target (dispatch, legalize, fuse, DLight, lower, finalize)
 :func:`tuned`              mark_kernels, dispatch_libraries, legalize_and_fuse,
@@ -41,6 +42,7 @@ from tvm.s_tir import dlight
 from tvm.target import Target
 
 from . import schedule_rules
+from .int8_lut import relayout_lut_tiles
 from .schedule_rules.attention_cpu import attention_attrs
 
 __all__ = [
@@ -83,6 +85,12 @@ Stage = list[tvm.transform.Pass]
 def mark_kernels() -> Stage:
     """Our kernels opaque to fusion (:func:`.schedule_rules.mark_opaque`)."""
     return [_module_pass("MarkKernelsOpaque", schedule_rules.mark_opaque)]
+
+
+def lut_int8_tiles(target: Target) -> Stage:
+    """Int8 linears at a batch of a few rows given their table-lookup kernel and their
+    tiles in its layout (:func:`.int8_lut.relayout_lut_tiles`)."""
+    return [_module_pass("LutInt8Tiles", lambda mod: relayout_lut_tiles(mod, target))]
 
 
 def schedule_kernels(target: Target, skip_scheduled: bool = False) -> Stage:
@@ -193,6 +201,7 @@ def cpu(target: Target) -> tvm.transform.Pass:
         "TBNCPUPipeline",
         target,
         [
+            lut_int8_tiles(target),
             mark_kernels(),
             schedule_kernels(target),
             dispatch_libraries(target),

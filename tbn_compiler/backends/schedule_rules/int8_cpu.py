@@ -35,7 +35,8 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from ..int8_kernels import PRECISION_ATTR, ROW_BLOCK, int8_linear_primfunc
-from ..kernels import kernel_kind
+from ..int8_lut import INT8_LUT_FORM
+from ..kernels import FORM_ATTR, kernel_kind
 from .base import (
     ScheduleRule,
     apply_first,
@@ -222,6 +223,8 @@ class Int8Product(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
         if not wants_int8(func):
             return None
+        if kernel_form(func) == INT8_LUT_FORM:  # built scheduled; its tile is in LUT layout
+            return func
         form = int8_linear_primfunc(func)
         if form is None:
             return None
@@ -246,6 +249,12 @@ class Int8Product(ScheduleRule):
             cases = [(batch[0] < below, f) for below, f in small]
             scheduled = dispatch(form, cases, scheduled)
         return _with_attrs_of(scheduled, func)
+
+
+def kernel_form(func: tirx.PrimFunc) -> str | None:
+    """The :data:`..kernels.FORM_ATTR` of ``func`` (None when it has none)."""
+    attrs = func.attrs
+    return None if attrs is None or FORM_ATTR not in attrs else str(attrs[FORM_ATTR])
 
 
 def _bits_scheduled(func: tirx.PrimFunc, rows: int) -> tirx.PrimFunc:
