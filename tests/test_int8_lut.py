@@ -70,6 +70,18 @@ def test_layout_puts_each_nibble_where_documented():
             assert nibble == expected, (r, g)
 
 
+def test_restore_kernel_inverts_the_layout():
+    rows, k = 48, 128
+    words, *_ = random_layer(k, rows, 1, False, seed=5)
+    std = as_numpy(words)
+    lut = int8_lut.lut_tile_words(std, rows, k)
+    func = int8_lut.restore_rows_primfunc(rows, k)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)
+    out = tvm.runtime.tensor(np.zeros_like(std))
+    lib["main"](tvm.runtime.tensor(lut), out)
+    np.testing.assert_array_equal(out.numpy(), std)
+
+
 def test_layout_refuses_shapes_it_cannot_hold():
     words = np.zeros(8, np.uint32)
     with pytest.raises(ValueError, match="rows % 16"):
@@ -136,7 +148,7 @@ def test_applies_only_where_the_layout_and_cpu_allow():
     assert not int8_lut.lut_applies(_marked(4, 256, 128, 4, True), skylake)  # bits form
     assert not int8_lut.lut_applies(_marked(1, 256, 128, 16, True), skylake)  # 8 tile rows
     assert not int8_lut.lut_applies(_marked(1, 256, 128, 4, True), haswell)  # no AVX-512BW
-    assert not int8_lut.lut_applies(_marked(tirx.Var("m", "int64"), 256, 128, 4, True), skylake)
+    assert int8_lut.lut_applies(_marked(tirx.Var("m", "int64"), 256, 128, 4, True), skylake)
     float32 = kernels.tiled_linear_primfunc(1, 256, 128, 4, False, True)
     assert not int8_lut.lut_applies(float32, skylake)
     assert not int8_lut.lut_applies(_marked(1, 256, 128, 4, True), tvm.target.Target("cuda"))
@@ -170,32 +182,48 @@ def test_pass_rewrites_only_the_layers_it_can():
     assert len(lut) == 1
     tiled = [f for f in new.functions.values() if kernels.kernel_kind(f) == "linear_aligned"]
     assert len(tiled) == 2  # fc1's float-layout kernel is gone, fc2 keeps its own
-    # float32 builds, a symbolic batch and targets without AVX-512BW are left alone
+    # float32 builds, a static batch from LUT_MAX_ROWS on and targets without
+    # AVX-512BW are left alone
     float_mod = _imported(model, x, cfg)
     assert int8_lut.relayout_lut_tiles(float_mod, skylake).same_as(float_mod)
-    dynamic = mark_precision(_imported(model, x, cfg, dynamic=True), "int8")
-    assert int8_lut.relayout_lut_tiles(dynamic, skylake).same_as(dynamic)
+    four = mark_precision(_imported(model, torch.randn(4, 512), cfg), "int8")
+    assert int8_lut.relayout_lut_tiles(four, skylake).same_as(four)
     haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     assert int8_lut.relayout_lut_tiles(mod, haswell).same_as(mod)
 
 
+def _two_layer_reference(gm, x: torch.Tensor) -> np.ndarray:
+    """numpy reference of the two int8 layers, from the rewritten layers' own tiles."""
+    hidden = np.maximum(_layer_reference(gm.fc1, x.numpy()), 0)
+    return _layer_reference(gm.fc2, hidden)
+
+
 @needs_avx512bw
 @pytest.mark.parametrize("batch", [1, 3])
-def test_compiled_int8_module_matches_reference_and_survives_save(batch, tmp_path):
+def test_compiled_static_batch_matches_reference_and_survives_save(batch, tmp_path):
     torch.manual_seed(1)
     model, cfg = _TwoLayers().eval(), tbn.TBNConfig(p=4)
     x = torch.randn(batch, 512)
-    cm = tbn.compile(model, (x,), target="llvm", config=cfg, precision="int8")
-    gm = tbn.rewrite(model, (x,), cfg)
-    fc1, fc2 = gm.fc1, gm.fc2
-    # numpy reference of the two int8 layers, from the rewritten layers' own tiles
-    hidden = np.maximum(_layer_reference(fc1, x.numpy()), 0)
-    ref = _layer_reference(fc2, hidden)
+    cm = tbn.compile(model, (x,), target="llvm", config=cfg, precision="int8", dynamic_batch=False)
     got = cm(x).numpy()
-    _tight(got, ref)
+    _tight(got, _two_layer_reference(tbn.rewrite(model, (x,), cfg), x))
     path = tmp_path / "m.tbn"
     cm.save(path)
     np.testing.assert_array_equal(tbn.load(path)(x).numpy(), got)
+
+
+@needs_avx512bw
+def test_compiled_symbolic_batch_matches_reference_at_every_batch():
+    """A symbolic batch: the LUT form at 1 to 3 rows, the tile restored to bit rows for
+    the bits form (4 to 31 rows) and the panel form (32 on)."""
+    torch.manual_seed(2)
+    model, cfg = _TwoLayers().eval(), tbn.TBNConfig(p=4)
+    cm = tbn.compile(model, (torch.randn(1, 512),), target="llvm", config=cfg, precision="int8")
+    assert cm.static_batch is None
+    gm = tbn.rewrite(model, (torch.randn(1, 512),), cfg)
+    for batch in (1, 2, 3, 4, 9, 40):
+        x = torch.randn(batch, 512)
+        _tight(cm(x).numpy(), _two_layer_reference(gm, x))
 
 
 def _layer_reference(layer: nn.Module, x: np.ndarray) -> np.ndarray:

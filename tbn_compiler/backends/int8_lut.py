@@ -74,15 +74,18 @@ LUT_MAX_ROWS = 4
 unpacked masks across blocks of 4 rows from there)."""
 
 BLOCKS_PER_TASK = 8
-"""Row blocks per parallel task at most (2 int16 accumulators each: 16 of the 32
+"""Row blocks per register block at most (2 int16 accumulators each: 16 of the 32
 vector registers)."""
+
+TASK_UNITS = 32
+"""Units per parallel task at least (the tasks split the inputs)."""
 
 _PSHUFB = "llvm.x86.avx512.pshuf.b.512"
 
 
 def lut_applies(func: tirx.PrimFunc, target: Target | None) -> bool:
     """True for a ``linear_aligned`` kernel marked int8 that the int8 forms take
-    (:func:`.int8_kernels.int8_applies`), with a static batch below
+    (:func:`.int8_kernels.int8_applies`), with a symbolic batch or a static one below
     :data:`LUT_MAX_ROWS`, tile rows a multiple of :data:`ROW_BLOCK`, for an LLVM target
     with AVX-512BW."""
     if target is None or target.kind.name != "llvm":
@@ -90,8 +93,8 @@ def lut_applies(func: tirx.PrimFunc, target: Target | None) -> bool:
     attrs = func.attrs
     if attrs is None or str(attrs.get(PRECISION_ATTR, "")) != "int8" or not int8_applies(func):
         return False
-    shape = func.params[0].shape
-    if not isinstance(shape[0], tirx.IntImm) or not 0 < int(shape[0]) < LUT_MAX_ROWS:
+    batch = func.params[0].shape[0]
+    if isinstance(batch, tirx.IntImm) and not 0 < int(batch) < LUT_MAX_ROWS:
         return False
     spec = kernel_spec(func)
     rows = int(spec["out_features"]) // int(spec["p"])
@@ -121,12 +124,35 @@ def lut_tile_words(words: np.ndarray, rows: int, k: int) -> np.ndarray:
 # ------------------------------------------------------------------------- the kernel
 
 
-def _entry(signs, q, base, v):
-    """Table entry ``v`` of the group whose first input is ``q[base]`` (int16)."""
-    value = signs[v] * tirx.Cast("int16", q[base])
-    for j in range(1, GROUP):
-        value = value + signs[16 * j + v] * tirx.Cast("int16", q[base + j])
-    return value
+def _sign(v: int, j: int) -> int:
+    """The sign of input ``j`` in table entry ``v``: ``+1`` where bit ``j`` of ``v`` is set."""
+    return 1 if (v >> j) & 1 else -1
+
+
+def _constant(dtype: str, values: list[int]) -> tirx.PrimExpr:
+    """A constant vector of ``values`` (``dtype`` the lane type)."""
+    lanes = [tirx.IntImm(dtype, v) for v in values]
+    return tirx.Shuffle(lanes, [tirx.IntImm("int32", i) for i in range(len(values))])
+
+
+_BIAS_BYTES = -0x7F7F7F80  # 0x80808080 as int32: flips the sign bit of 4 int8 values
+_SIGNS = _constant("int8", [_sign(v, j) for v in range(16) for j in range(GROUP)])
+_OFFSET = _constant("int32", [-128 * sum(_sign(v, j) for j in range(GROUP)) for v in range(16)])
+
+
+def _group_table(q, base) -> tirx.PrimExpr:
+    """int32x16: the 16 entries ``t[v] = sum_j +-q[base + j]`` of one group's table.
+    The 4 inputs as unsigned bytes ``q + 128`` times the sign bytes of each entry,
+    summed in pairs (``vpmaddubsw``) then fours (``vpmaddwd``); minus ``128 sum_j
+    s_j[v]`` for the offset. AVX-512BW."""
+    word = tirx.reinterpret("int32", q[tirx.Ramp(base, 1, GROUP)]) ^ tirx.IntImm(
+        "int32", _BIAS_BYTES
+    )
+    biased = tirx.reinterpret("int8x64", tirx.Broadcast(word, 16))
+    pairs = tirx.call_llvm_pure_intrin("int16x32", "llvm.x86.avx512.pmaddubs.w.512", biased, _SIGNS)
+    ones = tirx.Broadcast(tirx.IntImm("int16", 1), 32)
+    fours = tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.pmaddw.d.512", pairs, ones)
+    return fours + _OFFSET
 
 
 def _max16(buf) -> tirx.PrimExpr:
@@ -172,6 +198,21 @@ def _without_param(func: tirx.PrimFunc, index: int) -> tirx.PrimFunc:
     return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
 
 
+def _quantized(value, amax) -> tirx.PrimExpr:
+    """``rint(value * 127 / amax)`` as int8 (0 for a row of zeros), as the other forms."""
+    zero = tirx.FloatImm("float32", 0)
+    inv = tirx.Select(amax > zero, tirx.FloatImm("float32", 127) / amax, zero)
+    return tirx.Cast("int8", tirx.Cast("int32", tirx.round(value * inv)))
+
+
+def _task_sum(partial, tasks: int, stride: int, at) -> tirx.PrimExpr:
+    """The int32 sum over the tasks of ``partial[task * stride + at]``."""
+    total = partial[at]
+    for task in range(1, tasks):
+        total = total + partial[task * stride + at]
+    return total
+
+
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
@@ -179,16 +220,23 @@ def _largest_divisor(n: int, at_most: int) -> int:
 def int8_lut_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """``func`` (a ``linear_aligned`` kernel for which :func:`lut_applies`) in LUT form:
     same buffers, but ``tile`` in the layout of :func:`lut_tile_words`; attribute
-    :data:`.kernels.FORM_ATTR` :data:`INT8_LUT_FORM` and every attribute of ``func``."""
+    :data:`.kernels.FORM_ATTR` :data:`INT8_LUT_FORM` and every attribute of ``func``.
+
+    Schedule: the row maxima first; then parallel tasks over slices of the inputs
+    (:data:`TASK_UNITS` units each at least), each quantizing its slice, building its
+    tables (so they stay in its core's cache) and summing its slice for every tile row,
+    register blocks of up to :data:`BLOCKS_PER_TASK` x 16 tile rows; then the partial
+    sums of the tasks added in int32 and rescaled."""
     spec = kernel_spec(func, "linear_aligned")
     m = int(func.params[0].shape[0])
     k, n, p = int(spec["in_features"]), int(spec["out_features"]), int(spec["p"])
     rows = n // p
-    groups, units, blocks = k // GROUP, k // UNIT_INPUTS, rows // ROW_BLOCK
-    per_task = _largest_divisor(blocks, BLOCKS_PER_TASK)
-    tasks = blocks // per_task
-    flush = _largest_divisor(units, FLUSH_UNITS)
-    acc_len = m * per_task * 64
+    units, blocks = k // UNIT_INPUTS, rows // ROW_BLOCK
+    tasks = _largest_divisor(units, max(1, units // TASK_UNITS))
+    t_units = units // tasks  # units per task
+    t_inputs, t_groups = t_units * UNIT_INPUTS, t_units * UNIT_INPUTS // GROUP
+    reg = _largest_divisor(blocks, BLOCKS_PER_TASK)  # row blocks per register block
+    flush = _largest_divisor(t_units, FLUSH_UNITS)
     words = n_words(k * rows)
     has_bias = bool(spec["has_bias"])
     i64 = T.int64
@@ -207,12 +255,7 @@ def int8_lut_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc:
         out = T.decl_buffer((m * n,), "float32", data=out_in.data)
         amax_lanes = T.alloc_buffer((16,), "float32")
         amax = T.alloc_buffer((m,), "float32")
-        q = T.alloc_buffer((m * k,), "int8")
-        tl = T.alloc_buffer((m * groups * 16,), "uint8")
-        th = T.alloc_buffer((m * groups * 16,), "int8")
-        signs = T.alloc_buffer((GROUP * 16,), "int16")
-        for j, v in T.grid(GROUP, 16):
-            signs[j * 16 + v] = T.Cast("int16", T.floormod(T.floordiv(v, 1 << j), 2) * 2 - 1)
+        partial = T.alloc_buffer((tasks * m * rows,), "int32")
         for i in range(m):
             for lane in T.vectorized(16):
                 amax_lanes[lane] = T.float32(0)
@@ -220,49 +263,45 @@ def int8_lut_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc:
                 for lane in T.vectorized(16):
                     amax_lanes[lane] = T.max(amax_lanes[lane], T.abs(x[i * k + ko * 16 + lane]))
             amax[i] = _max16(amax_lanes)
-            for ko in range(k // 16):
-                for lane in T.vectorized(16):
-                    q[i * k + ko * 16 + lane] = T.Cast(
-                        "int8",
-                        T.Cast(
-                            "int32",
-                            T.round(
-                                x[i * k + ko * 16 + lane]
-                                * T.Select(
-                                    amax[i] > T.float32(0),
-                                    T.float32(127) / amax[i],
-                                    T.float32(0),
-                                )
-                            ),
-                        ),
-                    )
-            # no Python variables (Let) inside vectorized loops: TVM vectorizes them wrong
-            for g in range(groups):
-                for v in T.vectorized(16):
-                    tl[(i * groups + g) * 16 + v] = T.Cast(
-                        "uint8", _entry(signs, q, i * k + g * GROUP, v) & T.int16(255)
-                    )
-                    th[(i * groups + g) * 16 + v] = T.Cast(
-                        "int8", _entry(signs, q, i * k + g * GROUP, v) >> T.int16(8)
-                    )
         for task in T.parallel(tasks):
-            acc32 = T.alloc_buffer((acc_len,), "int32")
-            acc16 = T.alloc_buffer((per_task * 64,), "int16")
-            for e in T.vectorized(acc_len):
-                acc32[e] = 0
+            q = T.alloc_buffer((m * t_inputs,), "int8")
+            tl = T.alloc_buffer((m * t_groups * 16,), "uint8")
+            th = T.alloc_buffer((m * t_groups * 16,), "int8")
+            acc32 = T.alloc_buffer((reg * 64,), "int32")
+            acc16 = T.alloc_buffer((reg * 64,), "int16")
             for i in range(m):
-                for c in range(units // flush):
-                    for e in T.vectorized(per_task * 64):
+                for ko in range(t_inputs // 16):
+                    for lane in T.vectorized(16):
+                        q[i * t_inputs + ko * 16 + lane] = _quantized(
+                            x[i * k + task * t_inputs + ko * 16 + lane], amax[i]
+                        )
+                for g in range(t_groups):
+                    tl[T.ramp((i * t_groups + g) * 16, 1, 16)] = T.Cast(
+                        "uint8x16", _group_table(q, i * t_inputs + g * GROUP)
+                    )
+                    th[T.ramp((i * t_groups + g) * 16, 1, 16)] = T.Cast(
+                        "int8x16",
+                        _group_table(q, i * t_inputs + g * GROUP) >> T.broadcast(T.int32(8), 16),
+                    )
+            for rb, i in T.grid(blocks // reg, m):
+                for e in T.vectorized(reg * 64):
+                    acc32[e] = 0
+                for c in range(t_units // flush):
+                    for e in T.vectorized(reg * 64):
                         acc16[e] = T.int16(0)
                     for u in range(flush):
-                        t0: T.int32 = (i * units + c * flush + u) * 128
+                        t0: T.int32 = (i * t_units + c * flush + u) * 128
                         tla: T.int8x64 = T.reinterpret(tl[T.ramp(t0, 1, 64)], dtype="int8x64")
                         tha: T.int8x64 = th[T.ramp(t0, 1, 64)]
                         tlb: T.int8x64 = T.reinterpret(tl[T.ramp(t0 + 64, 1, 64)], dtype="int8x64")
                         thb: T.int8x64 = th[T.ramp(t0 + 64, 1, 64)]
-                        for b in T.unroll(per_task):
+                        for b in T.unroll(reg):
                             bytes_: T.uint8x64 = tile[
-                                T.ramp(((task * per_task + b) * units + c * flush + u) * 64, 1, 64)
+                                T.ramp(
+                                    ((rb * reg + b) * units + task * t_units + c * flush + u) * 64,
+                                    1,
+                                    64,
+                                )
                             ]
                             lo: T.int8x64 = T.reinterpret(
                                 bytes_ & T.broadcast(T.uint8(15), 64), dtype="int8x64"
@@ -286,26 +325,61 @@ def int8_lut_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc:
                                 + _interleaved(alo, ahi, True)
                                 + _interleaved(blo, bhi, True)
                             )
-                    for e in T.vectorized(per_task * 64):
-                        acc32[i * per_task * 64 + e] = acc32[i * per_task * 64 + e] + T.Cast(
-                            "int32", acc16[e]
+                    for e in T.vectorized(reg * 64):
+                        acc32[e] = acc32[e] + T.Cast("int32", acc16[e])
+                for b, half in T.grid(reg, 2):
+                    for j in T.vectorized(8):
+                        partial[(task * m + i) * rows + (rb * reg + b) * 16 + half * 8 + j] = (
+                            _row_dot(acc32, 0, b, half, j)
                         )
-            for i, b, half, c in T.grid(m, per_task, 2, p):
-                for j in T.vectorized(8):
-                    out[i * n + c * rows + (task * per_task + b) * 16 + half * 8 + j] = _output(
-                        alphas[c]
-                        * (
-                            (amax[i] / T.float32(127))
-                            * T.Cast("float32", _row_dot(acc32, i * per_task * 64, b, half, j))
-                        ),
-                        bias_in if has_bias else None,
-                        c * rows + (task * per_task + b) * 16 + half * 8 + j,
-                    )
+        for i, c in T.grid(m, p):
+            for r in T.vectorized(rows):
+                out[i * n + c * rows + r] = _output(
+                    alphas[c]
+                    * (
+                        (amax[i] / T.float32(127))
+                        * T.Cast("float32", _task_sum(partial, tasks, m * rows, i * rows + r))
+                    ),
+                    bias_in if has_bias else None,
+                    c * rows + r,
+                )
 
     new = kernel if has_bias else _without_param(kernel, 3)
     for key, value in (func.attrs or {}).items():
         new = new.with_attr(key, value)
     return new.with_attr(FORM_ATTR, INT8_LUT_FORM)
+
+
+def _row_word(lut, base, j) -> tirx.PrimExpr:
+    """The bit-row tile word whose 8 nibbles are at bytes ``base + 16 L + j`` (uint32)."""
+    word = None
+    for lane in range(4):
+        byte = tirx.Cast("uint32", lut[base + 16 * lane + j])
+        part = ((byte & tirx.IntImm("uint32", 15)) << tirx.IntImm("uint32", 4 * lane)) | (
+            (byte >> tirx.IntImm("uint32", 4)) << tirx.IntImm("uint32", 16 + 4 * lane)
+        )
+        word = part if word is None else word | part
+    return word
+
+
+def restore_rows_primfunc(rows: int, k: int) -> tirx.PrimFunc:
+    """A kernel ``(lut (words,) uint32, tile (words,) uint32)`` writing into ``tile`` the
+    bit-row layout (:func:`.tiling.pack_bits`) of the LUT-layout tile ``lut``: the inverse
+    of :func:`lut_tile_words`, parallel over blocks of 16 tile rows."""
+    words, kw, blocks = n_words(k * rows), k // UNIT_INPUTS, rows // ROW_BLOCK
+    i64 = T.int64
+
+    @T.prim_func(s_tir=False)
+    def restore(lut_in: T.Buffer((i64(words),), "uint32"), tile: T.Buffer((i64(words),), "uint32")):
+        T.func_attr({"tirx.noalias": True})
+        lut = T.decl_buffer((words * 4,), "uint8", data=lut_in.data)
+        flat = T.decl_buffer((words,), "uint32", data=tile.data)
+        for rb in T.parallel(blocks):
+            for w in range(kw):
+                for j in T.vectorized(ROW_BLOCK):
+                    flat[(rb * ROW_BLOCK + j) * kw + w] = _row_word(lut, (rb * kw + w) * 64, j)
+
+    return restore
 
 
 # ------------------------------------------------------------------------- the relax pass
@@ -374,7 +448,12 @@ class _LutTiles(relax.PyExprMutator):
 
     def _lut_kernel(self, gv: relax.GlobalVar, func: tirx.PrimFunc) -> relax.GlobalVar:
         if gv.name_hint not in self.kernels:
-            lut = int8_lut_primfunc(func)
+            if isinstance(func.params[0].shape[0], tirx.IntImm):
+                lut = int8_lut_primfunc(func)
+            else:  # the int8 schedule rules (a later step of the pipeline) build the cases
+                from .schedule_rules.int8_cpu import lut_batch_dispatch
+
+                lut = lut_batch_dispatch(func, self.target)
             self.kernels[gv.name_hint] = self.builder_.add_func(lut, f"{gv.name_hint}_lut")
         return self.kernels[gv.name_hint]
 

@@ -35,11 +35,13 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from ..int8_kernels import PRECISION_ATTR, ROW_BLOCK, int8_linear_primfunc
-from ..int8_lut import INT8_LUT_FORM
-from ..kernels import FORM_ATTR, kernel_kind
+from ..int8_lut import INT8_LUT_FORM, LUT_MAX_ROWS, int8_lut_primfunc, restore_rows_primfunc
+from ..kernels import FORM_ATTR, kernel_kind, kernel_spec
 from .base import (
     ScheduleRule,
+    _case_body,
     apply_first,
+    at_value,
     dispatch,
     extent,
     factor,
@@ -249,6 +251,39 @@ class Int8Product(ScheduleRule):
             cases = [(batch[0] < below, f) for below, f in small]
             scheduled = dispatch(form, cases, scheduled)
         return _with_attrs_of(scheduled, func)
+
+
+def lut_batch_dispatch(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
+    """``func`` (a ``linear_aligned`` kernel marked int8, symbolic batch, for which
+    :func:`..int8_lut.lut_applies`) as one function reading its tile in LUT layout: the
+    LUT form at 1 to 3 rows (one static case each), else the tile restored to bit rows
+    (:func:`..int8_lut.restore_rows_primfunc`, into a workspace) and the int8 forms of
+    :class:`Int8Product` on it. Attribute :data:`..kernels.FORM_ATTR`
+    :data:`..int8_lut.INT8_LUT_FORM`."""
+    var = shape_vars(func)[0]
+    cases = [(var == v, int8_lut_primfunc(at_value(func, var, v))) for v in range(1, LUT_MAX_ROWS)]
+    standard = Int8Product().apply(func, target)
+    spec = kernel_spec(func)
+    k, rows = int(spec["in_features"]), int(spec["out_features"]) // int(spec["p"])
+    tile = func.params[1]
+    restored = tirx.decl_buffer(tile.shape, "uint32", "tile_rows")
+    nop = tirx.Evaluate(tirx.const(0, "int32"))
+    with_restored = [restored if at == 1 else param for at, param in enumerate(func.params)]
+    body = tirx.SeqStmt(
+        [
+            tirx.AllocBuffer(restored),
+            _case_body(restore_rows_primfunc(rows, k), tirx.PrimFunc([tile, restored], nop)),
+            _case_body(standard, tirx.PrimFunc(with_restored, nop)),
+        ]
+    )
+    default = tirx.PrimFunc(func.params, body, attrs=standard.attrs)
+    return _with_form(dispatch(func, cases, default), func)
+
+
+def _with_form(scheduled: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.PrimFunc:
+    from .cpu import _with_attrs_of
+
+    return _with_attrs_of(scheduled, func).with_attr(FORM_ATTR, INT8_LUT_FORM)
 
 
 def kernel_form(func: tirx.PrimFunc) -> str | None:
