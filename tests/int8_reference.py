@@ -28,3 +28,17 @@ def int8_reference(x: np.ndarray, signs, alphas, bias, p: int) -> np.ndarray:
     small = (amax / np.float32(127)).astype(np.float32)[:, None] * exact
     out = np.concatenate([alphas.numpy()[c] * small for c in range(p)], axis=1)
     return out if bias is None else out + bias.numpy()
+
+
+def edge_rows(rows: int, k: int) -> torch.Tensor:
+    """``rows`` (>= 3) random input rows, row 1 all zeros (the output is the bias) and row
+    2 with one value of 1e4 (it sets the row's scale and keeps its value)."""
+    x = torch.randn(rows, k)
+    x[1] = 0
+    x[2, 5] = 1e4
+    return x
+
+
+def assert_tight(got: np.ndarray, ref: np.ndarray) -> None:
+    """Integer sums are exact; only the float32 scaling may round differently (an ulp)."""
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))

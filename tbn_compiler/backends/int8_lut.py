@@ -20,13 +20,16 @@ bytes: for each block ``rb`` of :data:`ROW_BLOCK` tile rows and each unit ``u`` 
 :data:`UNIT_INPUTS` inputs (8 groups), 64 bytes in which byte ``16 L + b`` (lane ``L`` in
 0..3) holds in its low nibble ``nibble(16 rb + b, 8u + L)`` and in its high nibble
 ``nibble(16 rb + b, 8u + 4 + L)``. :func:`relayout_lut_tiles` rewrites the calls of
-int8 kernels to that layout and gives them the kernel of :func:`int8_lut_primfunc`
-(scheduled as built: explicit vectors and one parallel loop).
+int8 kernels to that layout (same bytes: the module holds only this copy) and gives
+them the kernel of :func:`int8_lut_primfunc` (scheduled as built: explicit vectors, one
+parallel loop) at a static batch, or for a symbolic batch one function with a LUT case
+for each batch of 1 to 3 rows and, from 4 rows, the tile restored to bit rows in a
+workspace (:func:`restore_rows_primfunc`, parallel) for the other int8 forms.
 
-Applies (:func:`lut_applies`) to a ``linear_aligned`` kernel asked for int8, with a static
-batch below :data:`LUT_MAX_ROWS`, ``in % 32 == 0`` and tile rows a multiple of 16, on a
-CPU with AVX-512BW. Linear 4096x4096 p=8 at batch 1 on Zen 4: about 12 us a call of the
-kernel against 22 us for the bits form.
+Applies (:func:`lut_applies`) to a ``linear_aligned`` kernel asked for int8, with a
+symbolic batch or a static one below :data:`LUT_MAX_ROWS`, ``in % 32 == 0`` and tile
+rows a multiple of 16, on a CPU with AVX-512BW. Linear 4096x4096 p=8 at batch 1 on Zen
+4, the kernel alone: 8-9 us on two threads (13.5 on one) against 22 for the bits form.
 """
 
 from __future__ import annotations
@@ -42,16 +45,19 @@ from .int8_kernels import PRECISION_ATTR, int8_applies
 from .kernels import FORM_ATTR, kernel_spec
 
 __all__ = [
+    "BLOCKS_PER_TASK",
     "FLUSH_UNITS",
     "GROUP",
     "INT8_LUT_FORM",
     "LUT_MAX_ROWS",
     "ROW_BLOCK",
+    "TASK_UNITS",
     "UNIT_INPUTS",
     "int8_lut_primfunc",
     "lut_applies",
     "lut_tile_words",
     "relayout_lut_tiles",
+    "restore_rows_primfunc",
 ]
 
 INT8_LUT_FORM = "int8-lut"
@@ -129,7 +135,7 @@ def _sign(v: int, j: int) -> int:
     return 1 if (v >> j) & 1 else -1
 
 
-def _constant(dtype: str, values: list[int]) -> tirx.PrimExpr:
+def _constant(dtype: str, values: list[int]) -> tirx.Expr:
     """A constant vector of ``values`` (``dtype`` the lane type)."""
     lanes = [tirx.IntImm(dtype, v) for v in values]
     return tirx.Shuffle(lanes, [tirx.IntImm("int32", i) for i in range(len(values))])
@@ -140,7 +146,7 @@ _SIGNS = _constant("int8", [_sign(v, j) for v in range(16) for j in range(GROUP)
 _OFFSET = _constant("int32", [-128 * sum(_sign(v, j) for j in range(GROUP)) for v in range(16)])
 
 
-def _group_table(q, base) -> tirx.PrimExpr:
+def _group_table(q, base) -> tirx.Expr:
     """int32x16: the 16 entries ``t[v] = sum_j +-q[base + j]`` of one group's table.
     The 4 inputs as unsigned bytes ``q + 128`` times the sign bytes of each entry,
     summed in pairs (``vpmaddubsw``) then fours (``vpmaddwd``); minus ``128 sum_j
@@ -155,14 +161,14 @@ def _group_table(q, base) -> tirx.PrimExpr:
     return fours + _OFFSET
 
 
-def _max16(buf) -> tirx.PrimExpr:
+def _max16(buf) -> tirx.Expr:
     value = buf[0]
     for lane in range(1, 16):
         value = tirx.max(value, buf[lane])
     return value
 
 
-def _interleaved(lo, hi, upper: bool) -> tirx.PrimExpr:
+def _interleaved(lo, hi, upper: bool) -> tirx.Expr:
     """int16x32: the low (``upper`` False: bytes 0..7 of each lane) or high half of
     each 128-bit lane of ``lo`` and ``hi`` interleaved, i.e. the int16 table values of
     tile rows 0..7 (8..15) of the 4 lanes (``vpunpcklbw`` / ``vpunpckhbw``)."""
@@ -175,18 +181,18 @@ def _interleaved(lo, hi, upper: bool) -> tirx.PrimExpr:
     return tirx.reinterpret("int16x32", pair)
 
 
-def _lookup(table, index) -> tirx.PrimExpr:
+def _lookup(table, index) -> tirx.Expr:
     return tirx.call_llvm_pure_intrin("int8x64", _PSHUFB, table, index)
 
 
-def _row_dot(acc32, base: int, block, half, j) -> tirx.PrimExpr:
+def _row_dot(acc32, base: int, block, half, j) -> tirx.Expr:
     """The int32 product of tile row ``8 half + j`` of register block ``block``: the sum
     of its 4 lanes."""
     at = base + block * 64 + half * 32 + j
     return acc32[at] + acc32[at + 8] + acc32[at + 16] + acc32[at + 24]
 
 
-def _output(value, bias, col) -> tirx.PrimExpr:
+def _output(value, bias, col) -> tirx.Expr:
     """``value + bias[col]`` (``value`` without a bias): the same float32 operations as
     the other int8 forms."""
     return value if bias is None else value + bias[tirx.Cast("int64", col)]
@@ -198,14 +204,14 @@ def _without_param(func: tirx.PrimFunc, index: int) -> tirx.PrimFunc:
     return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
 
 
-def _quantized(value, amax) -> tirx.PrimExpr:
+def _quantized(value, amax) -> tirx.Expr:
     """``rint(value * 127 / amax)`` as int8 (0 for a row of zeros), as the other forms."""
     zero = tirx.FloatImm("float32", 0)
     inv = tirx.Select(amax > zero, tirx.FloatImm("float32", 127) / amax, zero)
     return tirx.Cast("int8", tirx.Cast("int32", tirx.round(value * inv)))
 
 
-def _task_sum(partial, tasks: int, stride: int, at) -> tirx.PrimExpr:
+def _task_sum(partial, tasks: int, stride: int, at) -> tirx.Expr:
     """The int32 sum over the tasks of ``partial[task * stride + at]``."""
     total = partial[at]
     for task in range(1, tasks):
@@ -249,6 +255,9 @@ def int8_lut_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc:
         bias_in: T.Buffer((i64(n),), "float32"),
         out_in: T.Buffer((i64(m), i64(n)), "float32"),
     ):
+        # Expressions inside vectorized loops come from helper functions, not local
+        # names: TVMScript binds a local name with a Let, which TVM's vectorizer then
+        # evaluates for one lane only (seen in this TVM: every table entry was entry 15).
         T.func_attr({"tirx.noalias": True})
         x = T.decl_buffer((m * k,), "float32", data=x_in.data)
         tile = T.decl_buffer((words * 4,), "uint8", data=tile_in.data)
@@ -284,11 +293,13 @@ def int8_lut_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc:
                         _group_table(q, i * t_inputs + g * GROUP) >> T.broadcast(T.int32(8), 16),
                     )
             for rb, i in T.grid(blocks // reg, m):
-                for e in T.vectorized(reg * 64):
-                    acc32[e] = 0
+                for eo in range(reg * 4):
+                    for e in T.vectorized(16):
+                        acc32[eo * 16 + e] = 0
                 for c in range(t_units // flush):
-                    for e in T.vectorized(reg * 64):
-                        acc16[e] = T.int16(0)
+                    for eo in range(reg * 2):
+                        for e in T.vectorized(32):
+                            acc16[eo * 32 + e] = T.int16(0)
                     for u in range(flush):
                         t0: T.int32 = (i * t_units + c * flush + u) * 128
                         tla: T.int8x64 = T.reinterpret(tl[T.ramp(t0, 1, 64)], dtype="int8x64")
@@ -325,23 +336,28 @@ def int8_lut_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc:
                                 + _interleaved(alo, ahi, True)
                                 + _interleaved(blo, bhi, True)
                             )
-                    for e in T.vectorized(reg * 64):
-                        acc32[e] = acc32[e] + T.Cast("int32", acc16[e])
+                    for eo in range(reg * 4):
+                        for e in T.vectorized(16):
+                            acc32[eo * 16 + e] = acc32[eo * 16 + e] + T.Cast(
+                                "int32", acc16[eo * 16 + e]
+                            )
                 for b, half in T.grid(reg, 2):
                     for j in T.vectorized(8):
                         partial[(task * m + i) * rows + (rb * reg + b) * 16 + half * 8 + j] = (
                             _row_dot(acc32, 0, b, half, j)
                         )
-        for i, c in T.grid(m, p):
-            for r in T.vectorized(rows):
-                out[i * n + c * rows + r] = _output(
+        for i, c, ro in T.grid(m, p, rows // 16):
+            for r in T.vectorized(16):
+                out[i * n + c * rows + ro * 16 + r] = _output(
                     alphas[c]
                     * (
                         (amax[i] / T.float32(127))
-                        * T.Cast("float32", _task_sum(partial, tasks, m * rows, i * rows + r))
+                        * T.Cast(
+                            "float32", _task_sum(partial, tasks, m * rows, i * rows + ro * 16 + r)
+                        )
                     ),
                     bias_in if has_bias else None,
-                    c * rows + r,
+                    c * rows + ro * 16 + r,
                 )
 
     new = kernel if has_bias else _without_param(kernel, 3)
@@ -350,7 +366,7 @@ def int8_lut_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return new.with_attr(FORM_ATTR, INT8_LUT_FORM)
 
 
-def _row_word(lut, base, j) -> tirx.PrimExpr:
+def _row_word(lut, base, j) -> tirx.Expr:
     """The bit-row tile word whose 8 nibbles are at bytes ``base + 16 L + j`` (uint32)."""
     word = None
     for lane in range(4):

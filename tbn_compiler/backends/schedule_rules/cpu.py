@@ -6,7 +6,8 @@ for every shape: loop splits only use factors that divide the extent (no bound
 predicates, clean vector loops). :data:`CPU_RULES`, first that applies:
 
 * :class:`.int8_cpu.Int8Product`: an aligned linear compiled with ``precision="int8"``
-  (opt-in) runs its int8 forms (:mod:`..int8_kernels`); nothing else.
+  (opt-in) runs its int8 forms (:mod:`..int8_kernels`; at 1 to 3 rows with AVX-512BW the
+  table-lookup form of :mod:`..int8_lut`, built before scheduling); nothing else.
 * :class:`ChecksStaySerial`: a kernel with asserts (the checked gather) stays serial: an
   assert failing inside a parallel task is not reported and leaves the output unwritten.
 * :class:`.winograd_cpu.WinogradProduct`: an aligned 2-D 3x3 stride-1 conv with at least

@@ -7,7 +7,11 @@ kernel whose :data:`..int8_kernels.PRECISION_ATTR` is ``"int8"``, rebuilds it wi
 in bits form (:func:`schedule_int8_bits`) where the CPU has AVX-512 VNNI, else (below
 :data:`INT8_MIN_ROWS`) as the exact float32 kernel of the next rules; a symbolic batch
 gets both, in one function. It declines every other kernel (and one it cannot rebuild,
-which then runs in float32 as the next rules schedule it).
+which then runs in float32 as the next rules schedule it). A kernel already in LUT form
+(:data:`..int8_lut.INT8_LUT_FORM`: its tile re-laid out by
+:func:`..int8_lut.relayout_lut_tiles`, which builds it with :func:`..int8_lut.int8_lut_primfunc`
+at a static batch of 1 to 3 rows, or :func:`lut_batch_dispatch` for a symbolic one) is
+returned as it is: the forms above would misread its tile.
 
 The panel form's schedule: row maxima, the quantized rows (``xq``) and their sums once,
 vectorized; the product in parallel tasks of :data:`TASK_ROWS` tile rows, each
