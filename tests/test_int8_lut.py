@@ -24,7 +24,13 @@ from tvm import tirx  # noqa: E402
 import tbn_compiler as tbn  # noqa: E402
 from tbn_compiler import tiling  # noqa: E402
 from tbn_compiler.backends import int8_lut, kernels, relax_import, schedule_rules  # noqa: E402
-from tbn_compiler.backends.int8_kernels import PRECISION_ATTR, mark_precision  # noqa: E402
+from tbn_compiler.backends.int8_kernels import (  # noqa: E402
+    COLUMNS,
+    PRECISION_ATTR,
+    TILE_LAYOUT_ATTR,
+    mark_precision,
+)
+from tbn_compiler.backends.schedule_rules import int8_cpu  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -38,10 +44,11 @@ def _marked(m, k: int, n: int, p: int, bias: bool) -> tirx.PrimFunc:
     return func.with_attr(PRECISION_ATTR, "int8")
 
 
-def _run_lut(x: torch.Tensor, words, alphas, bias, n: int, p: int) -> np.ndarray:
+def _run_lut(x: torch.Tensor, words, alphas, bias, n: int, p: int, lib=None) -> np.ndarray:
+    """The LUT kernel (``lib``, else built for ``x``'s batch) on ``x`` and a tile."""
     m, k = x.shape
-    func = int8_lut.int8_lut_primfunc(_marked(m, k, n, p, bias is not None))
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)
+    if lib is None:
+        lib = _build_lut(m, k, n, p, bias is not None)
     lut_words = int8_lut.lut_tile_words(as_numpy(words), n // p, k)
     arrays = [x.numpy(), lut_words, alphas.numpy()] + ([bias.numpy()] if bias is not None else [])
     out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
@@ -66,16 +73,16 @@ def test_layout_puts_each_nibble_where_documented():
             assert nibble == expected, (r, g)
 
 
-def test_restore_kernel_inverts_the_layout():
+def test_restore_kernel_inverts_the_layout_into_columns():
     rows, k = 48, 128
     words, *_ = random_layer(k, rows, 1, False, seed=5)
     std = as_numpy(words)
     lut = int8_lut.lut_tile_words(std, rows, k)
-    func = int8_lut.restore_rows_primfunc(rows, k)
+    func = int8_lut.restore_columns_primfunc(rows, k)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)
     out = tvm.runtime.tensor(np.zeros_like(std))
     lib["main"](tvm.runtime.tensor(lut), out)
-    np.testing.assert_array_equal(out.numpy(), std)
+    np.testing.assert_array_equal(out.numpy(), std.reshape(rows, k // 32).T.reshape(-1))
 
 
 def test_layout_refuses_shapes_it_cannot_hold():
@@ -92,8 +99,9 @@ LUT_CASES = [
     (1, 256, 128, 4, True),
     (2, 96, 48, 1, True),  # 3 units: flushed in one chunk of 3
     (3, 512, 256, 2, False),
-    (1, 4096, 1024, 8, True),  # 128 units: 4 flushes; 8 tile-row blocks: 1 task
-    (1, 1024, 2048, 4, False),  # 32 blocks: 4 tasks of 8
+    (9, 128, 64, 2, True),
+    (1, 4096, 1024, 8, True),  # 128 units: 4 tasks of 32; 8 row blocks: 1 register block
+    (1, 1024, 2048, 4, False),  # 32 units: 1 task; 32 row blocks: 4 register blocks
 ]
 
 
@@ -104,6 +112,22 @@ def test_lut_kernel_matches_quantized_reference(m, k, n, p, bias):
     x = torch.randn(m, k) * 3
     got = _run_lut(x, words, alphas, b, n, p)
     _tight(got, int8_reference(x.numpy(), signs, alphas, b, p))
+
+
+def _build_lut(m, k: int, n: int, p: int, bias: bool):
+    func = int8_lut.int8_lut_primfunc(_marked(m, k, n, p, bias))
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)
+
+
+@needs_avx512bw
+def test_lut_kernel_symbolic_batch_loops_over_rows():
+    k, n, p = 256, 128, 2
+    words, signs, alphas, b = random_layer(k, n, p, True, seed=7)
+    lib = _build_lut(tirx.Var("m", "int64"), k, n, p, True)
+    for m in (1, 7, 15):
+        x = torch.randn(m, k)
+        got = _run_lut(x, words, alphas, b, n, p, lib)
+        _tight(got, int8_reference(x.numpy(), signs, alphas, b, p))
 
 
 @needs_avx512bw
@@ -138,8 +162,8 @@ def test_applies_only_where_the_layout_and_cpu_allow():
     skylake = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
     haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     assert int8_lut.lut_applies(_marked(1, 256, 128, 4, True), skylake)
-    assert int8_lut.lut_applies(_marked(3, 256, 128, 4, True), skylake)
-    assert not int8_lut.lut_applies(_marked(4, 256, 128, 4, True), skylake)  # bits form
+    assert int8_lut.lut_applies(_marked(31, 256, 128, 4, True), skylake)
+    assert not int8_lut.lut_applies(_marked(32, 256, 128, 4, True), skylake)  # panel form
     assert not int8_lut.lut_applies(_marked(1, 256, 128, 16, True), skylake)  # 8 tile rows
     assert not int8_lut.lut_applies(_marked(1, 256, 128, 4, True), haswell)  # no AVX-512BW
     assert int8_lut.lut_applies(_marked(tirx.Var("m", "int64"), 256, 128, 4, True), skylake)
@@ -180,8 +204,8 @@ def test_pass_rewrites_only_the_layers_it_can():
     # AVX-512BW are left alone
     float_mod = _imported(model, x, cfg)
     assert int8_lut.relayout_lut_tiles(float_mod, skylake).same_as(float_mod)
-    four = mark_precision(_imported(model, torch.randn(4, 512), cfg), "int8")
-    assert int8_lut.relayout_lut_tiles(four, skylake).same_as(four)
+    many = mark_precision(_imported(model, torch.randn(32, 512), cfg), "int8")
+    assert int8_lut.relayout_lut_tiles(many, skylake).same_as(many)
     haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     assert int8_lut.relayout_lut_tiles(mod, haswell).same_as(mod)
 
@@ -193,7 +217,7 @@ def _two_layer_reference(gm, x: torch.Tensor) -> np.ndarray:
 
 
 @needs_avx512bw
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 5])
 def test_compiled_static_batch_matches_reference_and_survives_save(batch, tmp_path):
     torch.manual_seed(1)
     model, cfg = _TwoLayers().eval(), tbn.TBNConfig(p=4)
@@ -208,14 +232,14 @@ def test_compiled_static_batch_matches_reference_and_survives_save(batch, tmp_pa
 
 @needs_avx512bw
 def test_compiled_symbolic_batch_matches_reference_at_every_batch():
-    """A symbolic batch: the LUT form at 1 to 3 rows, the tile restored to bit rows for
-    the bits form (4 to 31 rows) and the panel form (32 on)."""
+    """A symbolic batch: the LUT form below 32 rows, the tile restored to words in column
+    layout for the panel form from 32 rows on."""
     torch.manual_seed(2)
     model, cfg = _TwoLayers().eval(), tbn.TBNConfig(p=4)
     cm = tbn.compile(model, (torch.randn(1, 512),), target="llvm", config=cfg, precision="int8")
     assert cm.static_batch is None
     gm = tbn.rewrite(model, (torch.randn(1, 512),), cfg)
-    for batch in (1, 2, 3, 4, 9, 40):
+    for batch in (1, 3, 16, 31, 32, 40):
         x = torch.randn(batch, 512)
         _tight(cm(x).numpy(), _two_layer_reference(gm, x))
 
@@ -226,3 +250,26 @@ def _layer_reference(layer: nn.Module, x: np.ndarray) -> np.ndarray:
     n, k = layer.bias.numel(), x.shape[1]
     signs = tiling.unpack_bits(layer.tile, n // p * k).reshape(n // p, k)
     return int8_reference(x.astype(np.float32), signs, layer.alphas, layer.bias.detach(), p)
+
+
+@pytest.mark.parametrize("form", ["panel", "bits"])
+def test_int8_forms_read_the_column_layout(form):
+    """The forms the symbolic-batch LUT build falls back on from 32 rows (panel), and the
+    bits form, built for a tile in column layout (word w of row r at w * rows + r)."""
+    if form == "bits" and int8_cpu._dot_intrinsic(HOST) != int8_cpu.VNNI_DOT:
+        pytest.skip("the bits form needs AVX-512 VNNI")
+    m, k, n, p = tirx.Var("m", "int64"), 256, 128, 2
+    func = _marked(m, k, n, p, True).with_attr(TILE_LAYOUT_ATTR, COLUMNS)
+    if form == "panel":
+        built = int8_cpu._restored_forms(func, HOST)
+    else:
+        built = int8_cpu._bits_scheduled(func, int8_cpu.BITS_BLOCK_ROWS)
+    lib = tvm.compile(tvm.IRModule({"main": built.with_attr("global_symbol", "main")}), HOST)
+    words, signs, alphas, b = random_layer(k, n, p, True, seed=8)
+    columns = as_numpy(words).reshape(n // p, k // 32).T.reshape(-1).copy()
+    for rows in (4, 40):
+        x = torch.randn(rows, k)
+        out = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
+        args = [x.numpy(), columns, alphas.numpy(), b.numpy()]
+        lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+        _tight(out.numpy(), int8_reference(x.numpy(), signs, alphas, b, p))

@@ -41,11 +41,13 @@ from .kernels import FORM_ATTR, kernel_kind, kernel_spec
 
 __all__ = [
     "BITS_LANES",
+    "COLUMNS",
     "INT8_BITS_FORM",
     "INT8_FORM",
     "PRECISION_ATTR",
     "PRECISIONS",
     "ROW_BLOCK",
+    "TILE_LAYOUT_ATTR",
     "TILE_ROW_BLOCK",
     "check_precision",
     "int8_applies",
@@ -59,6 +61,13 @@ means float32. Set at conversion time, read by :class:`.schedule_rules.int8_cpu.
 
 PRECISIONS = ("float32", "int8")
 """The values of ``precision`` that ``compile`` accepts."""
+
+TILE_LAYOUT_ATTR = "tbn_tile_layout"
+"""PrimFunc attribute: the layout of the tile words when not bit rows. :data:`COLUMNS`:
+word ``w`` of tile row ``r`` at ``w * rows + r`` (what :mod:`.int8_lut` restores its
+layout to for the batches it does not take)."""
+
+COLUMNS = "columns"
 
 INT8_FORM = "int8"
 """:data:`.kernels.FORM_ATTR` of a kernel built by :func:`int8_linear_primfunc`."""
@@ -152,12 +161,13 @@ def int8_linear_primfunc(
     bias = te.placeholder((_i64(n),), "float32", name="bias") if spec["has_bias"] else None
     if row_block is None:
         row_block = 1 if bits else ROW_BLOCK
+    columns = str((func.attrs or {}).get(TILE_LAYOUT_ATTR, "")) == COLUMNS
     amax, xq = _quantized_rows(x, m, k, row_block)
     rows_pad = _round_up(rows, TILE_ROW_BLOCK)
     if bits:
-        acc = _bits_product(xq, tile, k, rows, rows_pad)
+        acc = _bits_product(xq, tile, k, rows, rows_pad, columns)
     else:
-        acc = _int_product(xq, _int8_panel(tile, k, rows, rows_pad), k, rows_pad)
+        acc = _int_product(xq, _int8_panel(tile, k, rows, rows_pad, columns), k, rows_pad)
     qsum = _lane_sums(xq, k, "qsum")
     out = _rescaled(acc, qsum, amax, alphas, bias, m, n, rows)
     args = [x, tile, alphas] + ([bias] if bias is not None else []) + [out]
@@ -218,7 +228,15 @@ def _bit(tile: te.Tensor, flat) -> tirx.Expr:
     return (word >> tirx.floormod(flat, WORD_BITS).astype("uint32")) & tirx.const(1, "uint32")
 
 
-def _int8_panel(tile: te.Tensor, k: int, rows: int, rows_pad: int) -> te.Tensor:
+def _tile_word(tile: te.Tensor, row, w, kw: int, rows: int, columns: bool) -> tirx.Expr:
+    """Tile word ``w`` of tile row ``row``: ``tile[row * kw + w]`` (bit rows), or
+    ``tile[w * rows + row]`` in the column layout (:data:`TILE_LAYOUT_ATTR`)."""
+    return tile[w * rows + row] if columns else tile[row * kw + w]
+
+
+def _int8_panel(
+    tile: te.Tensor, k: int, rows: int, rows_pad: int, columns: bool = False
+) -> te.Tensor:
     """``panel (k / 4, rows_pad) int32``: the 4 bits of tile row ``min(r, rows - 1)`` at
     inputs ``4 g .. 4 g + 3`` as bytes 0 or 1 (byte ``j`` for input ``4 g + j``), from
     the tile words copied tile-row innermost (block ``words``). A nibble ``b`` spreads to
@@ -227,7 +245,9 @@ def _int8_panel(tile: te.Tensor, k: int, rows: int, rows_pad: int) -> te.Tensor:
     last = _i64(rows - 1)
     kw = k // WORD_BITS
     words = te.compute(
-        (_i64(kw), _i64(rows_pad)), lambda w, r: tile[tirx.min(r, last) * kw + w], name="words"
+        (_i64(kw), _i64(rows_pad)),
+        lambda w, r: _tile_word(tile, tirx.min(r, last), w, kw, rows, columns),
+        name="words",
     )
     per_word = WORD_BITS // VNNI_DEPTH
 
@@ -267,7 +287,9 @@ def word_bit(word: tirx.Expr, bit: tirx.Expr) -> tirx.Expr:
     return ((word >> bit.astype("uint32")) & _u32(1)).astype("int32")
 
 
-def _bits_product(xq: te.Tensor, tile: te.Tensor, k: int, rows: int, rows_pad: int):
+def _bits_product(
+    xq: te.Tensor, tile: te.Tensor, k: int, rows: int, rows_pad: int, columns: bool = False
+):
     """``acc (m_pad, rows_pad) int32 = sum over set bits of q`` (``xq`` signed), the
     bits read from the tile words: :data:`BITS_LANES` partial sums per (row, tile row),
     each over inputs ``32 w + 4 l + j`` (``l`` the lane), block ``acc_lanes``; ``acc``
@@ -277,7 +299,7 @@ def _bits_product(xq: te.Tensor, tile: te.Tensor, k: int, rows: int, rows_pad: i
     j = te.reduce_axis((_i64(0), _i64(VNNI_DEPTH)), name="j")
 
     def dot(i, r, lane):
-        word = tile[tirx.min(r, last) * words + w]
+        word = _tile_word(tile, tirx.min(r, last), w, words, rows, columns)
         q = xq[i, w * WORD_BITS + lane * VNNI_DEPTH + j].astype("int32")
         return te.sum(word_bit(word, lane * VNNI_DEPTH + j) * q, axis=[w, j])
 

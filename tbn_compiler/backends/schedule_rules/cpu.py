@@ -6,7 +6,7 @@ for every shape: loop splits only use factors that divide the extent (no bound
 predicates, clean vector loops). :data:`CPU_RULES`, first that applies:
 
 * :class:`.int8_cpu.Int8Product`: an aligned linear compiled with ``precision="int8"``
-  (opt-in) runs its int8 forms (:mod:`..int8_kernels`; at 1 to 3 rows with AVX-512BW the
+  (opt-in) runs its int8 forms (:mod:`..int8_kernels`; below 32 rows with AVX-512BW the
   table-lookup form of :mod:`..int8_lut`, built before scheduling); nothing else.
 * :class:`ChecksStaySerial`: a kernel with asserts (the checked gather) stays serial: an
   assert failing inside a parallel task is not reported and leaves the output unwritten.

@@ -10,7 +10,7 @@ gets both, in one function. It declines every other kernel (and one it cannot re
 which then runs in float32 as the next rules schedule it). A kernel already in LUT form
 (:data:`..int8_lut.INT8_LUT_FORM`: its tile re-laid out by
 :func:`..int8_lut.relayout_lut_tiles`, which builds it with :func:`..int8_lut.int8_lut_primfunc`
-at a static batch of 1 to 3 rows, or :func:`lut_batch_dispatch` for a symbolic one) is
+at a static batch below 32 rows, or :func:`lut_batch_dispatch` for a symbolic one) is
 returned as it is: the forms above would misread its tile.
 
 The panel form's schedule: row maxima, the quantized rows (``xq``) and their sums once,
@@ -38,14 +38,19 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import Target
 
-from ..int8_kernels import PRECISION_ATTR, ROW_BLOCK, int8_linear_primfunc
-from ..int8_lut import INT8_LUT_FORM, LUT_MAX_ROWS, int8_lut_primfunc, restore_rows_primfunc
+from ..int8_kernels import (
+    COLUMNS,
+    PRECISION_ATTR,
+    ROW_BLOCK,
+    TILE_LAYOUT_ATTR,
+    int8_linear_primfunc,
+)
+from ..int8_lut import INT8_LUT_FORM, LUT_MAX_ROWS, int8_lut_primfunc, restore_columns_primfunc
 from ..kernels import FORM_ATTR, kernel_kind, kernel_spec
 from .base import (
     ScheduleRule,
     _case_body,
     apply_first,
-    at_value,
     dispatch,
     extent,
     factor,
@@ -260,13 +265,13 @@ class Int8Product(ScheduleRule):
 def lut_batch_dispatch(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     """``func`` (a ``linear_aligned`` kernel marked int8, symbolic batch, for which
     :func:`..int8_lut.lut_applies`) as one function reading its tile in LUT layout: the
-    LUT form at 1 to 3 rows (one static case each), else the tile restored to bit rows
-    (:func:`..int8_lut.restore_rows_primfunc`, into a workspace) and the int8 forms of
-    :class:`Int8Product` on it. Attribute :data:`..kernels.FORM_ATTR`
+    LUT form below :data:`..int8_lut.LUT_MAX_ROWS` rows, else the tile restored to words
+    in column layout (:func:`..int8_lut.restore_columns_primfunc`, into a workspace) and
+    the panel form on it. Attribute :data:`..kernels.FORM_ATTR`
     :data:`..int8_lut.INT8_LUT_FORM`."""
     var = shape_vars(func)[0]
-    cases = [(var == v, int8_lut_primfunc(at_value(func, var, v))) for v in range(1, LUT_MAX_ROWS)]
-    standard = Int8Product().apply(func, target)
+    cases = [(var < LUT_MAX_ROWS, int8_lut_primfunc(func))]
+    standard = _restored_forms(func.with_attr(TILE_LAYOUT_ATTR, COLUMNS), target)
     spec = kernel_spec(func)
     k, rows = int(spec["in_features"]), int(spec["out_features"]) // int(spec["p"])
     tile = func.params[1]
@@ -276,12 +281,22 @@ def lut_batch_dispatch(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     body = tirx.SeqStmt(
         [
             tirx.AllocBuffer(restored),
-            _case_body(restore_rows_primfunc(rows, k), tirx.PrimFunc([tile, restored], nop)),
+            _case_body(restore_columns_primfunc(rows, k), tirx.PrimFunc([tile, restored], nop)),
             _case_body(standard, tirx.PrimFunc(with_restored, nop)),
         ]
     )
     default = tirx.PrimFunc(func.params, body, attrs=standard.attrs)
     return _with_form(dispatch(func, cases, default), func)
+
+
+def _restored_forms(columns: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
+    """The panel form of ``columns`` (a symbolic-batch kernel reading its tile in column
+    layout), which runs from :data:`..int8_lut.LUT_MAX_ROWS` rows on. (Not
+    :class:`Int8Product`: its cases for few rows, float32 ones included, would read the
+    tile as bit rows.)"""
+    sch = Schedule(int8_linear_primfunc(columns))
+    schedule_int8_linear(sch, _dot_intrinsic(target))
+    return sch.mod["main"]
 
 
 def _with_form(scheduled: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.PrimFunc:
