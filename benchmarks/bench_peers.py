@@ -58,6 +58,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from tbn_compiler.backends.artifact import POOL_SPIN_COUNT  # noqa: E402
+
+# Our modules run with the library's own thread-pool settings, what a user's process
+# gets. bench_kernels (imported with the cases) would otherwise set TVM's spin count to
+# 0: its workers then sleep after every parallel region and each call pays a wake-up of
+# several microseconds. The pause before each turn (SETTLE_S) already keeps one
+# contender's spinning threads from slowing the next.
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(POOL_SPIN_COUNT))
+
 ORT_CONTENDERS = ("ort-fp32", "ort-int8", "ort-4bit")
 CONTENDERS = ("torch", *ORT_CONTENDERS, "ours", "ours-int8")
 
