@@ -19,7 +19,7 @@ tvm = pytest.importorskip("tvm")
 from int8_reference import assert_tight as _tight  # noqa: E402
 from int8_reference import edge_rows, int8_reference, random_layer  # noqa: E402
 from kernel_run import as_numpy  # noqa: E402
-from tvm import tirx  # noqa: E402
+from tvm import relax, tirx  # noqa: E402
 
 import tbn_compiler as tbn  # noqa: E402
 from tbn_compiler import tiling  # noqa: E402
@@ -261,7 +261,7 @@ def test_int8_forms_read_the_column_layout(form):
     m, k, n, p = tirx.Var("m", "int64"), 256, 128, 2
     func = _marked(m, k, n, p, True).with_attr(TILE_LAYOUT_ATTR, COLUMNS)
     if form == "panel":
-        built = int8_cpu._restored_forms(func, HOST)
+        built = int8_cpu._column_panel_form(func, HOST)
     else:
         built = int8_cpu._bits_scheduled(func, int8_cpu.BITS_BLOCK_ROWS)
     lib = tvm.compile(tvm.IRModule({"main": built.with_attr("global_symbol", "main")}), HOST)
@@ -273,3 +273,37 @@ def test_int8_forms_read_the_column_layout(form):
         args = [x.numpy(), columns, alphas.numpy(), b.numpy()]
         lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
         _tight(out.numpy(), int8_reference(x.numpy(), signs, alphas, b, p))
+
+
+class _SameLayerTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.fc(x)))
+
+
+def _uint32_constants(mod: tvm.IRModule) -> list:
+    """The distinct uint32 constant nodes of ``main`` (the packed tiles)."""
+    found: list = []
+
+    def visit(e) -> None:
+        is_tile = isinstance(e, tvm.ir.Constant) and getattr(e.ty, "dtype", "") == "uint32"
+        if is_tile and not any(e.same_as(f) for f in found):
+            found.append(e)
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+def test_pass_lays_out_a_shared_tile_once():
+    torch.manual_seed(3)
+    model, x, cfg = _SameLayerTwice().eval(), torch.randn(2, 256), tbn.TBNConfig(p=4)
+    skylake = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    mod = mark_precision(_imported(model, x, cfg), "int8")
+    new = int8_lut.relayout_lut_tiles(mod, skylake)
+    before, after = _uint32_constants(mod), _uint32_constants(new)
+    assert len(after) == len({c.value.numpy().tobytes() for c in before}) == 1
+    expected = int8_lut.lut_tile_words(before[0].value.numpy(), 64, 256)
+    np.testing.assert_array_equal(after[0].value.numpy(), expected)

@@ -415,8 +415,10 @@ _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 def relayout_lut_tiles(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     """``mod`` with every ``call_tir`` of a kernel for which :func:`lut_applies` and
     whose tile is a constant rewritten: the tile in LUT layout (:func:`lut_tile_words`,
-    one new constant per tile constant) and the kernel of :func:`int8_lut_primfunc`
-    (one per kernel). Other calls, and ``mod`` without such calls, are unchanged."""
+    one new constant per tile constant) and, one per kernel, the kernel of
+    :func:`int8_lut_primfunc` (static batch) or of
+    :func:`.schedule_rules.int8_cpu.lut_batch_dispatch` (symbolic batch). Other calls, and
+    ``mod`` without such calls, are unchanged."""
     if not any(
         isinstance(f, tirx.PrimFunc) and lut_applies(f, target) for f in mod.functions.values()
     ):
@@ -455,7 +457,7 @@ class _LutTiles(relax.PyExprMutator):
         self.source = mod
         self.target = target
         self.kernels: dict[str, relax.GlobalVar] = {}
-        self.tiles: dict[int, relax.Expr] = {}
+        self.tiles: list[tuple[tvm.ir.Constant, relax.Expr]] = []
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -483,11 +485,14 @@ class _LutTiles(relax.PyExprMutator):
         return self.kernels[gv.name_hint]
 
     def _lut_tile(self, tile: tvm.ir.Constant, func: tirx.PrimFunc) -> relax.Expr:
-        data = tile.value
-        key = id(data)
-        if key not in self.tiles:
-            spec = kernel_spec(func)
-            rows = int(spec["out_features"]) // int(spec["p"])
-            words = lut_tile_words(data.numpy(), rows, int(spec["in_features"]))
-            self.tiles[key] = relax.const(words, "uint32")
-        return self.tiles[key]
+        """The LUT-layout constant of ``tile`` (one per tile: a tile that several calls
+        share, tied weights, stays one constant)."""
+        for seen, laid_out in self.tiles:
+            if seen.same_as(tile) or seen.value.same_as(tile.value):
+                return laid_out
+        spec = kernel_spec(func)
+        rows = int(spec["out_features"]) // int(spec["p"])
+        words = lut_tile_words(tile.value.numpy(), rows, int(spec["in_features"]))
+        laid_out = relax.const(words, "uint32")
+        self.tiles.append((tile, laid_out))
+        return laid_out

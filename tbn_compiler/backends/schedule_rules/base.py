@@ -395,9 +395,7 @@ def _case_body(case: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.Stmt:
             bind(new, old)  # a scalar parameter
             continue
         for new_dim, old_dim in zip(_shape_of(new), _shape_of(old), strict=True):
-            # a case fixed at a value (at_value) needs no binding: its condition is that value
-            fixed = isinstance(new_dim, tirx.IntImm)
-            if isinstance(old_dim, tirx.Var) and not fixed and not new_dim.same_as(old_dim):
+            if isinstance(old_dim, tirx.Var) and not new_dim.same_as(old_dim):
                 bind(*_solve(new_dim, old_dim))
         decls.append(tirx.DeclBuffer(new, data=old.data))
     return tirx.SeqStmt([*binds, *decls, case.body])

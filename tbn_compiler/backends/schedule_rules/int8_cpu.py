@@ -271,11 +271,11 @@ def lut_batch_dispatch(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     :data:`..int8_lut.INT8_LUT_FORM`."""
     var = shape_vars(func)[0]
     cases = [(var < LUT_MAX_ROWS, int8_lut_primfunc(func))]
-    standard = _restored_forms(func.with_attr(TILE_LAYOUT_ATTR, COLUMNS), target)
+    standard = _column_panel_form(func.with_attr(TILE_LAYOUT_ATTR, COLUMNS), target)
     spec = kernel_spec(func)
     k, rows = int(spec["in_features"]), int(spec["out_features"]) // int(spec["p"])
     tile = func.params[1]
-    restored = tirx.decl_buffer(tile.shape, "uint32", "tile_rows")
+    restored = tirx.decl_buffer(tile.shape, "uint32", "tile_columns")
     nop = tirx.Evaluate(tirx.const(0, "int32"))
     with_restored = [restored if at == 1 else param for at, param in enumerate(func.params)]
     body = tirx.SeqStmt(
@@ -289,7 +289,7 @@ def lut_batch_dispatch(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     return _with_form(dispatch(func, cases, default), func)
 
 
-def _restored_forms(columns: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
+def _column_panel_form(columns: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     """The panel form of ``columns`` (a symbolic-batch kernel reading its tile in column
     layout), which runs from :data:`..int8_lut.LUT_MAX_ROWS` rows on. (Not
     :class:`Int8Product`: its cases for few rows, float32 ones included, would read the
