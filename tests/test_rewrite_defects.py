@@ -199,6 +199,33 @@ def test_every_linear_and_conv_is_reported(trace, monkeypatch):
     torch.testing.assert_close(gm(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+_KEPT: list[torch.Tensor] = []  # outside the module: deepcopy refuses non-leaf tensors
+
+
+class _KeepEvery(nn.Module):
+    """A parametrization whose every result stays alive: each access of the weight is a
+    new tensor with an id never seen before."""
+
+    def forward(self, weight):
+        out = weight * 1
+        _KEPT.append(out)
+        return out
+
+
+def test_a_weight_computed_anew_at_each_access_is_reported(monkeypatch):
+    """The rewrite tells weights apart by identity; a parametrized weight is a new tensor
+    at every access (it used to raise KeyError whenever two accesses differed)."""
+    monkeypatch.setattr(torch.export, "export", _refuse)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
+    nn.utils.parametrize.register_parametrization(model[0], "weight", _KeepEvery())
+    x = torch.randn(2, 8)
+    gm = tbn.rewrite(model, x, CFG)
+    rows = _rows(gm)
+    assert rows["0"]["status"] == "skipped" and "parametrization" in rows["0"]["reason"]
+    assert rows["2"]["status"] == "tiled"
+    torch.testing.assert_close(gm(x), reference_model(model, {"2.weight": 4})(x))
+
+
 class _DataDependent(nn.Module):
     def forward(self, x):
         return x * 2 if x.sum() > 0 else x

@@ -11,10 +11,11 @@ dense, each with a reason.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -88,7 +89,28 @@ def _register_tile_buffers(
     return prefix + tile_attr, prefix + alphas_attr
 
 
-def _ineligible_uses(gm: fx.GraphModule, matches: list[LayerMatch]) -> dict[int, str]:
+TensorAt = Callable[[str], torch.Tensor | None]
+"""The tensor at an attribute path of the graph module (:func:`_tensors_by_path`)."""
+
+
+def _tensors_by_path(gm: fx.GraphModule) -> TensorAt:
+    """:func:`get_attr_tensor` of ``gm`` returning one object per path for as long as the
+    function lives. The rewrite tells weights apart by ``id``: a parametrized weight
+    (``weight_norm``, ...) is computed anew at every access, so its id would change from
+    one access to the next, or be reused by another tensor."""
+    seen: dict[str, torch.Tensor | None] = {}
+
+    def tensor_at(path: str) -> torch.Tensor | None:
+        if path not in seen:
+            seen[path] = get_attr_tensor(gm, path)
+        return seen[path]
+
+    return tensor_at
+
+
+def _ineligible_uses(
+    gm: fx.GraphModule, matches: list[LayerMatch], tensor_at: TensorAt
+) -> dict[int, str]:
     """Weight tensors (by id) that something other than a matched layer also reads,
     mapped to a description of that use."""
     matched_nodes = {m.node for m in matches}
@@ -97,7 +119,7 @@ def _ineligible_uses(gm: fx.GraphModule, matches: list[LayerMatch]) -> dict[int,
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
-        tensor = get_attr_tensor(gm, node.target)
+        tensor = tensor_at(node.target)
         if tensor is None:
             continue
         for user in node.users:
@@ -224,7 +246,8 @@ def tile_layers(
         [name for m in matches for name in owners_of(m).layer_names]
         + [tile_op_layer_name(n) for n in layer_nodes if tile_op_name(n.target)]
     )
-    other_uses = _ineligible_uses(gm, matches)
+    tensor_at = _tensors_by_path(gm)
+    other_uses = _ineligible_uses(gm, matches, tensor_at)
     tiled_by_tensor: dict[int, _Tiled] = {}
     skipped: list[SkippedLayer] = list(gm.meta.get("tbn_skipped", []))
     layer_set = set(layer_nodes)
@@ -233,9 +256,9 @@ def tile_layers(
         for d in (dense_layer(gm, n) for n in nodes if n not in layer_set)
         if d is not None
     ]
-    calls = _calls_by_weight(gm, matches)
-    first_weight = _weight_key(gm, first, matches)
-    last_weight = _weight_key(gm, last, matches)
+    calls = _calls_by_weight(matches, tensor_at)
+    first_weight = _weight_key(first, matches, tensor_at)
+    last_weight = _weight_key(last, matches, tensor_at)
     dense_weights: set[int] = set()
     done_weights: set[int] = set()
     for planned in matches:
@@ -243,7 +266,7 @@ def tile_layers(
         # this layer reads (a tiled layer feeding a tiled layer), and replace_all_uses_with
         # has already pointed this node's arguments at its replacement.
         match = match_node(gm, planned.node) or planned
-        weight = get_attr_tensor(gm, match.weight)
+        weight = tensor_at(match.weight)
         owners = owners_of(match)
         names = owners.layer_names
         aliases = names if len(names) > 1 else ()
@@ -299,19 +322,19 @@ def tile_layers(
     return gm
 
 
-def _calls_by_weight(gm: fx.GraphModule, matches: list[LayerMatch]) -> dict[int, list[LayerMatch]]:
+def _calls_by_weight(matches: list[LayerMatch], tensor_at: TensorAt) -> dict[int, list[LayerMatch]]:
     """id(weight tensor) -> every matched call that uses it (a module called several
     times, tied weights), in graph order."""
     calls: dict[int, list[LayerMatch]] = {}
     for m in matches:
-        calls.setdefault(id(get_attr_tensor(gm, m.weight)), []).append(m)
+        calls.setdefault(id(tensor_at(m.weight)), []).append(m)
     return calls
 
 
-def _weight_key(gm: fx.GraphModule, node: fx.Node | None, matches: list[LayerMatch]) -> int | None:
+def _weight_key(node: fx.Node | None, matches: list[LayerMatch], tensor_at: TensorAt) -> int | None:
     """id of the weight tensor a matched layer node uses; None for other nodes."""
     match = next((m for m in matches if m.node is node), None)
-    return None if match is None else id(get_attr_tensor(gm, match.weight))
+    return None if match is None else id(tensor_at(match.weight))
 
 
 def matches_in(gm: fx.GraphModule) -> list[LayerMatch]:
