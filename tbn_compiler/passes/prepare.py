@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
 
 from ..config import LayerPlan, TBNConfig
@@ -40,7 +41,9 @@ def prepare(model: nn.Module, cfg: TBNConfig | None = None) -> nn.Module:
     aliases = {n: owners[f"{n}.weight" if n else "weight"].layer_names for n, _ in candidates}
     cfg.check_patterns_used(a for n, _ in candidates for a in aliases[n])
     plans: dict[str, LayerPlan] = {}
-    shared: dict[int, TiledLayer] = {}
+    # weight id -> (the weight, its tiled layer): the weight is kept so that its id cannot
+    # be reused by another tensor while this runs
+    shared: dict[int, tuple[torch.Tensor, TiledLayer]] = {}
     for i, (name, module) in enumerate(candidates):
         plan = _plan_module(cfg, name, module, i == 0, i == len(candidates) - 1, aliases[name])
         if name in direct:
@@ -49,7 +52,8 @@ def prepare(model: nn.Module, cfg: TBNConfig | None = None) -> nn.Module:
                 f"its weight is read directly by {direct[name]}, not through "
                 "its forward(); kept float",
             )
-        source = shared.get(id(module.weight))
+        weight = module.weight
+        source = shared[id(weight)][1] if id(weight) in shared else None
         if plan.p is not None and source is not None and source.p != plan.p:
             plan = LayerPlan(source.p, f"shares its weight with a layer tiled at p={source.p}")
         plans[name] = plan
@@ -60,7 +64,7 @@ def prepare(model: nn.Module, cfg: TBNConfig | None = None) -> nn.Module:
         if source is not None:
             tiled.scores, tiled.weight = source.scores, source.weight
         else:
-            shared[id(module.weight)] = tiled
+            shared[id(weight)] = (weight, tiled)
         if name:
             _set_submodule(model, name, tiled)
         else:  # the model is itself a single layer
