@@ -166,6 +166,9 @@ def test_applies_only_where_the_layout_and_cpu_allow():
     assert not int8_lut.lut_applies(_marked(32, 256, 128, 4, True), skylake)  # panel form
     assert not int8_lut.lut_applies(_marked(1, 256, 128, 16, True), skylake)  # 8 tile rows
     assert not int8_lut.lut_applies(_marked(1, 256, 128, 4, True), haswell)  # no AVX-512BW
+    huge = 1 << 16  # 65536 x 65536 at p=1: a 512 MiB tile is fine, four times that is not
+    assert int8_lut.lut_applies(_marked(1, huge, huge, 1, False), skylake)
+    assert not int8_lut.lut_applies(_marked(1, 2 * huge, 2 * huge, 1, False), skylake)
     assert int8_lut.lut_applies(_marked(tirx.Var("m", "int64"), 256, 128, 4, True), skylake)
     float32 = kernels.tiled_linear_primfunc(1, 256, 128, 4, False, True)
     assert not int8_lut.lut_applies(float32, skylake)

@@ -51,6 +51,7 @@ __all__ = [
     "GROUP",
     "INT8_LUT_FORM",
     "LUT_MAX_ROWS",
+    "MAX_TILE_BYTES",
     "ROW_BLOCK",
     "TASK_UNITS",
     "UNIT_INPUTS",
@@ -89,14 +90,17 @@ vector registers)."""
 TASK_UNITS = 32
 """Units per parallel task at least (the tasks split the inputs)."""
 
+MAX_TILE_BYTES = 1 << 31
+"""Tiles from this size on keep the other forms: the kernel indexes tile bytes in int32."""
+
 _PSHUFB = "llvm.x86.avx512.pshuf.b.512"
 
 
 def lut_applies(func: tirx.PrimFunc, target: Target | None) -> bool:
     """True for a ``linear_aligned`` kernel marked int8 that the int8 forms take
     (:func:`.int8_kernels.int8_applies`), with a symbolic batch or a static one below
-    :data:`LUT_MAX_ROWS`, tile rows a multiple of :data:`ROW_BLOCK`, for an LLVM target
-    with AVX-512BW."""
+    :data:`LUT_MAX_ROWS`, tile rows a multiple of :data:`ROW_BLOCK` and a tile under
+    :data:`MAX_TILE_BYTES`, for an LLVM target with AVX-512BW."""
     if target is None or target.kind.name != "llvm":
         return False
     attrs = func.attrs
@@ -107,7 +111,9 @@ def lut_applies(func: tirx.PrimFunc, target: Target | None) -> bool:
         return False
     spec = kernel_spec(func)
     rows = int(spec["out_features"]) // int(spec["p"])
-    return rows % ROW_BLOCK == 0 and tvm.target.codegen.target_has_features("avx512bw", target)
+    if rows % ROW_BLOCK or rows * int(spec["in_features"]) // 8 >= MAX_TILE_BYTES:
+        return False
+    return tvm.target.codegen.target_has_features("avx512bw", target)
 
 
 def lut_tile_words(words: np.ndarray, rows: int, k: int) -> np.ndarray:
