@@ -53,6 +53,7 @@ __all__ = [
     "int8_applies",
     "int8_linear_primfunc",
     "mark_precision",
+    "quantized_value",
 ]
 
 PRECISION_ATTR = "tbn_precision"
@@ -199,13 +200,18 @@ def _quantized_rows(x: te.Tensor, m, k: int, row_block: int) -> tuple[te.Tensor,
 
     def quantize(row, q):
         i = row if whole else tirx.min(row, _dim(m) - 1)
-        a = amax[i]
-        inv = tirx.Select(a > tirx.const(0, "float32"), tirx.const(127, "float32") / a, 0.0)
-        v = tirx.round(x[i, q] * inv).astype("int32")
-        return v.astype("int8")
+        return quantized_value(x[i, q], amax[i])
 
     xq = te.compute((_dim(m_pad), _i64(k)), quantize, name="xq")
     return amax, xq
+
+
+def quantized_value(value: tirx.Expr, amax: tirx.Expr) -> tirx.Expr:
+    """``rint(value * 127 / amax)`` as int8 (0 when ``amax`` is 0): the quantization of
+    every int8 form, so that they all compute the same integers."""
+    zero = tirx.const(0, "float32")
+    inv = tirx.Select(amax > zero, tirx.const(127, "float32") / amax, zero)
+    return tirx.round(value * inv).astype("int32").astype("int8")
 
 
 def _lane_sums(xq: te.Tensor, k: int, name: str) -> te.Tensor:

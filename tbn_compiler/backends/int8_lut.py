@@ -42,7 +42,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from ..tiling import n_words
-from .int8_kernels import PRECISION_ATTR, int8_applies
+from .int8_kernels import PRECISION_ATTR, int8_applies, quantized_value
 from .kernels import FORM_ATTR, kernel_spec
 
 __all__ = [
@@ -213,13 +213,6 @@ def _without_param(func: tirx.PrimFunc, index: int) -> tirx.PrimFunc:
     return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
 
 
-def _quantized(value, amax) -> tirx.Expr:
-    """``rint(value * 127 / amax)`` as int8 (0 for a row of zeros), as the other forms."""
-    zero = tirx.FloatImm("float32", 0)
-    inv = tirx.Select(amax > zero, tirx.FloatImm("float32", 127) / amax, zero)
-    return tirx.Cast("int8", tirx.Cast("int32", tirx.round(value * inv)))
-
-
 def _task_sum(partial, tasks: int, stride: int, at) -> tirx.Expr:
     """The int32 sum over the tasks of ``partial[task * stride + at]``."""
     total = partial[at]
@@ -292,7 +285,7 @@ def int8_lut_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc:
             for i in range(m):
                 for ko in range(t_inputs // 16):
                     for lane in T.vectorized(16):
-                        q[i * t_inputs + ko * 16 + lane] = _quantized(
+                        q[i * t_inputs + ko * 16 + lane] = quantized_value(
                             x[i * k + task * t_inputs + ko * 16 + lane], amax[i]
                         )
                 for g in range(t_groups):
