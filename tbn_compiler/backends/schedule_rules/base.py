@@ -58,6 +58,7 @@ __all__ = [
     "cores",
     "as_multiple",
     "at_value",
+    "case_body",
     "dispatch",
     "dispatch_on_multiples",
     "extent",
@@ -321,9 +322,9 @@ def dispatch(
     condition (over the variables of ``func``'s parameters) holds, else ``default``:
     it branches once per call. Each case and the default is ``func`` scheduled, maybe
     specialized first (:func:`as_multiple`)."""
-    body = _case_body(default, func)
+    body = case_body(default, func.params)
     for condition, case in reversed(cases):
-        body = tirx.IfThenElse(condition, _case_body(case, func), body)
+        body = tirx.IfThenElse(condition, case_body(case, func.params), body)
     root = SBlockRealize([], tirx.const(True, "bool"), SBlock([], [], [], "root", body))
     return tirx.PrimFunc(func.params, root, attrs=default.attrs)
 
@@ -376,10 +377,11 @@ def _shape_of(param: object) -> tuple:
     return tuple(getattr(param, "shape", None) or ())
 
 
-def _case_body(case: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.Stmt:
-    """``case``'s body (definitions renewed) inside ``func``: its size variables bound
-    from ``func``'s (``q = var // d`` where ``case`` has ``d * q`` for ``var``), its buffer
-    parameters declared on ``func``'s data, its scalar parameters bound to ``func``'s."""
+def case_body(case: tirx.PrimFunc, params: Sequence[object]) -> tirx.Stmt:
+    """``case``'s body (definitions renewed) run on ``params`` (the parameters of the
+    function it goes into, or buffers that function allocates): its size variables bound
+    from theirs (``q = var // d`` where ``case`` has ``d * q`` for ``var``), its buffer
+    parameters declared on their data, its scalar parameters bound to them."""
     case = _renew_defs(case)
     binds: list[tirx.Stmt] = []
     bound: list[tirx.Var] = []
@@ -390,7 +392,7 @@ def _case_body(case: tirx.PrimFunc, func: tirx.PrimFunc) -> tirx.Stmt:
             binds.append(tirx.Bind(var, value))
 
     decls: list[tirx.Stmt] = []
-    for new, old in zip(case.params, func.params, strict=True):
+    for new, old in zip(case.params, params, strict=True):
         if not _shape_of(old) and not hasattr(old, "data"):
             bind(new, old)  # a scalar parameter
             continue

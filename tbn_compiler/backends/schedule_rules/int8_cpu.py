@@ -49,8 +49,8 @@ from ..int8_lut import INT8_LUT_FORM, LUT_MAX_ROWS, int8_lut_primfunc, restore_c
 from ..kernels import FORM_ATTR, kernel_kind, kernel_spec
 from .base import (
     ScheduleRule,
-    _case_body,
     apply_first,
+    case_body,
     dispatch,
     extent,
     factor,
@@ -276,13 +276,12 @@ def lut_batch_dispatch(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc:
     k, rows = int(spec["in_features"]), int(spec["out_features"]) // int(spec["p"])
     tile = func.params[1]
     restored = tirx.decl_buffer(tile.shape, "uint32", "tile_columns")
-    nop = tirx.Evaluate(tirx.const(0, "int32"))
     with_restored = [restored if at == 1 else param for at, param in enumerate(func.params)]
     body = tirx.SeqStmt(
         [
             tirx.AllocBuffer(restored),
-            _case_body(restore_columns_primfunc(rows, k), tirx.PrimFunc([tile, restored], nop)),
-            _case_body(standard, tirx.PrimFunc(with_restored, nop)),
+            case_body(restore_columns_primfunc(rows, k), [tile, restored]),
+            case_body(standard, with_restored),
         ]
     )
     default = tirx.PrimFunc(func.params, body, attrs=standard.attrs)
