@@ -194,10 +194,10 @@ def _lookup(table, index) -> tirx.Expr:
     return tirx.call_llvm_pure_intrin("int8x64", _PSHUFB, table, index)
 
 
-def _row_dot(acc32, base: int, block, half, j) -> tirx.Expr:
+def _row_dot(acc32, block, half, j) -> tirx.Expr:
     """The int32 product of tile row ``8 half + j`` of register block ``block``: the sum
     of its 4 lanes."""
-    at = base + block * 64 + half * 32 + j
+    at = block * 64 + half * 32 + j
     return acc32[at] + acc32[at + 8] + acc32[at + 16] + acc32[at + 24]
 
 
@@ -348,7 +348,7 @@ def int8_lut_primfunc(func: tirx.PrimFunc) -> tirx.PrimFunc:
                 for b, half in T.grid(reg, 2):
                     for j in T.vectorized(8):
                         partial[(task * m + i) * rows + (rb * reg + b) * 16 + half * 8 + j] = (
-                            _row_dot(acc32, 0, b, half, j)
+                            _row_dot(acc32, b, half, j)
                         )
         for i in range(m):
             for c, ro in T.grid(p, rows // 16):

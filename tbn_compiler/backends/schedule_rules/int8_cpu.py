@@ -66,6 +66,8 @@ __all__ = [
     "Int8Product",
     "TASK_ROWS",
     "VECTORS",
+    "kernel_form",
+    "lut_batch_dispatch",
     "schedule_int8_bits",
     "schedule_int8_linear",
     "wants_int8",
