@@ -17,10 +17,14 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int32).numpy().view(np.uint32) if t.dtype == torch.uint32 else t.numpy()
 
 
+def build_kernel(func: tirx.PrimFunc, target=HOST):
+    """``func`` compiled for ``target`` as the module's ``main``."""
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+
+
 def run_kernel(func: tirx.PrimFunc, inputs: list[torch.Tensor], out_shape) -> np.ndarray:
     """Build ``func`` for :data:`HOST`, run it on ``inputs``, return its float32 output."""
-    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    lib = tvm.compile(mod, target=HOST)
+    lib = build_kernel(func)
     out = tvm.runtime.tensor(np.zeros(tuple(out_shape), np.float32))
     lib["main"](*[tvm.runtime.tensor(as_numpy(t)) for t in inputs], out)
     return out.numpy()

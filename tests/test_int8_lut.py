@@ -18,7 +18,7 @@ tvm = pytest.importorskip("tvm")
 
 from int8_reference import assert_tight as _tight  # noqa: E402
 from int8_reference import edge_rows, int8_reference, random_layer  # noqa: E402
-from kernel_run import as_numpy  # noqa: E402
+from kernel_run import as_numpy, build_kernel  # noqa: E402
 from tvm import relax, tirx  # noqa: E402
 
 import tbn_compiler as tbn  # noqa: E402
@@ -79,7 +79,7 @@ def test_restore_kernel_inverts_the_layout_into_columns():
     std = as_numpy(words)
     lut = int8_lut.lut_tile_words(std, rows, k)
     func = int8_lut.restore_columns_primfunc(rows, k)
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)
+    lib = build_kernel(func)
     out = tvm.runtime.tensor(np.zeros_like(std))
     lib["main"](tvm.runtime.tensor(lut), out)
     np.testing.assert_array_equal(out.numpy(), std.reshape(rows, k // 32).T.reshape(-1))
@@ -116,7 +116,7 @@ def test_lut_kernel_matches_quantized_reference(m, k, n, p, bias):
 
 def _build_lut(m, k: int, n: int, p: int, bias: bool):
     func = int8_lut.int8_lut_primfunc(_marked(m, k, n, p, bias))
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)
+    return build_kernel(func)
 
 
 @needs_avx512bw
@@ -267,7 +267,7 @@ def test_int8_forms_read_the_column_layout(form):
         built = int8_cpu._column_panel_form(func, HOST)
     else:
         built = int8_cpu._bits_scheduled(func, int8_cpu.BITS_BLOCK_ROWS)
-    lib = tvm.compile(tvm.IRModule({"main": built.with_attr("global_symbol", "main")}), HOST)
+    lib = build_kernel(built)
     words, signs, alphas, b = random_layer(k, n, p, True, seed=8)
     columns = as_numpy(words).reshape(n // p, k // 32).T.reshape(-1).copy()
     for rows in (4, 40):

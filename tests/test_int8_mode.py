@@ -21,6 +21,7 @@ from int8_reference import assert_tight as _tight  # noqa: E402
 from int8_reference import edge_rows  # noqa: E402
 from int8_reference import int8_reference as _int8_reference  # noqa: E402
 from int8_reference import random_layer as _layer  # noqa: E402
+from kernel_run import build_kernel  # noqa: E402
 from tvm import tirx  # noqa: E402
 
 import tbn_compiler as tbn  # noqa: E402
@@ -42,11 +43,6 @@ def _float_reference(x: torch.Tensor, signs, alphas, bias) -> np.ndarray:
 
 def _words(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int32).numpy().view(np.uint32)
-
-
-def _build(func: tirx.PrimFunc, target=HOST):
-    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    return tvm.compile(mod, target=target)
 
 
 def _call(lib, x: torch.Tensor, words, alphas, bias, n: int) -> np.ndarray:
@@ -81,14 +77,14 @@ KERNEL_CASES = [
 def test_int8_kernel_matches_quantized_reference(m, k, n, p, bias):
     words, signs, alphas, b = _layer(k, n, p, bias)
     x = torch.randn(m, k) * 3
-    got = _call(_build(_int8_form(m, k, n, p, bias)), x, words, alphas, b, n)
+    got = _call(build_kernel(_int8_form(m, k, n, p, bias)), x, words, alphas, b, n)
     _tight(got, _int8_reference(x.numpy(), signs, alphas, b, p))
 
 
 def test_int8_kernel_symbolic_batch():
     k, n, p = 256, 256, 4
     words, signs, alphas, b = _layer(k, n, p, True, seed=1)
-    lib = _build(_int8_form(tirx.Var("batch", "int64"), k, n, p, True))
+    lib = build_kernel(_int8_form(tirx.Var("batch", "int64"), k, n, p, True))
     for m in (1, 7, 64):
         x = torch.randn(m, k)
         got = _call(lib, x, words, alphas, b, n)
@@ -100,7 +96,7 @@ def test_int8_kernel_edge_rows():
     k, n, p = 128, 64, 2
     words, signs, alphas, b = _layer(k, n, p, True, seed=2)
     x = edge_rows(4, k)
-    got = _call(_build(_int8_form(4, k, n, p, True)), x, words, alphas, b, n)
+    got = _call(build_kernel(_int8_form(4, k, n, p, True)), x, words, alphas, b, n)
     np.testing.assert_array_equal(got[1], b.numpy())
     _tight(got, _int8_reference(x.numpy(), signs, alphas, b, p))
 
@@ -118,7 +114,7 @@ def test_int8_kernel_without_vnni(target):
     m, k, n, p = 16, 256, 128, 4
     words, signs, alphas, b = _layer(k, n, p, True, seed=3)
     x = torch.randn(m, k)
-    got = _call(_build(_int8_form(m, k, n, p, True, target), target), x, words, alphas, b, n)
+    got = _call(build_kernel(_int8_form(m, k, n, p, True, target), target), x, words, alphas, b, n)
     _tight(got, _int8_reference(x.numpy(), signs, alphas, b, p))
 
 
@@ -129,7 +125,7 @@ def test_int8_error_bound_against_float_math():
     m, k, n, p = 64, 512, 512, 8
     words, signs, alphas, b = _layer(k, n, p, True, seed=4)
     x = torch.randn(m, k)
-    got = _call(_build(_int8_form(m, k, n, p, True)), x, words, alphas, b, n)
+    got = _call(build_kernel(_int8_form(m, k, n, p, True)), x, words, alphas, b, n)
     ref = _float_reference(x, signs, alphas, b)
     amax = x.abs().amax(dim=1, keepdim=True).numpy()
     alpha_col = np.repeat(alphas.numpy(), n // p)[None, :]
@@ -158,7 +154,7 @@ def test_int8_bits_form_matches_quantized_reference(m, k, n, p, bias, rows):
     """Bits form, input rows one at a time or in blocks of 4 (7 rows: padded to 8)."""
     words, signs, alphas, b = _layer(k, n, p, bias, seed=6)
     x = torch.randn(m, k) * 3
-    got = _call(_build(_bits_form(m, k, n, p, bias, rows)), x, words, alphas, b, n)
+    got = _call(build_kernel(_bits_form(m, k, n, p, bias, rows)), x, words, alphas, b, n)
     _tight(got, _int8_reference(x.numpy(), signs, alphas, b, p))
 
 
@@ -174,13 +170,13 @@ def test_rule_runs_int8_at_every_batch_with_vnni():
     same int8 computation."""
     k, n, p = 256, 128, 4
     words, signs, alphas, b = _layer(k, n, p, True, seed=5)
-    dynamic = _build(
+    dynamic = build_kernel(
         schedule_rules.schedule_for(_marked(tirx.Var("batch", "int64"), k, n, p), HOST)
     )
     block, most = int8_cpu.BITS_BLOCK_ROWS, int8_cpu.BITS_MAX_ROWS
     for m in (1, block - 1, block, most - 1, most, 64):
         x = torch.randn(m, k)
-        static = _build(schedule_rules.schedule_for(_marked(m, k, n, p), HOST))
+        static = build_kernel(schedule_rules.schedule_for(_marked(m, k, n, p), HOST))
         for lib in (static, dynamic):
             got = _call(lib, x, words, alphas, b, n)
             _tight(got, _int8_reference(x.numpy(), signs, alphas, b, p))
@@ -194,7 +190,7 @@ def test_rule_without_vnni_runs_float32_below_min_rows():
     words, signs, alphas, b = _layer(k, n, p, True, seed=5)
 
     def build(m):
-        return _build(schedule_rules.schedule_for(_marked(m, k, n, p), target), target)
+        return build_kernel(schedule_rules.schedule_for(_marked(m, k, n, p), target), target)
 
     dynamic = build(tirx.Var("batch", "int64"))
     for m in (int8_cpu.INT8_MIN_ROWS - 1, int8_cpu.INT8_MIN_ROWS):
